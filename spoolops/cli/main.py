@@ -1,0 +1,330 @@
+"""The ``spoolops`` command: parses arguments, calls the library, prints.
+
+The only place (with ``cli/demo.py``) that parses arguments or prints.
+Exit codes are DESIGN.md's: 2 for usage, configuration and permission
+problems everywhere; the rest per subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import Config, load_config, render_config, replace_config
+from ..errors import (
+    ConfigError,
+    OpError,
+    SpoolError,
+    SpoolSetupError,
+    Timeout,
+    WorkerRunning,
+)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def _add_config(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # --config is accepted before or after the subcommand
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        default=None if top else argparse.SUPPRESS,
+                        help="configuration file (default: $SPOOLOPS_CONFIG, then"
+                             " /etc/spoolops/spoolops.conf)")
+    parser.add_argument("--root", metavar="DIR", default=None if top else argparse.SUPPRESS,
+                        help="spool root (overrides [spool] root)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spoolops", description="A filesystem spool for privileged file operations.")
+    parser.add_argument("--version", action="version", version=f"spoolops {__version__}")
+    _add_config(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config(p)
+        return p
+
+    p = add("init", "create or repair the spool tree, owners and modes")
+    p.add_argument("--group", help="submit group (default: [spool] group, else the worker"
+                   " user's primary group)")
+    p.add_argument("--worker-user", help="user the worker runs as (default: [spool]"
+                   " worker_user, else you)")
+    p.add_argument("--write-config", metavar="FILE",
+                   help="also write a configuration file for this tree")
+
+    p = add("worker", "run the worker (until SIGTERM/SIGINT)")
+    p.add_argument("--once", action="store_true", help="drain the queue, then exit")
+    p.add_argument("--standby", action="store_true",
+                   help="wait for the running worker to exit, then take over")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log request arguments")
+
+    p = add("call", "submit a request, wait for the reply and print it as JSON")
+    p.add_argument("op", help="operation name, e.g. echo")
+    p.add_argument("--arg", action="append", default=[], metavar="K=V",
+                   help="an argument; V is parsed as JSON if it can be, else a string")
+    p.add_argument("--args-json", metavar="JSON", help="arguments as one JSON object")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for the reply (default 30)")
+    p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
+    p.add_argument("--no-wait", action="store_true", help="print the request id and exit")
+
+    p = add("status", "counts and oldest age per state, the worker, problems")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = add("show", "where a request is, its request, reply and reason")
+    p.add_argument("id", help="request id or a unique prefix of one")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = add("cancel", "withdraw a queued request")
+    p.add_argument("id")
+    p = add("requeue", "put a failed (or orphaned) request back in the queue")
+    p.add_argument("id")
+
+    p = add("demo", "run a worker on a local tree with sample FITS files")
+    p.add_argument("--dir", metavar="DIR", help="where to build the tree (default: a"
+                   " temporary folder, removed afterwards)")
+    p.add_argument("--keep", action="store_true", help="keep the tree afterwards")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), root=getattr(args, "root", None))
+
+
+def setup_logging(config: Config, verbose: bool = False) -> None:
+    target = config.log
+    if target == "stderr":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    elif target == "syslog":
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.handlers.WatchedFileHandler(target)
+    fmt = "spoolops[%(process)d]: level=%(levelname)s %(message)s" if target == "syslog" \
+        else "%(asctime)s level=%(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger("spoolops")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else config.log_level.upper())
+    root.propagate = False
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ..admin import init_tree, resolve_accounts
+    config = _load(args)
+    accounts = resolve_accounts(config, args.worker_user, args.group)
+    for line in init_tree(config, accounts):
+        print(line)
+    print(f"spool ready at {config.root} (worker {accounts.worker_user},"
+          f" group {accounts.group})")
+    if args.write_config:
+        written = replace_config(config, worker_user=accounts.worker_user,
+                                 group=accounts.group)
+        path = Path(args.write_config)
+        path.write_text(render_config(written))
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ..worker import run_worker
+    config = _load(args)
+    setup_logging(config, args.verbose)
+    return run_worker(config, once=args.once, standby=args.standby)
+
+
+def parse_call_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args_json:
+        try:
+            loaded = json.loads(args_json)
+        except ValueError as exc:
+            raise ConfigError(f"--args-json is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("--args-json must be a JSON object")
+        values.update(loaded)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arg {pair!r}: use KEY=VALUE")
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    return values
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from ..client import Client
+    config = _load(args)
+    call_args = parse_call_args(args.arg, args.args_json)
+    client = Client(config=config)
+    if args.no_wait:
+        print(client.submit(args.op, call_args, priority=args.priority))
+        return EXIT_OK
+    rid = None
+    try:
+        rid = client.submit(args.op, call_args, priority=args.priority,
+                            deadline=time.time() + args.timeout)
+        reply = client.wait(rid, timeout=args.timeout)
+    except Timeout as exc:
+        if rid is not None:
+            client.cancel(rid)
+        print(f"spoolops call: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(json.dumps(reply.raw, indent=2))
+    return EXIT_OK if reply.ok else EXIT_FAIL
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..status import STATE_DIRS, STATES, spool_status
+    config = _load(args)
+    status = spool_status(config)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"spool {status['root']}")
+        print(f"{'state':<10}{'dir':<10}{'count':>8}  oldest")
+        for state in STATES:
+            s = status[state]
+            count = "?" if s["count"] is None else str(s["count"])
+            print(f"{state:<10}{STATE_DIRS[state] + '/':<10}{count:>8}  {_age(s['oldest_age_s'])}")
+        worker = status["worker"]
+        if worker["alive"]:
+            extra = ""
+            if "uptime_s" in worker:
+                extra = f", up {_age(worker['uptime_s'])}, served {worker.get('served')}"
+            print(f"worker    running, pid {worker['pid']}{extra}")
+        else:
+            print("worker    NOT RUNNING")
+        for problem in status["problems"]:
+            print(f"PROBLEM: {problem}")
+    return EXIT_FAIL if status["problems"] else EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ..spool import Spool
+    from ..status import describe_request, find_ids
+    config = _load(args)
+    spool = Spool(config.root)
+    ids = find_ids(spool, args.id)
+    if not ids:
+        print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
+        return EXIT_FAIL
+    if len(ids) > 1:
+        print(f"spoolops show: {args.id!r} matches {len(ids)} requests: "
+              + ", ".join(ids[:10]), file=sys.stderr)
+        return EXIT_FAIL
+    info = describe_request(spool, ids[0])
+    if info is None:
+        print(f"spoolops show: {ids[0]} vanished", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    print(f"id:      {info['id']}")
+    print(f"state:   {info['state']}  ({info.get('path', '')})")
+    request = info.get("request")
+    reply = info.get("reply")
+    if isinstance(request, dict):
+        print(f"op:      {request.get('op')}   priority {request.get('priority', 0)}")
+        print(f"queued:  {info.get('since') if info['state'] == 'queued' else request.get('submitted')}")
+    if info.get("run"):
+        run = info["run"]
+        print(f"running: since {run.get('started_at')} by pid {run.get('pid')} on {run.get('host')}")
+        if run.get("progress"):
+            pr = run["progress"]
+            pct = 100.0 * pr["done"] / pr["total"] if pr.get("total") else 0.0
+            print(f"progress: {pr['done']}/{pr['total']} bytes ({pct:.0f}%)")
+    if isinstance(reply, dict):
+        print(f"timings: queued {reply.get('queued_at')} -> started {reply.get('started_at')}"
+              f" -> finished {reply.get('finished_at')}")
+        print(f"worker:  {reply.get('worker')}")
+        outcome = "ok" if reply.get("ok") else f"{(reply.get('error') or {}).get('type')}:" \
+            f" {(reply.get('error') or {}).get('message')}"
+        print(f"outcome: {outcome}")
+    if info.get("reason"):
+        print(f"reason:  {info['reason']}")
+    if request is not None:
+        print("request:")
+        print(json.dumps(request, indent=2) if not isinstance(request, str) else request)
+    if reply is not None:
+        print("reply:")
+        print(json.dumps(reply, indent=2) if not isinstance(reply, str) else reply)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ..admin import cancel_request
+    if cancel_request(_load(args), args.id):
+        print(f"cancelled {args.id}")
+        return EXIT_OK
+    print(f"spoolops cancel: {args.id} is not queued (already claimed, done, or unknown)",
+          file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from ..admin import requeue
+    from ..spool import Spool
+    config = _load(args)
+    try:
+        origin = requeue(Spool(config.root, config.durable), args.id)
+    except SpoolSetupError as exc:
+        print(f"spoolops requeue: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"requeued {args.id} (was in {origin}/)")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args.dir, keep=args.keep)
+
+
+COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call, "status": cmd_status,
+            "show": cmd_show, "cancel": cmd_cancel, "requeue": cmd_requeue, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, SpoolSetupError, WorkerRunning) as exc:
+        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:
+        print(f"spoolops {args.command}: permission denied: {exc.filename or exc}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except OpError as exc:
+        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except SpoolError as exc:
+        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

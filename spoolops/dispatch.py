@@ -1,0 +1,293 @@
+"""Dispatch: from request bytes to a reply, independent of how they travel.
+
+Parses and validates the request envelope, looks up the operation, checks
+access and the deadline, takes the cross-process locks on the op's targets,
+runs it, and shapes the reply dict of DESIGN.md.  The filesystem spool
+(``worker.py``) is one transport feeding it; a PostgreSQL queue would be
+another, reusing this module unchanged.
+
+Trusts: the registry's code and the configuration.  Distrusts: the request
+bytes and every field in them; the submitter's identity comes from the
+transport (the request file's owner uid), never from the request.
+Diagnostics: every failure is an ``OpError`` whose type and message end up in
+the reply; unexpected exceptions from an op become ``OpFailed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pwd
+import socket
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .config import ALL_USERS, Config
+from .errors import (
+    BadRequest,
+    Conflict,
+    Expired,
+    OpError,
+    OpFailed,
+    PermissionDenied,
+    UnknownOp,
+)
+from .ops import OpContext, Operation, Registry
+from .spool import parse_iso, utc_iso, valid_id
+
+log = logging.getLogger("spoolops.dispatch")
+
+PROTOCOL_VERSION = 1
+MAX_DEPTH = 32
+MAX_PRIORITY = 1_000_000
+TARGET_LOCK_TIMEOUT = 300.0
+_ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted", "client"}
+
+
+@dataclass
+class Request:
+    """A parsed request envelope.  ``user``/``uid`` come from the transport."""
+
+    id: str
+    op: str
+    args: Any
+    uid: int
+    user: str
+    queued_at: float
+    priority: int = 0
+    deadline: float | None = None
+    submitted: str | None = None
+    client: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """A request whose op is known, allowed and whose args are validated."""
+
+    request: Request
+    operation: Operation
+    args: dict[str, Any]
+    targets: tuple[str, ...] = ()
+    started_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def target_lock_path(work_dir: Path, target: str) -> Path:
+    """The lock file other archive processes take (with ``filelock``) to keep
+    out of a target while spoolops edits it: ``work/locks/<sha256>.lock``."""
+    digest = hashlib.sha256(os.fsencode(target)).hexdigest()[:32]
+    return Path(work_dir) / "locks" / f"{digest}.lock"
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth_ok(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
+
+
+def decode_json_object(data: bytes, what: str = "request") -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object, no duplicate keys, no NaN, bounded depth."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates,
+                         parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, huge ints
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{what} must be a JSON object, not {type(obj).__name__}")
+    if not _depth_ok(obj, MAX_DEPTH):
+        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return obj
+
+
+class Dispatcher:
+    """Validates and runs requests; shapes replies.  Thread-safe."""
+
+    def __init__(self, registry: Registry, config: Config, work_dir: Path,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.config = config
+        self.work_dir = Path(work_dir)
+        self.clock = clock
+        self.worker_info = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    # -- validation ---------------------------------------------------------
+
+    def parse(self, data: bytes, rid: str, uid: int, queued_at: float) -> Request:
+        """The envelope from the request bytes; ``rid`` is the id the
+        transport attributes the request to (the file name)."""
+        obj = decode_json_object(data)
+        unknown = sorted(set(obj) - _ENVELOPE)
+        if unknown:
+            raise BadRequest(f"unknown request field(s): {', '.join(unknown)}")
+        if obj.get("version") != PROTOCOL_VERSION:
+            raise BadRequest(f"unsupported request version {obj.get('version')!r}"
+                             f" (this worker speaks version {PROTOCOL_VERSION})")
+        if obj.get("id") != rid:
+            raise BadRequest(f"request id {obj.get('id')!r} does not match its file name {rid!r}")
+        op = obj.get("op")
+        if not isinstance(op, str) or not op:
+            raise BadRequest("request field 'op' must be a non-empty string")
+        args = obj.get("args", {})
+        priority = obj.get("priority", 0)
+        if priority is None:
+            priority = 0
+        if isinstance(priority, bool) or not isinstance(priority, int) or \
+                abs(priority) > MAX_PRIORITY:
+            raise BadRequest(f"'priority' must be an integer between -{MAX_PRIORITY}"
+                             f" and {MAX_PRIORITY}")
+        deadline = obj.get("deadline")
+        if deadline is not None:
+            if not isinstance(deadline, str):
+                raise BadRequest("'deadline' must be an ISO 8601 time string or null")
+            try:
+                deadline = parse_iso(deadline)
+            except ValueError:
+                raise BadRequest(f"'deadline' is not an ISO 8601 time: {deadline!r}") from None
+        submitted = obj.get("submitted")
+        if submitted is not None and not isinstance(submitted, str):
+            raise BadRequest("'submitted' must be a string")
+        client = obj.get("client")
+        if client is not None and not isinstance(client, dict):
+            raise BadRequest("'client' must be an object")
+        return Request(id=rid, op=op, args=args, uid=uid, user=user_name(uid),
+                       queued_at=queued_at, priority=priority, deadline=deadline,
+                       submitted=submitted, client=client)
+
+    def context(self, request: Request,
+                progress: Callable[[int, int], None] | None = None) -> OpContext:
+        ctx = OpContext(config=self.config, work_dir=self.work_dir, request_id=request.id,
+                        user=request.user)
+        if progress is not None:
+            ctx.progress = progress
+        return ctx
+
+    def prepare(self, request: Request) -> Job:
+        """Look up, authorise and validate; nothing is touched yet."""
+        operation = self.registry.get(request.op)
+        if operation is None:
+            raise UnknownOp(f"unknown operation {request.op!r}"
+                            f" (known: {', '.join(self.registry.names())})")
+        allowed = self.config.allowed_users(operation.name, operation.allowed_users)
+        if ALL_USERS not in allowed and request.user not in allowed:
+            raise PermissionDenied(f"user {request.user!r} may not call {operation.name!r}")
+        ctx = self.context(request)
+        args = operation.validate(request.args, ctx)
+        targets = tuple(operation.targets(args, ctx))
+        return Job(request=request, operation=operation, args=args, targets=targets)
+
+    # -- execution ----------------------------------------------------------
+
+    def execute(self, job: Job, progress: Callable[[int, int], None] | None = None
+                ) -> dict[str, Any]:
+        """Run a prepared job and return its reply (never raises OpError)."""
+        request = job.request
+        job.started_at = self.clock()
+        try:
+            if request.deadline is not None and job.started_at > request.deadline:
+                raise Expired(f"deadline {utc_iso(request.deadline)} passed before the"
+                              " worker started the request")
+            with self._target_locks(job.targets):
+                result = job.operation.run(self.context(request, progress), job.args)
+            if result is None:
+                result = {}
+            if not isinstance(result, dict):
+                raise OpFailed(f"operation {job.operation.name!r} returned"
+                               f" {type(result).__name__}, not a dict")
+            json.dumps(result, allow_nan=False)  # a result that cannot be sent is a failure
+        except OpError as exc:
+            return self.reply(request, error=exc, started_at=job.started_at)
+        except Exception as exc:
+            log.exception("event=op_crashed id=%s op=%s", request.id, request.op)
+            return self.reply(request, error=OpFailed(_describe(exc)),
+                              started_at=job.started_at)
+        return self.reply(request, result=result, started_at=job.started_at)
+
+    def _target_locks(self, targets: Sequence[str]) -> ExitStack:
+        stack = ExitStack()
+        if targets:
+            (self.work_dir / "locks").mkdir(mode=0o700, exist_ok=True)
+        try:
+            for target in sorted(set(targets)):  # one global order: no deadlock
+                lock = filelock.FileLock(target_lock_path(self.work_dir, target),
+                                         timeout=TARGET_LOCK_TIMEOUT)
+                try:
+                    stack.enter_context(lock)
+                except filelock.Timeout:
+                    raise Conflict(f"{target} is locked by another process") from None
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def reply(self, request: Request | None, *, rid: str | None = None,
+              result: dict[str, Any] | None = None, error: OpError | None = None,
+              started_at: float | None = None, op: str | None = None,
+              user: str | None = None, queued_at: float | None = None) -> dict[str, Any]:
+        """A reply dict as DESIGN.md shapes it."""
+        now = self.clock()
+        if request is not None:
+            rid, user, queued_at = request.id, request.user, request.queued_at
+            op = op if op is not None else (request.op or None)
+        if not valid_id(rid):
+            raise ValueError(f"no valid id to reply to: {rid!r}")
+        return {
+            "version": PROTOCOL_VERSION,
+            "id": rid,
+            "op": op,
+            "ok": error is None,
+            "result": result if error is None else None,
+            "error": None if error is None else {"type": error.type, "message": error.message},
+            "submitted_by": user,
+            "queued_at": utc_iso(queued_at) if queued_at is not None else None,
+            "started_at": utc_iso(started_at if started_at is not None else now),
+            "finished_at": utc_iso(now),
+            "worker": dict(self.worker_info),
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,144 @@
+"""The operation registry: what the worker can do, and what each op declares.
+
+An ``Operation`` declares its name, how to validate its arguments, whether it
+is idempotent (an idempotent op cut off by a crash is simply run again), the
+target file(s) it touches (requests with a common target run one at a time),
+and who may call it by default (``[access]`` in the config overrides).
+
+Built-in ops live in this package, one module each; site operations come from
+the ``spoolops.ops`` entry-point group: each entry point names either an
+``Operation`` or a callable returning an iterable of them.
+
+Trusts: the code it registers (site ops run as the worker user).  Arguments
+reaching ``validate`` are untrusted JSON from a member of the submit group;
+``run`` only ever sees what ``validate`` returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import BadRequest, SpoolError
+
+log = logging.getLogger("spoolops.ops")
+
+ENTRY_POINT_GROUP = "spoolops.ops"
+
+
+@dataclass
+class OpContext:
+    """What an operation may know and use while it runs."""
+
+    config: Config
+    work_dir: Path                   # the worker's private dir: journals, locks
+    request_id: str = ""
+    user: str = ""                   # the submitter (from the request file's owner)
+    progress: Callable[[int, int], None] = field(default=lambda done, total: None)
+    log: logging.Logger = log
+
+
+def _args_are_object(args: Mapping[str, Any], ctx: OpContext) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        raise BadRequest("args must be a JSON object")
+    return dict(args)
+
+
+def _no_targets(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One thing the worker can do on request.
+
+    ``validate(args, ctx)`` returns the cleaned arguments or raises an
+    ``OpError`` (usually ``BadRequest``) without touching any data file.
+    ``targets(clean_args, ctx)`` returns the serialisation keys, normally the
+    real paths of the files the op writes.  ``run(ctx, clean_args)`` returns
+    the ``result`` dict of the reply or raises an ``OpError``; any other
+    exception becomes ``OpFailed``.
+    """
+
+    name: str
+    run: Callable[[OpContext, dict[str, Any]], dict[str, Any]]
+    validate: Callable[[Mapping[str, Any], OpContext], dict[str, Any]] = _args_are_object
+    targets: Callable[[Mapping[str, Any], OpContext], Sequence[str]] = _no_targets
+    idempotent: bool = False
+    allowed_users: tuple[str, ...] | None = None   # None: follow [access] default
+    # called once at worker start, under the lock, before any request runs:
+    # finish or undo what a crash cut off (e.g. roll back a journal); returns
+    # one line per thing it did, for the log
+    recover: Callable[[OpContext], Sequence[str]] | None = None
+    description: str = ""
+    schema: Mapping[str, str] = field(default_factory=dict)  # arg -> human type, for docs
+
+
+class Registry:
+    """Operations by name."""
+
+    def __init__(self, operations: Iterable[Operation] = ()) -> None:
+        self._ops: dict[str, Operation] = {}
+        for op in operations:
+            self.register(op)
+
+    def register(self, op: Operation, replace: bool = False) -> None:
+        if not isinstance(op, Operation):
+            raise SpoolError(f"not an Operation: {op!r}")
+        if op.name in self._ops and not replace:
+            raise SpoolError(f"operation {op.name!r} is registered twice")
+        self._ops[op.name] = op
+
+    def get(self, name: str) -> Operation | None:
+        return self._ops.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._ops)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ops
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[str]:
+        """Register site operations; returns the names added.  A broken entry
+        point is logged and skipped: one site's bug must not stop the worker."""
+        added = []
+        for ep in metadata.entry_points(group=group):
+            try:
+                obj = ep.load()
+                ops = [obj] if isinstance(obj, Operation) else list(obj())
+                for op in ops:
+                    self.register(op)
+                    added.append(op.name)
+            except Exception as exc:  # noqa: BLE001 - site code, report and go on
+                log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
+        return added
+
+
+def builtin_operations() -> list[Operation]:
+    """The operations shipped with spoolops."""
+    from .echo import ECHO
+    ops = [ECHO]
+    try:
+        from .headers import UPDATE_HEADERS
+        ops.append(UPDATE_HEADERS)
+    except ImportError:  # pragma: no cover - module arrives with the FITS issue
+        pass
+    try:
+        from .ingest import INGEST_UPLOAD
+        ops.append(INGEST_UPLOAD)
+    except ImportError:  # pragma: no cover
+        pass
+    return ops
+
+
+def default_registry(entry_points: bool = True) -> Registry:
+    """Built-in operations plus, unless disabled, the site's entry points."""
+    registry = Registry(builtin_operations())
+    if entry_points:
+        registry.load_entry_points()
+    return registry

@@ -1,0 +1,23 @@
+"""``echo``: returns its arguments.  For health checks and benchmarks.
+
+Touches no file, so it has no target and is idempotent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import OpContext, Operation
+
+
+def run_echo(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
+    return args
+
+
+ECHO = Operation(
+    name="echo",
+    run=run_echo,
+    idempotent=True,
+    description="Return the arguments unchanged.",
+    schema={"*": "any JSON value"},
+)

@@ -1,0 +1,125 @@
+"""Start-up recovery: finish or undo what a dead worker left behind.
+
+Runs once, under the worker lock, before any request is claimed:
+
+1. each operation's own ``recover`` hook (e.g. ``update_headers`` rolls back
+   or completes an in-place header journal);
+2. recorded temporary files outside ``work/`` are removed
+   (``tempfiles.cleanup_temps``), and stale staging files in ``work/``;
+3. staged replies (the op finished, the reply was not yet published) are
+   published -- exactly one reply, never two;
+4. each request left in ``active/`` is an orphan: if its reply is already in
+   ``replies/`` the orphan is only cleared; if it never started (no run
+   file) or its op is idempotent it goes back to ``new/`` keeping its mtime
+   (its place in line); otherwise it gets an ``Interrupted`` reply and moves
+   to ``failed/`` with a reason.
+
+Trusts: ``work/`` and ``active/`` (the worker's own folders).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .dispatch import Dispatcher, Request, user_name
+from .errors import Interrupted, OpError
+from .ops import Registry
+from .spool import (
+    RUN_SUFFIX,
+    Spool,
+    UnsafeEntry,
+    id_from_name,
+)
+from .tempfiles import cleanup_temps
+
+log = logging.getLogger("spoolops.recovery")
+
+
+def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[str, int]:
+    """Bring the spool to a clean state; returns counts of what was done."""
+    done = {"hooks": 0, "temps": 0, "published": 0, "cleared": 0, "requeued": 0,
+            "interrupted": 0}
+    for name in registry.names():
+        operation = registry.get(name)
+        if operation is None or operation.recover is None:
+            continue
+        try:
+            for line in operation.recover(dispatcher.context(_nobody())):
+                log.warning("event=recovered op=%s action=%r", name, line)
+                done["hooks"] += 1
+        except Exception:
+            log.exception("event=recover_hook_failed op=%s", name)
+    for path in cleanup_temps(spool.work):
+        log.warning("event=recovered action=removed_temp path=%s", path)
+        done["temps"] += 1
+    for entry in os.listdir(spool.work):
+        if entry.endswith(".tmp"):
+            _unlink(spool.work / entry)
+    for rid in spool.staged_replies():
+        spool.publish_reply(rid)
+        log.warning("event=recovered action=published_staged_reply id=%s", rid)
+        done["published"] += 1
+    for name in sorted(os.listdir(spool.active)):
+        if name.endswith(RUN_SUFFIX):
+            if not os.path.lexists(spool.active / name[: -len(".run")]):
+                _unlink(spool.active / name)
+            continue
+        _recover_orphan(spool, registry, dispatcher, name, done)
+    return done
+
+
+def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: str,
+                    done: dict[str, int]) -> None:
+    rid = id_from_name(name)
+    if rid is None:
+        spool.quarantine(spool.active, name, "Found in active/ at start-up with a name that"
+                         " is not <id>.json")
+        return
+    if spool.reply_path(rid).exists():
+        _unlink(spool.active / (rid + RUN_SUFFIX))
+        _unlink(spool.active / name)
+        log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
+        done["cleared"] += 1
+        return
+    started = os.path.lexists(spool.active / (rid + RUN_SUFFIX))
+    op_name, idempotent, request = None, False, None
+    try:
+        f = spool.read_claimed(name)
+        request = dispatcher.parse(f.data, rid, f.st.st_uid, f.st.st_mtime_ns / 1e9)
+        op_name = request.op
+        operation = registry.get(op_name)
+        idempotent = operation is not None and operation.idempotent
+    except (UnsafeEntry, OpError, OSError):
+        pass  # unreadable or invalid: it never ran; the claim will answer it
+    if not started or idempotent or request is None:
+        spool.unclaim_request(name)
+        log.warning("event=recovered action=requeued id=%s op=%s started=%s", rid, op_name,
+                    started)
+        done["requeued"] += 1
+        return
+    reply = dispatcher.reply(request, error=Interrupted(
+        f"the worker stopped while running {op_name!r}; it may or may not have completed."
+        " Check the target before retrying (see 'spoolops show ID'); the request is in"
+        f" failed/{name}"))
+    spool.stage_reply(rid, reply)
+    spool.quarantine(spool.active, name, f"Interrupted: the worker died while running"
+                     f" {op_name!r} (not idempotent), so it was not re-run; check its target"
+                     " and requeue it with 'spoolops requeue' if it did not complete")
+    spool.publish_reply(rid)
+    log.warning("event=recovered action=interrupted id=%s op=%s", rid, op_name)
+    done["interrupted"] += 1
+
+
+def _nobody() -> Request:
+    return Request(id="recovery", op="", args=None, uid=os.getuid(),
+                   user=user_name(os.getuid()), queued_at=0.0)
+
+
+def _unlink(path: os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+

@@ -1,0 +1,416 @@
+"""The spool protocol: the folders, file names, and every rename between them.
+
+This module is the only place that moves files through the spool, the way
+CPython's ``mailbox.Maildir`` owns tmp/new/cur -- with the directory fsync
+that ``mailbox.py`` skips (when ``durable``):
+
+    client:  tmp/ID.json --publish_request--> new/ID.json
+    worker:  new/ID.json --claim_request--> active/ID.json (+ active/ID.json.run)
+             reply: work/ID.reply (complete, fsynced)
+             --publish_reply--> unlink active/ID.json, rename to replies/ID.json
+    client:  reads replies/ID.json, checks owner and id, unlinks it
+
+Exactly one reply: a staged ``work/ID.reply`` means the operation finished; it
+is only ever renamed into ``replies/``, so recovery can tell "finished, not yet
+published" (staged reply present) from "cut off" (``active/ID.json`` alone).
+
+Trusts: nothing found in ``tmp/``, ``new/`` or ``replies/`` (group-writable).
+Such files are opened as Postfix's ``safe_open`` does: ``O_NOFOLLOW``,
+``O_NONBLOCK``, then ``fstat``: a regular file with one link, whose
+(dev, ino) agree with an ``lstat`` of the name, within a size limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest, SpoolSetupError
+
+# name -> mode (owner: worker user, group: submit group)
+DIR_MODES: dict[str, int] = {
+    "tmp": 0o2730,
+    "new": 0o2730,
+    "active": 0o2750,
+    "failed": 0o2750,
+    "replies": 0o2770,
+    "work": 0o700,
+}
+FILE_MODE = 0o640
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REQUEST_SUFFIX = ".json"
+RUN_SUFFIX = ".json.run"
+REASON_SUFFIX = ".reason"
+STAGED_REPLY_SUFFIX = ".reply"
+LOCK_NAME = "worker.lock"
+
+
+def valid_id(rid: object) -> bool:
+    return isinstance(rid, str) and ID_RE.match(rid) is not None
+
+
+def id_from_name(name: str) -> str | None:
+    """The request id a spool file name carries, or None if it carries none."""
+    if name.endswith(REQUEST_SUFFIX):
+        rid = name[: -len(REQUEST_SUFFIX)]
+        if valid_id(rid):
+            return rid
+    return None
+
+
+def reason_file_name(name: str) -> str:
+    """``NAME.reason``; a name too long for the suffix is shortened with a hash."""
+    full = name + REASON_SUFFIX
+    if len(os.fsencode(full)) + len(".tmp") <= 255:
+        return full
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.fsdecode(os.fsencode(name)[:200]) + f"~{digest}" + REASON_SUFFIX
+
+
+def new_request_id(now: float | None = None) -> str:
+    """UTC time + pid + random: sorts by time, never collides."""
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def utc_iso(ts: float | None = None) -> str:
+    """``2026-11-28T12:34:56.789Z`` (milliseconds, UTC)."""
+    ts = time.time() if ts is None else ts
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_iso(text: str) -> float:
+    """Seconds since the epoch from an ISO 8601 time; naive times are UTC."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def encode_json(obj: Any) -> bytes:
+    """Pretty-printed UTF-8 JSON with a trailing newline: small files that ``cat`` well."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str | os.PathLike, data: bytes, durable: bool,
+                   mode: int = FILE_MODE) -> None:
+    """Create ``path`` exclusively (never through a link) and write ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+def write_atomic(staging: Path, final: Path, data: bytes, durable: bool,
+                 mode: int = FILE_MODE, own_staging: bool = False) -> None:
+    """Write ``staging``, then rename it to ``final`` (same filesystem): readers
+    of ``final`` see the old file or the whole new one, never a part.
+
+    ``own_staging``: the staging name is private to this process (in
+    ``work/``), so a leftover from a crash may be removed first.
+    """
+    if own_staging:
+        try:
+            os.unlink(staging)
+        except FileNotFoundError:
+            pass
+    write_new_file(staging, data, durable, mode)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        try:
+            os.unlink(staging)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(final.parent)
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A file read from the spool: its bytes and its fstat."""
+
+    data: bytes
+    st: os.stat_result
+
+
+class UnsafeEntry(Exception):
+    """A spool entry that must not be trusted; ``reason`` is one sentence."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
+    """Read a file a group member may have planted, as Postfix's safe_open does.
+
+    Raises ``UnsafeEntry`` (symlink, FIFO, device, directory, hard link,
+    swapped between lstat and open, too large) or ``FileNotFoundError``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeEntry("it is a symbolic link") from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
+            raise UnsafeEntry(f"it cannot be opened as a regular file ({exc.strerror})") from None
+        if exc.errno == errno.EACCES:
+            raise UnsafeEntry("the worker may not read it (permission denied)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind != stat.S_IFREG:
+            raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}")
+        if st.st_nlink != 1:
+            raise UnsafeEntry(f"it has {st.st_nlink} hard links (a request file has one)")
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:
+            raise UnsafeEntry("it was removed or swapped while being opened") from None
+        if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
+            raise UnsafeEntry("it was swapped for another file while being opened")
+        if st.st_size > max_bytes:
+            raise UnsafeEntry(f"it is {st.st_size} bytes, more than max_request_bytes"
+                              f" ({max_bytes})")
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise UnsafeEntry(f"it grew past max_request_bytes ({max_bytes}) while being read")
+        return SpoolFile(data, st)
+    finally:
+        os.close(fd)
+
+
+def _kind_name(kind: int) -> str:
+    return {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket",
+            stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+            stat.S_IFLNK: "symbolic link"}.get(kind, "special file")
+
+
+class Spool:
+    """One spool tree.  Client and worker both use it; each uses its half."""
+
+    def __init__(self, root: str | os.PathLike, durable: bool = True,
+                 max_request_bytes: int = 65536) -> None:
+        self.root = Path(root)
+        self.durable = durable
+        self.max_request_bytes = max_request_bytes
+        self.tmp = self.root / "tmp"
+        self.new = self.root / "new"
+        self.active = self.root / "active"
+        self.failed = self.root / "failed"
+        self.replies = self.root / "replies"
+        self.work = self.root / "work"
+        self.lock_path = self.work / LOCK_NAME
+
+    def check_exists(self) -> None:
+        for name in DIR_MODES:
+            if not (self.root / name).is_dir():
+                raise SpoolSetupError(
+                    f"spool folder {self.root / name} is missing: run 'spoolops init'"
+                    f" (root = {self.root})")
+
+    # -- client side --------------------------------------------------------
+
+    def publish_request(self, request: dict[str, Any]) -> str:
+        """Write ``tmp/ID.json`` and rename it into ``new/``: the one rename
+        that publishes a request.  Returns the id."""
+        rid = request["id"]
+        if not valid_id(rid):
+            raise BadRequest(f"invalid request id {rid!r}")
+        data = encode_json(request)
+        if len(data) > self.max_request_bytes:
+            raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
+                             f" ({self.max_request_bytes})")
+        name = rid + REQUEST_SUFFIX
+        write_atomic(self.tmp / name, self.new / name, data, self.durable)
+        return rid
+
+    def withdraw_request(self, rid: str) -> bool:
+        """Cancel: unlink ``new/ID.json``.  Atomic against ``claim_request``'s
+        rename, so either the worker has it or nobody ever will."""
+        if not valid_id(rid):
+            return False
+        try:
+            os.unlink(self.new / (rid + REQUEST_SUFFIX))
+        except FileNotFoundError:
+            return False
+        if self.durable:
+            fsync_dir(self.new)
+        return True
+
+    def reply_path(self, rid: str) -> Path:
+        return self.replies / (rid + REQUEST_SUFFIX)
+
+    def read_reply(self, rid: str) -> SpoolFile:
+        """The reply's bytes and fstat (FileNotFoundError if not there yet)."""
+        return read_untrusted(self.reply_path(rid), 16 * 1024 * 1024)
+
+    def remove_reply(self, rid: str, expected: os.stat_result | None = None) -> None:
+        """Delete a collected reply (only the very file that was read)."""
+        path = self.reply_path(rid)
+        try:
+            if expected is not None:
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+                    return
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    # -- worker side --------------------------------------------------------
+
+    def scan_new(self) -> list[os.DirEntry]:
+        """Everything in ``new/`` (the truth; inotify is only a hint)."""
+        with os.scandir(self.new) as it:
+            return list(it)
+
+    def claim_request(self, name: str) -> bool:
+        """Rename ``new/NAME`` to ``active/NAME``.  False if someone else took
+        it first or it was cancelled (ENOENT is not an error)."""
+        try:
+            os.rename(self.new / name, self.active / name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def unclaim_request(self, name: str) -> None:
+        """Put a claimed, not yet started request back in line (mtime kept)."""
+        os.rename(self.active / name, self.new / name)
+        self._remove_quietly(self.active / (name + ".run"))
+
+    def read_claimed(self, name: str) -> SpoolFile:
+        return read_untrusted(self.active / name, self.max_request_bytes)
+
+    def read_queued(self, name: str) -> SpoolFile:
+        return read_untrusted(self.new / name, self.max_request_bytes)
+
+    def write_run_info(self, rid: str, info: dict[str, Any], durable: bool = False) -> None:
+        """``active/ID.json.run``: who runs it since when, replaced atomically."""
+        staging = self.work / f"{rid}.run.{os.getpid()}.tmp"
+        write_atomic(staging, self.active / (rid + RUN_SUFFIX), encode_json(info),
+                     durable, mode=0o644, own_staging=True)
+
+    def stage_reply(self, rid: str, reply: dict[str, Any]) -> None:
+        """Write the finished reply to ``work/ID.reply``: from here on the
+        request counts as done, even if the worker dies before publishing."""
+        path = self.work / (rid + STAGED_REPLY_SUFFIX)
+        tmp = self.work / (rid + STAGED_REPLY_SUFFIX + ".tmp")
+        self._remove_quietly(tmp)
+        # rename so that a staged reply, if present, is always complete
+        write_new_file(tmp, encode_json(reply), self.durable)
+        os.rename(tmp, path)
+
+    def publish_reply(self, rid: str) -> None:
+        """Retire ``active/ID.json`` and rename the staged reply into ``replies/``.
+
+        The request is removed first so that a crash in between leaves a
+        staged reply and no orphan (recovery publishes it): never two replies.
+        With ``durable``, one fsync of ``replies/`` commits the lot on a
+        journalling filesystem (ext4, xfs: metadata is journalled in order).
+        """
+        self._remove_quietly(self.active / (rid + RUN_SUFFIX))
+        self._remove_quietly(self.active / (rid + REQUEST_SUFFIX))
+        os.rename(self.work / (rid + STAGED_REPLY_SUFFIX), self.reply_path(rid))
+        if self.durable:
+            fsync_dir(self.replies)
+
+    def staged_replies(self) -> list[str]:
+        """Ids with a staged reply in ``work/`` (finished, not yet published)."""
+        return sorted(n[: -len(STAGED_REPLY_SUFFIX)] for n in os.listdir(self.work)
+                      if n.endswith(STAGED_REPLY_SUFFIX) and
+                      valid_id(n[: -len(STAGED_REPLY_SUFFIX)]))
+
+    def quarantine(self, directory: Path, name: str, reason: str) -> bool:
+        """Move ``directory/NAME`` to ``failed/NAME`` with ``failed/NAME.reason``.
+
+        Entries that cannot be moved stay where they are; the reason file is
+        written all the same, and the scanner skips names that have one.
+        Returns True if the entry was moved.
+        """
+        moved = True
+        try:
+            if os.path.lexists(self.failed / name):
+                raise FileExistsError(name)
+            os.rename(directory / name, self.failed / name)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            moved = False
+            reason = (f"{reason.rstrip('.')}; it could not be moved out of"
+                      f" {directory.name}/ ({exc.strerror or exc}), so it was left there"
+                      " and will be skipped.")
+        self.write_reason(name, reason)
+        self._remove_quietly(self.active / (name + ".run"))
+        return moved
+
+    def write_reason(self, name: str, reason: str) -> None:
+        line = " ".join(reason.split())
+        if not line.endswith("."):
+            line += "."
+        text = f"{utc_iso()} {socket.gethostname()} pid {os.getpid()}: {line}\n"
+        reason_name = reason_file_name(name)
+        write_atomic(self.work / f"{reason_name}.tmp", self.failed / reason_name,
+                     text.encode("utf-8", "backslashreplace"), self.durable, mode=0o644,
+                     own_staging=True)
+
+    def has_reason(self, name: str) -> bool:
+        return os.path.lexists(self.failed / reason_file_name(name))
+
+    def requeue_failed(self, name: str) -> bool:
+        """Move ``failed/NAME`` back to ``new/`` (mtime kept) and drop its reason."""
+        try:
+            os.rename(self.failed / name, self.new / name)
+        except FileNotFoundError:
+            return False
+        self._remove_quietly(self.failed / reason_file_name(name))
+        return True
+
+    @staticmethod
+    def _remove_quietly(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

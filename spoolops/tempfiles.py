@@ -1,0 +1,84 @@
+"""Temporary files outside ``work/``, recorded so that a crash leaves none.
+
+An operation that stages a file beside its target (in ``storage_root``) or
+anywhere else outside the worker's own folder first records the temporary
+file's absolute path in ``work/temps/``; it forgets the record once the file
+has been renamed into place or removed.  On start-up, under the worker lock,
+``cleanup_temps`` removes every recorded file that still exists: only files
+whose names carry ``TEMP_MARK``, and never through a symbolic link.
+
+Trusts: ``work/`` (mode 0700, the worker user's own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+TEMP_MARK = ".spoolops-tmp"
+RECORD_DIR = "temps"
+
+
+def temp_name(target_name: str, token: str) -> str:
+    """A hidden temporary name beside ``target_name``, e.g. ``.x.fits.<token>.spoolops-tmp``."""
+    return f".{target_name}.{token}{TEMP_MARK}"
+
+
+def _record_path(work_dir: Path, path: str) -> Path:
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+    return Path(work_dir) / RECORD_DIR / digest
+
+
+def register_temp(work_dir: Path, path: str | os.PathLike, durable: bool = True) -> None:
+    """Record ``path`` (absolute) before the temporary file is created."""
+    path = os.path.abspath(path)
+    record = _record_path(work_dir, path)
+    record.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, os.fsencode(path) + b"\n")
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if durable:
+        dfd = os.open(record.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def forget_temp(work_dir: Path, path: str | os.PathLike) -> None:
+    """Drop the record once the temporary file is gone or published."""
+    try:
+        os.unlink(_record_path(work_dir, os.path.abspath(path)))
+    except FileNotFoundError:
+        pass
+
+
+def cleanup_temps(work_dir: Path) -> list[str]:
+    """Remove recorded temporary files left by a crash; returns their paths."""
+    removed = []
+    record_dir = Path(work_dir) / RECORD_DIR
+    try:
+        records = list(record_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    for record in records:
+        try:
+            path = os.fsdecode(record.read_bytes().rstrip(b"\n"))
+        except OSError:
+            continue
+        if TEMP_MARK in os.path.basename(path):
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode):
+                    os.unlink(path)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+        record.unlink(missing_ok=True)
+    return removed

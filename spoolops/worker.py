@@ -1,0 +1,472 @@
+"""The spool worker: watches ``new/``, claims requests, runs them, replies.
+
+One inotify instance watches ``new/``; inotify is only a hint and the
+directory scan is the truth (as Postfix's pickup): the worker rescans at
+start, on ``IN_Q_OVERFLOW`` and every ``rescan_interval``.  The main thread
+claims and validates requests and keeps the order (``schedule.py``); a pool
+of ``concurrency`` threads runs operations, stages and publishes replies, so
+a slow operation never blocks an unrelated fast one.
+
+Security: runs as the worker user and trusts only ``work/`` and the config.
+Every entry of ``new/`` is read as hostile (``spool.read_untrusted``); what
+cannot be attributed to an id is quarantined in ``failed/`` with a reason.
+Signals only set flags; logging and I/O happen in the main loop.
+Diagnostics: one ``key=value`` log line per request start and end.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from inotify_simple import INotify, flags
+
+from . import recovery
+from .config import Config
+from .dispatch import Dispatcher, Job, Request, user_name
+from .errors import OpError, OpFailed, SpoolSetupError, WorkerRunning
+from .ops import Registry, default_registry
+from .schedule import Queue, TargetGate, request_key
+from .spool import REQUEST_SUFFIX, Spool, UnsafeEntry, id_from_name, utc_iso
+from .stats import Stats
+
+log = logging.getLogger("spoolops.worker")
+
+WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+PUBLISH_RETRY_S = 1.0
+
+
+class WorkerLock:
+    """The singleton lock ``work/worker.lock`` (flock), holding the pid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool = False, should_stop: Any = None) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait or (should_stop is not None and should_stop()):
+                    holder = read_lock_pid(self.path)
+                    os.close(fd)
+                    raise WorkerRunning(
+                        f"another worker (pid {holder or 'unknown'}) holds {self.path};"
+                        " stop it first, or start this one with --standby to take"
+                        " over when it exits") from None
+                time.sleep(0.05)  # a standby polls so that signals stay prompt
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_lock_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        return int(text.split()[0]) if text else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def worker_alive(path: Path) -> tuple[bool | None, int | None]:
+    """(alive, pid) from the lock; alive is None when the lock is unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, None
+    except PermissionError:
+        return None, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, read_lock_pid(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, None
+    finally:
+        os.close(fd)
+
+
+class Worker:
+    """Serve one spool until stopped (or, with ``once``, until it is drained)."""
+
+    def __init__(self, config: Config, registry: Registry | None = None, once: bool = False,
+                 standby: bool = False) -> None:
+        self.config = config
+        self.spool = Spool(config.root, config.durable, config.max_request_bytes)
+        self.registry = registry if registry is not None else default_registry()
+        self.dispatcher = Dispatcher(self.registry, config, self.spool.work)
+        self.once = once
+        self.standby = standby
+        self.queue = Queue()
+        self.gate = TargetGate()
+        self.stats = Stats(self.spool.work)
+        self.running = 0
+        self.skipped: set[str] = set()
+        self.unpublished: dict[str, dict[str, Any]] = {}
+        self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = WorkerLock(self.spool.lock_path)
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- signals: flags only ------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+
+    # -- life cycle ---------------------------------------------------------
+
+    def run(self) -> int:
+        self.spool.check_exists()
+        if self.standby:
+            log.info("event=standby lock=%s", self.spool.lock_path)
+        self._lock.acquire(wait=self.standby, should_stop=lambda: self._stop)
+        inotify = None
+        try:
+            if self._stop:
+                return 0
+            log.info("event=worker_start pid=%d root=%s concurrency=%d ops=%s", os.getpid(),
+                     self.config.root, self.config.concurrency, ",".join(self.registry.names()))
+            # watch before the first scan, so nothing arrives unseen in between
+            inotify = INotify()
+            inotify.add_watch(self.spool.new, WATCH_FLAGS)
+            recovery.recover(self.spool, self.registry, self.dispatcher)
+            self._pool = ThreadPoolExecutor(self.config.concurrency,
+                                            thread_name_prefix="spoolops-op")
+            self.stats.started()
+            self._rescan()
+            self._loop(inotify)
+            return 0
+        finally:
+            self._shutdown()
+            if inotify is not None:
+                inotify.close()
+            self._lock.release()
+            log.info("event=worker_stop pid=%d served=%d", os.getpid(), self.stats.served)
+
+    def _loop(self, inotify: INotify) -> None:
+        next_rescan = time.monotonic() + self.config.rescan_interval
+        while True:
+            self._finish_done()
+            if not self._stop:
+                self._schedule()
+            if self._stop or (self.once and self._idle()):
+                break
+            timeout = max(0.0, next_rescan - time.monotonic())
+            if self.unpublished:
+                timeout = min(timeout, PUBLISH_RETRY_S)
+            readable, _, _ = select.select([inotify.fileno(), self._wake_r], [], [], timeout)
+            if self._wake_r in readable:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if inotify.fileno() in readable:
+                self._take_events(inotify)
+            if time.monotonic() >= next_rescan:
+                self._rescan()
+                next_rescan = time.monotonic() + self.config.rescan_interval
+            if self.unpublished:
+                self._retry_unpublished()
+            self.stats.maybe_save(self.queue, self.running)
+
+    def _idle(self) -> bool:
+        return not self.queue and self.running == 0 and not self.unpublished
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # finish what runs; queued stays queued
+            self._pool = None
+            self._finish_done()
+        for job in self.gate.drain_waiting():
+            self._put_back(job.request.id + REQUEST_SUFFIX)
+        self.stats.save(self.queue, 0, force=True)
+
+    # -- intake -------------------------------------------------------------
+
+    def _take_events(self, inotify: INotify) -> None:
+        for event in inotify.read(timeout=0):
+            if event.mask & flags.Q_OVERFLOW:
+                log.warning("event=inotify_overflow action=rescan")
+                self._rescan()
+                continue
+            name = event.name
+            if not name or name in self.skipped:
+                continue
+            if event.mask & flags.CREATE and not event.mask & flags.ISDIR:
+                # a regular file created in place is taken when closed; only
+                # links, FIFOs and the like need the create event
+                try:
+                    if (self.spool.new / name).is_file() and \
+                            not (self.spool.new / name).is_symlink():
+                        continue
+                except OSError:
+                    continue
+            self.queue.add(name)
+
+    def _rescan(self) -> None:
+        names = []
+        for entry in self.spool.scan_new():
+            name = entry.name
+            if name in self.skipped:
+                continue
+            if entry.is_dir(follow_symlinks=False) and self.spool.has_reason(name):
+                self.skipped.add(name)
+                continue
+            names.append(name)
+        self.queue.sync(names)
+
+    def _prekey(self) -> None:
+        """Read queued requests early to learn their priority and targets."""
+        for name in self.queue.unkeyed():
+            rid = id_from_name(name) or name
+            priority, targets, mtime_ns = 0, None, time.time_ns()
+            try:
+                f = self.spool.read_queued(name)
+                mtime_ns = min(f.st.st_mtime_ns, time.time_ns())
+                request = self.dispatcher.parse(f.data, rid, f.st.st_uid, mtime_ns / 1e9)
+                priority = request.priority
+                targets = self.dispatcher.prepare(request).targets
+            except FileNotFoundError:
+                self.queue.discard(name)
+                continue
+            except (UnsafeEntry, OpError, OSError):
+                pass  # the claim will report it properly
+            except Exception:
+                log.exception("event=prekey_failed name=%s", name)
+            self.queue.set_key(name, request_key(priority, mtime_ns, rid), targets)
+
+    def _schedule(self) -> None:
+        free = self.config.concurrency - self.running
+        if free <= 0 or not self.queue:
+            return
+        if len(self.queue) > free:
+            self._prekey()
+        batch = []
+        for name in self.queue.take(free, self.gate):
+            job = self._claim(name)
+            if job is not None:
+                batch.append(job)
+        batch.sort(key=lambda j: request_key(j.request.priority, int(j.request.queued_at * 1e9),
+                                             j.request.id))
+        for job in batch:
+            if self.gate.is_free(job.targets):
+                self.gate.acquire(job.targets)
+                self._start(job)
+            else:
+                key = request_key(job.request.priority, int(job.request.queued_at * 1e9),
+                                  job.request.id)
+                self.gate.wait(key, job.targets, job)
+
+    def _claim(self, name: str) -> Job | None:
+        """Claim ``new/NAME``, read it once, validate it.  Returns a job to
+        run, or None when the entry was answered, quarantined or gone."""
+        if not self.spool.claim_request(name):
+            if os.path.isdir(self.spool.new / name):
+                # a directory owned by someone else cannot be moved
+                self.spool.quarantine(self.spool.new, name, "it is a directory")
+                self.skipped.add(name)
+            return None
+        try:
+            f = self.spool.read_claimed(name)
+        except FileNotFoundError:
+            return None
+        except UnsafeEntry as exc:
+            self._quarantine(name, f"Not a request: {exc.reason}")
+            return None
+        except OSError as exc:
+            self._quarantine(name, f"Could not read it: {exc.strerror or exc}")
+            return None
+        rid = id_from_name(name)
+        if rid is None:
+            self._quarantine(name, "Its name is not <id>.json with an id matching"
+                             " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can be addressed")
+            return None
+        queued_at = min(f.st.st_mtime_ns, time.time_ns()) / 1e9  # future mtime: now
+        try:
+            request = self.dispatcher.parse(f.data, rid, f.st.st_uid, queued_at)
+        except OpError as exc:
+            request = Request(id=rid, op="", args=None, uid=f.st.st_uid,
+                              user=user_name(f.st.st_uid), queued_at=queued_at)
+            self._answer(request, exc, op=_peek_op(f.data))
+            return None
+        try:
+            return self.dispatcher.prepare(request)
+        except OpError as exc:
+            self._answer(request, exc)
+        except Exception as exc:
+            log.exception("event=validate_crashed id=%s op=%s", rid, request.op)
+            self._answer(request, OpFailed(f"argument validation failed: {exc!r}"))
+        return None
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        log.warning("event=quarantine name=%r reason=%r", name, reason)
+        self.spool.quarantine(self.spool.active, name, reason)
+        self.stats.count("-", "quarantined", 0.0)
+
+    def _answer(self, request: Request, error: OpError, op: str | None = None) -> None:
+        """Reply with an error to a request that will not run."""
+        reply = self.dispatcher.reply(request, error=error, op=op or request.op or None)
+        log.info("event=rejected id=%s op=%s user=%s error=%s message=%r", request.id,
+                 reply["op"], request.user, error.type, error.message)
+        self.running += 1
+        assert self._pool is not None
+        self._pool.submit(self._publish_only, request.id, reply)
+
+    def _publish_only(self, rid: str, reply: dict[str, Any]) -> None:
+        try:
+            self._deliver(rid, reply)
+        finally:
+            self._done.append((rid, reply))
+            os.write(self._wake_w, b"d")
+
+    # -- running ------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        self.running += 1
+        assert self._pool is not None
+        self._pool.submit(self._run_job, job)
+
+    def _run_job(self, job: Job) -> None:
+        request = job.request
+        try:
+            started = time.time()
+            info = {"id": request.id, "op": request.op, "pid": os.getpid(),
+                    "host": self.dispatcher.worker_info["host"], "user": request.user,
+                    "targets": list(job.targets), "started_at": utc_iso(started)}
+            # a non-idempotent op must be known to have started, even after a power cut
+            self.spool.write_run_info(request.id, info,
+                                      durable=self.config.durable and
+                                      not job.operation.idempotent)
+            log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
+                     request.user, ",".join(job.targets) or "-")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("event=args id=%s args=%r", request.id, job.args)
+            progress = _ProgressWriter(self.spool, request.id, info)
+            reply = self.dispatcher.execute(job, progress)
+            duration = time.time() - started
+            job.extra["reply"] = reply
+            job.extra["duration"] = duration
+            self._deliver(request.id, reply)
+            error = reply["error"]
+            log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
+                     request.id, request.op, request.user, ",".join(job.targets) or "-",
+                     "ok" if reply["ok"] else error["type"], duration,
+                     f" message={error['message']!r}" if error else "")
+        except Exception:
+            log.exception("event=job_crashed id=%s", request.id)
+        finally:
+            self._done.append(job)
+            os.write(self._wake_w, b"d")
+
+    def _deliver(self, rid: str, reply: dict[str, Any]) -> None:
+        """Stage and publish; on failure (disk full) keep it for a retry."""
+        try:
+            self.spool.stage_reply(rid, reply)
+            self.spool.publish_reply(rid)
+        except OSError as exc:
+            log.error("event=reply_failed id=%s error=%r action=retry", rid,
+                      errno.errorcode.get(exc.errno or 0, str(exc)))
+            self.unpublished[rid] = reply
+
+    def _retry_unpublished(self) -> None:
+        for rid, reply in list(self.unpublished.items()):
+            try:
+                self.spool.stage_reply(rid, reply)
+                self.spool.publish_reply(rid)
+            except OSError:
+                return
+            del self.unpublished[rid]
+            log.info("event=reply_published_late id=%s", rid)
+
+    def _finish_done(self) -> None:
+        while self._done:
+            item = self._done.popleft()
+            self.running -= 1
+            if isinstance(item, tuple):
+                _rid, reply = item
+                self.stats.count(reply["op"] or "-", reply["error"]["type"], 0.0)
+                continue
+            job = item
+            reply = job.extra.get("reply")
+            if reply is not None:
+                self.stats.count(job.request.op, "ok" if reply["ok"] else
+                                 reply["error"]["type"], job.extra.get("duration", 0.0))
+            for ready in self.gate.release(job.targets, lambda j: j.targets):
+                self._start(ready)
+
+    def _put_back(self, name: str) -> None:
+        try:
+            self.spool.unclaim_request(name)
+        except OSError as exc:
+            log.error("event=unclaim_failed name=%s error=%r", name, exc)
+
+
+class _ProgressWriter:
+    """Rewrites ``active/ID.json.run`` with bytes done/total, once a second."""
+
+    def __init__(self, spool: Spool, rid: str, info: dict[str, Any]) -> None:
+        self.spool, self.rid, self.info = spool, rid, info
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0 and done < total:
+            return
+        self.last = now
+        info = dict(self.info, progress={"done": int(done), "total": int(total),
+                                         "updated_at": utc_iso()})
+        try:
+            self.spool.write_run_info(self.rid, info)
+        except OSError:
+            pass  # progress is a courtesy; never fail the op for it
+
+
+def _peek_op(data: bytes) -> str | None:
+    """The op name of a rejected request, if it can be read at all (for the reply)."""
+    try:
+        obj = json.loads(data)
+        op = obj.get("op") if isinstance(obj, dict) else None
+        return op if isinstance(op, str) and len(op) <= 128 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def run_worker(config: Config, once: bool = False, standby: bool = False,
+               registry: Registry | None = None) -> int:
+    """Entry point for ``spoolops worker``."""
+    worker = Worker(config, registry, once=once, standby=standby)
+    worker.install_signal_handlers()
+    try:
+        return worker.run()
+    except FileNotFoundError as exc:
+        raise SpoolSetupError(f"spool not found: {exc.filename}: run 'spoolops init'") from None
