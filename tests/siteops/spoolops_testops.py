@@ -1,0 +1,56 @@
+"""Site operations for the tests, registered through the real entry-point group.
+
+``sleep``: sleeps ``seconds`` holding target ``target`` (serialisation tests).
+``crash``: raises an unexpected exception (becomes OpFailed).
+``whoami``: returns the submitter (access control tests); only user ``nobody-allowed``
+may call ``restricted``.
+``nonidem``: a non-idempotent op that sleeps (recovery tests).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from spoolops.errors import BadRequest
+from spoolops.ops import Operation
+
+
+def _validate_sleep(args, ctx):
+    if not isinstance(args, dict):
+        raise BadRequest("args must be an object")
+    seconds = args.get("seconds", 0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= 60:
+        raise BadRequest("seconds must be a number from 0 to 60")
+    target = args.get("target")
+    if target is not None and not isinstance(target, str):
+        raise BadRequest("target must be a string")
+    return {"seconds": float(seconds), "target": target, "tag": args.get("tag")}
+
+
+def _run_sleep(ctx, args):
+    start = time.time()
+    time.sleep(args["seconds"])
+    return {"start": start, "end": time.time(), "tag": args["tag"], "pid": os.getpid()}
+
+
+def _run_crash(ctx, args):
+    raise RuntimeError("deliberate failure in a site op")
+
+
+def _run_whoami(ctx, args):
+    return {"user": ctx.user}
+
+
+def operations():
+    targets = lambda args, ctx: [args["target"]] if args["target"] else []
+    return [
+        Operation("sleep", _run_sleep, validate=_validate_sleep, targets=targets,
+                  idempotent=True),
+        Operation("nonidem", _run_sleep, validate=_validate_sleep, targets=targets,
+                  idempotent=False),
+        Operation("crash", _run_crash, idempotent=True),
+        Operation("whoami", _run_whoami, idempotent=True),
+        Operation("restricted", _run_whoami, idempotent=True,
+                  allowed_users=("nobody-allowed",)),
+    ]
