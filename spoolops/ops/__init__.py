@@ -122,18 +122,9 @@ class Registry:
 def builtin_operations() -> list[Operation]:
     """The operations shipped with spoolops."""
     from .echo import ECHO
-    ops = [ECHO]
-    try:
-        from .headers import UPDATE_HEADERS
-        ops.append(UPDATE_HEADERS)
-    except ImportError:  # pragma: no cover - module arrives with the FITS issue
-        pass
-    try:
-        from .ingest import INGEST_UPLOAD
-        ops.append(INGEST_UPLOAD)
-    except ImportError:  # pragma: no cover
-        pass
-    return ops
+    from .headers import UPDATE_HEADERS
+    from .ingest import INGEST_UPLOAD
+    return [ECHO, UPDATE_HEADERS, INGEST_UPLOAD]
 
 
 def default_registry(entry_points: bool = True) -> Registry:

@@ -1,0 +1,170 @@
+"""gzip/bzip2 as concatenated streams: read any, write in parallel chunks.
+
+A ``.fits.gz``/``.fits.bz2`` written by spoolops is a sequence of independent
+streams (gzip members / bzip2 streams): first one holding every byte up to
+the end of the edited HDU's header, then the rest in ``CHUNK``-sized pieces,
+each compressed on its own so that two threads can work at once (zlib and
+bz2 release the GIL).  gzip, bzip2, Python and astropy all read such files as
+one.  A later edit of the same HDU then recompresses only the first stream
+and copies the others byte for byte (``first_stream`` finds where it ends).
+Trusts nothing: compressed input may be damaged; errors become ``OpFailed``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import OpFailed
+
+CHUNK = 8 * 1024 * 1024
+WORKERS = 2
+GZIP_LEVEL = 6
+BZ2_LEVEL = 9
+MAGIC = {"gz": b"\x1f\x8b", "bz2": b"BZh"}
+
+
+def kind_of(name: str) -> str:
+    """'' for plain FITS, 'gz' or 'bz2'; anything else is not ours to edit."""
+    lower = name.lower()
+    for suffix, kind in ((".fits", ""), (".fits.gz", "gz"), (".fits.bz2", "bz2")):
+        if lower.endswith(suffix):
+            return kind
+    return "?"
+
+
+def _decompressor(kind: str):
+    return bz2.BZ2Decompressor() if kind == "bz2" else zlib.decompressobj(31)
+
+
+def compress(kind: str, data: bytes) -> bytes:
+    """One complete, independent stream/member."""
+    if kind == "bz2":
+        return bz2.compress(data, BZ2_LEVEL)
+    comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    return comp.compress(data) + comp.flush()
+
+
+class Compressor:
+    """One stream fed incrementally (for the leading header stream)."""
+
+    def __init__(self, kind: str) -> None:
+        self._c = (bz2.BZ2Compressor(BZ2_LEVEL) if kind == "bz2"
+                   else zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31))
+
+    def feed(self, data: bytes) -> bytes:
+        return self._c.compress(data)
+
+    def finish(self) -> bytes:
+        return self._c.flush()
+
+
+def parallel_compress(kind: str, chunks: Iterable[bytes], workers: int = WORKERS
+                      ) -> Iterator[bytes]:
+    """Compressed streams for ``chunks``, in order, at most 2*workers in flight."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(compress, kind, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _OneStream:
+    """Decompress a single stream/member, ``max_length`` bytes at a time."""
+
+    def __init__(self, kind: str, read_raw: Callable[[int], bytes], pending: bytes) -> None:
+        self.kind = kind
+        self.dec = _decompressor(kind)
+        self.read_raw = read_raw
+        self.pending = pending
+        self.raw_in = len(pending)      # raw bytes handed to this stream so far
+
+    def _more(self) -> bytes:
+        data = self.read_raw(1 << 16)
+        self.raw_in += len(data)
+        if not data:
+            raise OpFailed("compressed file is truncated")
+        return data
+
+    def step(self, max_length: int) -> bytes:
+        try:
+            if self.kind == "bz2":
+                if self.dec.needs_input:
+                    data, self.pending = self.pending or self._more(), b""
+                else:
+                    data = b""
+                return self.dec.decompress(data, max_length)
+            data = self.pending or self._more()
+            out = self.dec.decompress(data, max_length)
+            self.pending = self.dec.unconsumed_tail
+            return out
+        except (OSError, EOFError, zlib.error, ValueError) as exc:
+            raise OpFailed(f"compressed data is damaged: {exc}") from None
+
+    @property
+    def eof(self) -> bool:
+        return self.dec.eof
+
+    @property
+    def leftover(self) -> bytes:
+        return self.dec.unused_data
+
+    @property
+    def raw_len(self) -> int:
+        """Length of this stream in the file (valid once ``eof``)."""
+        return self.raw_in - len(self.dec.unused_data)
+
+
+def first_stream(kind: str, read_raw: Callable[[int], bytes], limit: int
+                 ) -> tuple[bytes, int] | None:
+    """(decompressed bytes, compressed length) of the first stream, or None
+    if it decompresses to more than ``limit`` bytes."""
+    one = _OneStream(kind, read_raw, b"")
+    out, got = [], 0
+    while not one.eof:
+        data = one.step(limit + 1 - got)
+        out.append(data)
+        got += len(data)
+        if got > limit:
+            return None
+    return b"".join(out), one.raw_len
+
+
+class Decompressed:
+    """``read(n)`` over the decompressed bytes of concatenated streams."""
+
+    def __init__(self, kind: str, read_raw: Callable[[int], bytes]) -> None:
+        self._kind = kind
+        self._read_raw = read_raw
+        self._one: _OneStream | None = _OneStream(kind, read_raw, b"")
+        self._buf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n and self._one is not None:
+            if self._one.eof:
+                self._next_stream()
+            else:
+                self._buf += self._one.step(max(n - len(self._buf), 1 << 16))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _next_stream(self) -> None:
+        rest = self._one.leftover or self._read_raw(1 << 16)
+        if not rest:
+            self._one = None
+            return
+        if self._kind == "gz" and not rest.strip(b"\0"):
+            while rest:   # gzip allows zero padding after the last member
+                if rest.strip(b"\0"):
+                    raise OpFailed("garbage after the last gzip member")
+                rest = self._read_raw(1 << 16)
+            self._one = None
+            return
+        self._one = _OneStream(self._kind, self._read_raw, rest)

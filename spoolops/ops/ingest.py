@@ -1,0 +1,403 @@
+"""``ingest_upload``: publish a staged upload into the archive.
+
+Copies ``upload_staging_dir/<filename>`` (or ``upload_staging_dir/
+processed_cals/<filename>`` with ``processed_cal``) to ``storage_root/<path>/
+<filename>`` (or ``storage_root/<processed_cals_path>/<filename>``).  The copy
+is a new file created by the worker (so the worker user owns it) with exactly
+``file_mode``; it is streamed in 1 MiB chunks while its md5 is computed,
+fsynced, checked against the expected ``md5``, published atomically, and
+the folder fsynced.  Only then is the staged file removed.  Publishing
+without ``overwrite`` is ``link()`` + ``unlink(temp)``: the kernel refuses an
+existing name, so a file that appeared meanwhile is never replaced
+(``Conflict``).  With ``overwrite`` it is ``rename()``.
+
+Result: ``filename``, ``path`` (the stored file relative to storage_root,
+e.g. ``"2026/N20261128S0001.fits"``), ``size`` and ``md5`` (of the bytes
+published).
+
+Trusts: the configured roots.  Distrusts: every argument (untrusted JSON
+from the submit group) and the contents of the staging folder, which the
+web user can write: every path is walked with ``spoolops.confine`` (no
+``..``, no absolute path, no symbolic link at any level); the staged file
+must be a regular file with one link, and it is removed only if the name
+still points at the file that was copied.  Folders missing below
+storage_root are created with ``file_mode`` plus ``x`` wherever ``r`` is set
+(0644 -> 0755), keeping an inherited setgid bit.
+
+A crash at any moment leaves either nothing published (staged file intact)
+or the complete file published; the temporary file is recorded with
+``spoolops.tempfiles`` so the worker's start-up cleanup removes it.
+Fault points for crash tests: see ``spoolops.faults``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import confine, faults
+from ..config import Config
+from ..errors import BadRequest, Conflict, NotFound, OpFailed
+from ..tempfiles import forget_temp, register_temp, temp_name
+from . import OpContext, Operation
+
+CHUNK = 1 << 20
+STAGING_CALS_DIR = "processed_cals"
+PROGRESS_INTERVAL = 1.0
+_ARGS = ("filename", "path", "processed_cal", "md5", "overwrite")
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+# --- arguments -------------------------------------------------------------
+
+def _flag(args: Mapping[str, Any], name: str) -> bool:
+    value = args.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, not {type(value).__name__}")
+    return value
+
+
+def _utf8(parts: list[str], what: str) -> list[str]:
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{what} is not valid UTF-8") from None
+    return parts
+
+
+def validate_ingest(args: Mapping[str, Any], ctx: OpContext) -> dict[str, Any]:
+    """Check types and the shape of every path; the staged file must exist."""
+    if not isinstance(args, dict):
+        raise BadRequest("args must be a JSON object")
+    unknown = sorted(str(k) for k in args if k not in _ARGS)
+    if unknown:
+        raise BadRequest(f"unknown argument(s) for ingest_upload: {', '.join(unknown)}"
+                         f" (known: {', '.join(_ARGS)})")
+    if "filename" not in args:
+        raise BadRequest("filename is required")
+    filename = _utf8([confine.split_filename(args["filename"], "filename")], "filename")[0]
+    path = args.get("path")
+    if path is None:
+        path = ""
+    if not isinstance(path, str):
+        raise BadRequest(f"path must be a string, not {type(path).__name__}")
+    path_parts = _utf8(confine.split_relative(path, "path", allow_empty=True), "path")
+    processed_cal = _flag(args, "processed_cal")
+    overwrite = _flag(args, "overwrite")
+    if processed_cal and path_parts:
+        raise BadRequest("path must be empty when processed_cal is true "
+                         "(processed calibrations go to processed_cals_path)")
+    md5 = args.get("md5")
+    if md5 is not None:
+        if not isinstance(md5, str):
+            raise BadRequest(f"md5 must be a string, not {type(md5).__name__}")
+        md5 = md5.strip().lower()
+        if not _MD5_RE.match(md5):
+            raise BadRequest("md5 must be 32 hexadecimal digits")
+    clean = {"filename": filename, "path": "/".join(path_parts),
+             "processed_cal": processed_cal, "md5": md5, "overwrite": overwrite}
+    _check_staged(ctx.config, clean)
+    return clean
+
+
+def _staged_parts(args: Mapping[str, Any]) -> list[str]:
+    return [STAGING_CALS_DIR] if args["processed_cal"] else []
+
+
+def _dest_parts(args: Mapping[str, Any], config: Config) -> list[str]:
+    if args["processed_cal"]:
+        return confine.split_relative(config.processed_cals_path, "processed_cals_path",
+                                      allow_empty=True)
+    return confine.split_relative(args["path"], "path", allow_empty=True)
+
+
+def _check_staged(config: Config, args: Mapping[str, Any]) -> None:
+    """Early NotFound/BadRequest for the staged file, without opening it."""
+    sdir = confine.open_dir(config.upload_staging_dir, _staged_parts(args))
+    try:
+        try:
+            st = os.stat(args["filename"], dir_fd=sdir, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotFound(f"staged file not found: {args['filename']}") from None
+    finally:
+        os.close(sdir)
+    if stat.S_ISLNK(st.st_mode):
+        raise BadRequest(f"staged file is a symbolic link; refusing it: {args['filename']}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadRequest(f"staged file is not a regular file: {args['filename']}")
+    if st.st_nlink != 1:
+        raise BadRequest(f"staged file has {st.st_nlink} hard links; refusing it: "
+                         f"{args['filename']}")
+
+
+def ingest_targets(args: Mapping[str, Any], ctx: OpContext) -> list[str]:
+    """The destination's would-be real path and the staged file's path."""
+    config = ctx.config
+    dest = os.path.join(os.path.realpath(config.storage_root),
+                        *_dest_parts(args, config), args["filename"])
+    staged = os.path.join(os.path.realpath(config.upload_staging_dir),
+                          *_staged_parts(args), args["filename"])
+    return [dest, staged]
+
+
+# --- file system helpers ----------------------------------------------------
+
+def dir_mode_for(file_mode: int) -> int:
+    """Folder mode for a file mode: add ``x`` where ``r`` is set; owner always rwx."""
+    mode = file_mode & 0o777
+    return mode | ((mode & 0o444) >> 2) | 0o700
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+    faults.hit("fsync")
+
+
+def _open_dest_dir(root: Path, parts: list[str], mode: int, durable: bool) -> int:
+    """Like ``confine.open_dir(create=True)``, but a folder it makes gets
+    exactly ``mode`` (not the umask's idea) and, when durable, its entry is
+    fsynced in the parent -- fsyncing only the leaf would not keep a new
+    folder across a power cut."""
+    fd = confine.open_root(root)
+    walked: list[str] = []
+    try:
+        for part in parts:
+            walked.append(part)
+            created = False
+            try:
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(part, mode, dir_fd=fd)
+                        created = True
+                    except FileExistsError:
+                        pass  # made by someone else meanwhile
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise BadRequest(f"{'/'.join(walked)!r} below storage_root is or passes "
+                                     "through a symbolic link or non-folder") from None
+                raise
+            if created:
+                try:
+                    # keep a setgid bit inherited from the parent (group-shared trees)
+                    os.fchmod(nfd, (os.fstat(nfd).st_mode & 0o7000) | mode)
+                    if durable:
+                        _fsync(fd)
+                except BaseException:
+                    os.close(nfd)
+                    raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_target(ddir: int, filename: str, overwrite: bool, rel: str) -> None:
+    try:
+        st = os.stat(filename, dir_fd=ddir, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise BadRequest(f"target is a symbolic link; refusing it: {rel}")
+    if not overwrite:
+        raise Conflict(f"target already exists: {rel} (set overwrite to replace it)")
+    if not stat.S_ISREG(st.st_mode):
+        raise Conflict(f"target exists and is not a regular file: {rel}")
+
+
+def _temp_for(filename: str, token: str) -> str:
+    # the hidden temp name must still fit in NAME_MAX with the longest filenames
+    budget = confine.MAX_COMPONENT - len(temp_name("", token).encode())
+    raw = filename.encode("utf-8")
+    if len(raw) > budget:
+        filename = raw[:budget].decode("utf-8", "ignore")
+    return temp_name(filename, token)
+
+
+def _no_space(exc: OSError, rel: str) -> OpFailed:
+    return OpFailed(f"no space left on device while writing {rel} "
+                    f"({os.strerror(exc.errno)}); nothing published, staged file kept")
+
+
+def _stream(ctx: OpContext, src: int, dst: int, rel: str) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` in chunks; returns (bytes, md5 hex)."""
+    total = os.fstat(src).st_size
+    digest = hashlib.md5(usedforsecurity=False)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    done = 0
+    last = time.monotonic()
+    while True:
+        n = os.readv(src, [buf])
+        if n == 0:
+            break
+        chunk = view[:n]
+        digest.update(chunk)
+        written = 0
+        while written < n:
+            written += os.write(dst, chunk[written:])
+        done += n
+        faults.hit("bytes", n)
+        now = time.monotonic()
+        if now - last >= PROGRESS_INTERVAL:
+            ctx.progress(done, max(total, done))
+            last = now
+    ctx.progress(done, done)
+    return done, digest.hexdigest()
+
+
+# --- the operation ----------------------------------------------------------
+
+def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
+                      args: Mapping[str, Any], rel: str) -> tuple[int, str]:
+    config = ctx.config
+    filename, overwrite = args["filename"], args["overwrite"]
+    tname = _temp_for(filename, secrets.token_hex(8))
+    tpath = os.path.join(dest_dir, tname)
+    register_temp(ctx.work_dir, tpath, config.durable)
+    temp_exists = False
+    try:
+        before = os.fstat(sfd)
+        try:
+            tfd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, config.file_mode & 0o777, dir_fd=ddir)
+            temp_exists = True
+            try:
+                os.fchmod(tfd, config.file_mode)  # exactly file_mode, whatever the umask
+                size, md5 = _stream(ctx, sfd, tfd, rel)
+                if config.durable:
+                    _fsync(tfd)
+            finally:
+                os.close(tfd)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(exc, rel) from None
+            raise
+        after = os.fstat(sfd)
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) \
+                or size != after.st_size:
+            raise Conflict(f"staged file changed while it was being copied: {filename}; "
+                           "nothing published")
+        if args["md5"] is not None and md5 != args["md5"]:
+            raise Conflict(f"md5 mismatch for {filename}: expected {args['md5']}, "
+                           f"staged file has {md5}; nothing published")
+        _check_target(ddir, filename, overwrite, rel)
+        faults.hit("ingest.before_publish")
+        try:
+            if overwrite:
+                os.rename(tname, filename, src_dir_fd=ddir, dst_dir_fd=ddir)
+                temp_exists = False
+                faults.hit("ingest.after_publish")
+            else:
+                os.link(tname, filename, src_dir_fd=ddir, dst_dir_fd=ddir,
+                        follow_symlinks=False)
+                faults.hit("ingest.after_publish")
+                os.unlink(tname, dir_fd=ddir)
+                temp_exists = False
+        except FileExistsError:
+            raise Conflict(f"target already exists: {rel} (created meanwhile; "
+                           "set overwrite to replace it)") from None
+        except (IsADirectoryError, NotADirectoryError):
+            raise Conflict(f"target exists and is not a regular file: {rel}") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise Conflict(f"target exists and is a folder: {rel}") from None
+            if exc.errno in _NO_SPACE:
+                raise _no_space(exc, rel) from None
+            raise
+        if config.durable:
+            _fsync(ddir)
+        return size, md5
+    finally:
+        if temp_exists:
+            try:
+                os.unlink(tname, dir_fd=ddir)
+            except FileNotFoundError:
+                pass
+        forget_temp(ctx.work_dir, tpath)
+
+
+def _remove_staged(ctx: OpContext, sdir: int, sfd: int, filename: str) -> None:
+    """Unlink the staged name, but only if it still is the file we copied.
+
+    The file is already published: a failure here is logged, not raised,
+    since the client must not believe the ingest failed and retry it.
+    """
+    faults.hit("ingest.before_staged_unlink")
+    try:
+        st = os.stat(filename, dir_fd=sdir, follow_symlinks=False)
+        ours = os.fstat(sfd)
+        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
+            ctx.log.warning("event=ingest_staged_replaced filename=%s request=%s: staged "
+                            "name now points at another file; left in place",
+                            filename, ctx.request_id)
+            return
+        os.unlink(filename, dir_fd=sdir)
+        faults.hit("ingest.after_staged_unlink")
+        if ctx.config.durable:
+            _fsync(sdir)
+    except OSError as exc:
+        ctx.log.warning("event=ingest_staged_not_removed filename=%s request=%s error=%r",
+                        filename, ctx.request_id, exc)
+
+
+def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Copy, verify, publish, then remove the staged file (see the module doc)."""
+    config = ctx.config
+    filename = args["filename"]
+    dest_parts = _dest_parts(args, config)
+    rel = "/".join([*dest_parts, filename])
+    sdir = confine.open_dir(config.upload_staging_dir, _staged_parts(args))
+    try:
+        sfd = confine.open_file(sdir, filename, what="staged file")
+        try:
+            ddir = _open_dest_dir(config.storage_root, dest_parts,
+                                  dir_mode_for(config.file_mode), config.durable)
+            try:
+                # fail before copying gigabytes; the link() below re-checks atomically
+                _check_target(ddir, filename, args["overwrite"], rel)
+                dest_dir = os.path.join(os.path.realpath(config.storage_root), *dest_parts)
+                size, md5 = _copy_and_publish(ctx, sfd, ddir, dest_dir, args, rel)
+            finally:
+                os.close(ddir)
+            ctx.log.info("event=ingest_published path=%s size=%d md5=%s request=%s",
+                         rel, size, md5, ctx.request_id)
+            _remove_staged(ctx, sdir, sfd, filename)
+        finally:
+            os.close(sfd)
+    finally:
+        os.close(sdir)
+    return {"filename": filename, "path": rel, "size": size, "md5": md5}
+
+
+INGEST_UPLOAD = Operation(
+    name="ingest_upload",
+    run=run_ingest,
+    validate=validate_ingest,
+    targets=ingest_targets,
+    idempotent=False,
+    description="Copy a staged upload into storage_root (md5-checked, fsynced, "
+                "published atomically), then remove the staged file.",
+    schema={"filename": "file name in upload_staging_dir",
+            "path": "folder below storage_root (optional)",
+            "processed_cal": "bool (optional): from/to the processed_cals folders",
+            "md5": "expected md5, 32 hex digits (optional)",
+            "overwrite": "bool (optional, default false)"},
+)
