@@ -18,7 +18,7 @@ from .spool import encode_json, utc_iso, write_atomic
 STATS_NAME = "stats.json"
 # seconds; Prometheus histogram upper bounds (+Inf is implicit)
 BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
-SAVE_INTERVAL_S = 1.0
+SAVE_INTERVAL_S = 0.5
 
 
 class Stats:
@@ -55,6 +55,12 @@ class Stats:
                 "served": self.served, "queued_known": queued, "running": running,
                 "outcomes": self.outcomes, "buckets": list(BUCKETS),
                 "histograms": self.histograms}
+
+    def save_due_in(self) -> float | None:
+        """Seconds until unsaved counts should be written, or None if all saved."""
+        if not self._dirty:
+            return None
+        return max(0.0, SAVE_INTERVAL_S - (time.monotonic() - self._saved))
 
     def maybe_save(self, queue: Any, running: int) -> None:
         if self._dirty and time.monotonic() - self._saved >= SAVE_INTERVAL_S:

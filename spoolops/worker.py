@@ -183,6 +183,9 @@ class Worker:
             timeout = max(0.0, next_rescan - time.monotonic())
             if self.unpublished:
                 timeout = min(timeout, PUBLISH_RETRY_S)
+            save_in = self.stats.save_due_in()
+            if save_in is not None:
+                timeout = min(timeout, save_in)
             readable, _, _ = select.select([inotify.fileno(), self._wake_r], [], [], timeout)
             if self._wake_r in readable:
                 try:
