@@ -1,0 +1,133 @@
+"""The client: one inotify instance per process, trusted replies only, fork safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import SpoolEnv, is_root, wait_for
+
+from spoolops import Client, Timeout
+from spoolops.spool import REQUEST_SUFFIX
+
+
+def _inotify_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def test_sixty_four_threads_share_one_inotify_instance(running: SpoolEnv) -> None:
+    before = _inotify_fds()
+    clients = [running.client() for _ in range(4)]
+    results: dict[int, object] = {}
+    during = []
+
+    def work(n: int) -> None:
+        client = clients[n % 4]
+        results[n] = client.call("sleep", {"seconds": 0.3, "tag": n}, timeout=120)["tag"]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(64)]
+    for t in threads:
+        t.start()
+    during.append(_inotify_fds())
+    for t in threads:
+        t.join(180)
+    assert results == {n: n for n in range(64)}
+    # at most one instance was added for the whole process, however many threads wait
+    assert during[0] - before <= 1 and _inotify_fds() - before <= 1
+
+
+def test_reply_is_deleted_after_reading(running: SpoolEnv) -> None:
+    client = running.client()
+    rid = client.submit("echo", {"a": 1})
+    wait_for(lambda: (running.spool.replies / (rid + REQUEST_SUFFIX)).exists(),
+             what="reply file")
+    reply = client.wait(rid, timeout=10)
+    assert reply.result == {"a": 1}
+    assert not (running.spool.replies / (rid + REQUEST_SUFFIX)).exists()
+    with pytest.raises(Timeout):
+        client.wait(rid, timeout=0.2)  # collected once, never twice
+
+
+@pytest.mark.skipif(not is_root(), reason="forging a reply owned by another uid needs root")
+def test_forged_reply_is_ignored_and_real_one_wins(spool_env: SpoolEnv) -> None:
+    client = spool_env.client()
+    rid = client.submit("echo", {"real": True})
+    forged = spool_env.spool.replies / (rid + REQUEST_SUFFIX)
+    forged.write_text(json.dumps({"version": 1, "id": rid, "op": "echo", "ok": True,
+                                  "result": {"real": False}, "error": None}))
+    os.chown(forged, 54321, 54321)
+    with pytest.raises(Timeout):
+        client.wait(rid, timeout=0.5)
+    assert forged.exists()  # the client does not delete what it does not trust
+    spool_env.start_worker()
+    assert client.wait(rid, timeout=30).result == {"real": True}
+
+
+def test_reply_with_wrong_id_or_junk_is_ignored(spool_env: SpoolEnv) -> None:
+    client = spool_env.client()
+    rid = client.submit("echo", {"n": 1})
+    path = spool_env.spool.replies / (rid + REQUEST_SUFFIX)
+    path.write_text(json.dumps({"id": "someone-else", "ok": True, "result": 1}))
+    with pytest.raises(Timeout):
+        client.wait(rid, timeout=0.3)
+    path.write_text("{ not json")
+    with pytest.raises(Timeout):
+        client.wait(rid, timeout=0.3)
+    path.unlink()
+    target = spool_env.base / "elsewhere.json"
+    target.write_text(json.dumps({"id": rid, "ok": True, "result": "via symlink"}))
+    path.symlink_to(target)
+    with pytest.raises(Timeout):
+        client.wait(rid, timeout=0.3)
+    path.unlink()
+    spool_env.start_worker()
+    assert client.wait(rid, timeout=30).result == {"n": 1}
+
+
+def test_wait_after_reply_arrived(running: SpoolEnv) -> None:
+    """A reply published before wait() is called is still found (no lost wake-up)."""
+    client = running.client()
+    rid = client.submit("echo", {"late": 1})
+    wait_for(lambda: (running.spool.replies / (rid + REQUEST_SUFFIX)).exists(),
+             what="reply")
+    assert client.wait(rid, timeout=5).result == {"late": 1}
+
+
+def test_client_works_in_forked_child(running: SpoolEnv) -> None:
+    client = running.client()
+    assert client.call("echo", {"parent": 1}, timeout=30) == {"parent": 1}
+    pid = os.fork()
+    if pid == 0:  # child: the parent's watcher thread does not exist here
+        code = 1
+        try:
+            code = 0 if client.call("echo", {"child": 1}, timeout=30) == {"child": 1} else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client.call("echo", {"parent": 2}, timeout=30) == {"parent": 2}
+
+
+def test_client_without_spool_says_so(tmp_path: Path) -> None:
+    from spoolops import SpoolError
+    client = Client(root=tmp_path / "nothing-here")
+    with pytest.raises(SpoolError, match="spoolops init"):
+        client.submit("echo", {})
+
+
+def test_oversize_request_refused_by_client(spool_env: SpoolEnv) -> None:
+    from spoolops import BadRequest
+    client = spool_env.client()
+    with pytest.raises(BadRequest, match="max_request_bytes"):
+        client.submit("echo", {"blob": "x" * 70000})
+    assert list(spool_env.spool.tmp.iterdir()) == []

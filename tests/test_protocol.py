@@ -1,0 +1,127 @@
+"""The spool protocol's primitives, on real directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SpoolEnv
+
+from spoolops.spool import (
+    ID_RE,
+    REQUEST_SUFFIX,
+    UnsafeEntry,
+    id_from_name,
+    new_request_id,
+    read_untrusted,
+    write_atomic,
+)
+
+
+def test_request_ids_match_pattern_and_sort_by_time() -> None:
+    ids = []
+    for _ in range(50):
+        ids.append(new_request_id())
+        time.sleep(0.0005)
+    assert all(ID_RE.match(i) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert id_from_name(ids[0] + REQUEST_SUFFIX) == ids[0]
+    for bad in ("x.txt", ".hidden.json", "a/b.json", "-x.json", "x" * 129 + ".json", ".json"):
+        assert id_from_name(bad) is None
+
+
+def test_publish_request_file_is_readable_json(spool_env: SpoolEnv) -> None:
+    spool = spool_env.spool
+    rid = spool_env.client().submit("echo", {"x": 1}, priority=3)
+    path = spool.new / (rid + REQUEST_SUFFIX)
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_uid == os.getuid()
+    text = path.read_text()
+    assert text.endswith("}\n") and "\n  " in text  # pretty-printed for cat
+    obj = json.loads(text)
+    assert obj["id"] == rid and obj["op"] == "echo" and obj["priority"] == 3
+    assert obj["version"] == 1 and obj["client"]["pid"] == os.getpid()
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_read_untrusted_refuses_what_is_not_a_plain_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text("{}")
+    assert read_untrusted(good, 100).data == b"{}"
+    link = tmp_path / "link.json"
+    link.symlink_to(good)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    hard = tmp_path / "hard.json"
+    os.link(good, hard)
+    big = tmp_path / "big.json"
+    big.write_bytes(b"x" * 101)
+    folder = tmp_path / "dir.json"
+    folder.mkdir()
+    cases = {link: "symbolic link", fifo: "FIFO", hard: "hard links", big: "more than",
+             folder: "regular file"}
+    for path, phrase in cases.items():
+        with pytest.raises(UnsafeEntry) as info:
+            read_untrusted(path, 100)
+        assert phrase in info.value.reason, (path, info.value.reason)
+    with pytest.raises(FileNotFoundError):
+        read_untrusted(tmp_path / "absent.json", 100)
+
+
+def test_cancel_and_claim_race_has_one_winner(spool_env: SpoolEnv) -> None:
+    spool = spool_env.spool
+    wins = {"claim": 0, "cancel": 0}
+    for n in range(300):
+        rid = f"race-{n}"
+        (spool.new / (rid + REQUEST_SUFFIX)).write_text("{}")
+        barrier = threading.Barrier(2)
+        outcome = {}
+
+        def claim(rid: str = rid) -> None:
+            barrier.wait()
+            outcome["claim"] = spool.claim_request(rid + REQUEST_SUFFIX)
+
+        def cancel(rid: str = rid) -> None:
+            barrier.wait()
+            outcome["cancel"] = spool.withdraw_request(rid)
+
+        threads = [threading.Thread(target=claim), threading.Thread(target=cancel)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcome["claim"] != outcome["cancel"], "exactly one must win"
+        wins["claim" if outcome["claim"] else "cancel"] += 1
+        (spool.active / (rid + REQUEST_SUFFIX)).unlink(missing_ok=True)
+    assert wins["claim"] + wins["cancel"] == 300
+
+
+def test_write_atomic_readers_never_see_a_part(tmp_path: Path) -> None:
+    final = tmp_path / "final.json"
+    versions = [bytes([65 + i]) * 300_000 for i in range(4)]
+    write_atomic(tmp_path / "stage", final, versions[0], durable=False)
+    stop = threading.Event()
+    seen, torn = set(), []
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = final.read_bytes()
+            if data not in versions:
+                torn.append(len(data))
+            seen.add(data[:1])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(200):
+            write_atomic(tmp_path / "stage", final, versions[i % 4], durable=(i % 10 == 0))
+    finally:
+        stop.set()
+        t.join()
+    assert torn == [] and len(seen) >= 2
+    assert not (tmp_path / "stage").exists()
