@@ -2,8 +2,10 @@
 
 Runs once, under the worker lock, before any request is claimed:
 
-1. each operation's own ``recover`` hook (e.g. ``update_headers`` rolls back
-   or completes an in-place header journal);
+1. each operation's own ``recover`` hook, then the FITS header journals
+   (``spoolops.fits.recover_journals``, idempotent, so it is harmless if
+   ``update_headers``'s hook already ran it): an in-place header rewrite cut
+   off by a crash is rolled back before any request can touch the file;
 2. recorded temporary files outside ``work/`` are removed
    (``tempfiles.cleanup_temps``), and stale staging files in ``work/``;
 3. staged replies (the op finished, the reply was not yet published) are
@@ -14,7 +16,10 @@ Runs once, under the worker lock, before any request is claimed:
    (its place in line); otherwise it gets an ``Interrupted`` reply and moves
    to ``failed/`` with a reason.
 
-Trusts: ``work/`` and ``active/`` (the worker's own folders).
+Trusts: ``work/`` and ``active/`` (the worker's own folders).  The caller
+must hold the worker lock (the worker does; ``spoolops janitor`` takes it
+non-blocking before calling ``recover``).  ``plan_orphan`` says what
+``recover`` would do with one orphan, without doing it (``janitor --dry-run``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
                 done["hooks"] += 1
         except Exception:
             log.exception("event=recover_hook_failed op=%s", name)
+    done["hooks"] += _recover_header_journals(spool)
     for path in cleanup_temps(spool.work):
         log.warning("event=recovered action=removed_temp path=%s", path)
         done["temps"] += 1
@@ -69,19 +75,39 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
     return done
 
 
-def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: str,
-                    done: dict[str, int]) -> None:
+def _recover_header_journals(spool: Spool) -> int:
+    """Roll back in-place header rewrites cut off by a crash (see fits/journal.py)."""
+    try:
+        from .fits import recover_journals
+    except ImportError:  # pragma: no cover - only without the FITS package
+        return 0
+    try:
+        lines = recover_journals(spool.work)
+    except Exception:
+        log.exception("event=journal_recovery_failed")
+        return 0
+    for line in lines:
+        log.warning("event=recovered op=update_headers action=%r", line)
+    return len(lines)
+
+
+REQUEUE, CLEAR, INTERRUPT, QUARANTINE = "requeue", "clear", "interrupt", "quarantine"
+
+
+def plan_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: str
+                ) -> tuple[str, str | None, object]:
+    """What recovery does with ``active/NAME``: (action, op name, parsed request).
+
+    ``clear``: its reply was already published; ``requeue``: it never started
+    (no run file), its op is idempotent, or it cannot be parsed (the claim
+    will answer it); ``interrupt``: a non-idempotent op that started;
+    ``quarantine``: its name carries no id.
+    """
     rid = id_from_name(name)
     if rid is None:
-        spool.quarantine(spool.active, name, "Found in active/ at start-up with a name that"
-                         " is not <id>.json")
-        return
+        return QUARANTINE, None, None
     if spool.reply_path(rid).exists():
-        _unlink(spool.active / (rid + RUN_SUFFIX))
-        _unlink(spool.active / name)
-        log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
-        done["cleared"] += 1
-        return
+        return CLEAR, None, None
     started = os.path.lexists(spool.active / (rid + RUN_SUFFIX))
     op_name, idempotent, request = None, False, None
     try:
@@ -93,11 +119,30 @@ def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, na
     except (UnsafeEntry, OpError, OSError):
         pass  # unreadable or invalid: it never ran; the claim will answer it
     if not started or idempotent or request is None:
+        return REQUEUE, op_name, request
+    return INTERRUPT, op_name, request
+
+
+def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: str,
+                    done: dict[str, int]) -> None:
+    action, op_name, request = plan_orphan(spool, registry, dispatcher, name)
+    rid = id_from_name(name)
+    if action == QUARANTINE:
+        spool.quarantine(spool.active, name, "Found in active/ at start-up with a name that"
+                         " is not <id>.json")
+        return
+    if action == CLEAR:
+        _unlink(spool.active / (name[: -len(".json")] + RUN_SUFFIX))
+        _unlink(spool.active / name)
+        log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
+        done["cleared"] += 1
+        return
+    if action == REQUEUE:
         spool.unclaim_request(name)
-        log.warning("event=recovered action=requeued id=%s op=%s started=%s", rid, op_name,
-                    started)
+        log.warning("event=recovered action=requeued id=%s op=%s", rid, op_name)
         done["requeued"] += 1
         return
+    assert isinstance(request, Request) and rid is not None
     reply = dispatcher.reply(request, error=Interrupted(
         f"the worker stopped while running {op_name!r}; it may or may not have completed."
         " Check the target before retrying (see 'spoolops show ID'); the request is in"

@@ -70,7 +70,7 @@ class SpoolEnv:
         cmd = [sys.executable, "-m", "spoolops", *args]
         if user is not None:
             cmd = ["runuser", "-u", user, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                               env=self.env(), **kw)
 
     def start_worker(self, *args: str, wait: bool = True, stderr=None,
@@ -90,11 +90,10 @@ class SpoolEnv:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             alive, pid = worker_alive(self.spool.lock_path)
-            if alive and pid == proc.pid:
-                # the lock is taken before recovery and the first scan; the
-                # stats file is written once the loop is about to serve
-                if (self.spool.work / "stats.json").exists():
-                    return
+            # the lock is taken before recovery and the first scan; the
+            # stats file is written once the loop is about to serve
+            if alive and pid == proc.pid and (self.spool.work / "stats.json").exists():
+                return
             if proc.poll() is not None:
                 raise AssertionError(f"worker exited with {proc.returncode} while starting")
             time.sleep(0.02)

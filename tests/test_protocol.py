@@ -82,11 +82,11 @@ def test_cancel_and_claim_race_has_one_winner(spool_env: SpoolEnv) -> None:
         barrier = threading.Barrier(2)
         outcome = {}
 
-        def claim(rid: str = rid) -> None:
+        def claim(rid: str = rid, barrier=barrier, outcome=outcome) -> None:
             barrier.wait()
             outcome["claim"] = spool.claim_request(rid + REQUEST_SUFFIX)
 
-        def cancel(rid: str = rid) -> None:
+        def cancel(rid: str = rid, barrier=barrier, outcome=outcome) -> None:
             barrier.wait()
             outcome["cancel"] = spool.withdraw_request(rid)
 

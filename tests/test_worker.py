@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -140,7 +141,7 @@ def test_same_target_serialised_other_targets_parallel(running: SpoolEnv) -> Non
     for target, spans in by_target.items():
         spans.sort()
         assert [s[2] for s in spans] == [f"{target}{i}" for i in range(3)], "submission order"
-        for (s1, e1, _), (s2, _e2, _) in zip(spans, spans[1:]):
+        for (_s1, e1, _), (s2, _e2, _) in itertools.pairwise(spans):
             assert s2 >= e1 - 0.001, f"{target}: two requests ran at once"
     # A and B ran side by side at least once
     assert any(a[0] < b[1] and b[0] < a[1] for a in by_target["A"] for b in by_target["B"])
