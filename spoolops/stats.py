@@ -62,19 +62,22 @@ class Stats:
             return None
         return max(0.0, SAVE_INTERVAL_S - (time.monotonic() - self._saved))
 
-    def maybe_save(self, queue: Any, running: int) -> None:
+    def maybe_save(self, queue: Any, running: int) -> bool:
+        """Save if counts changed and the last save is old enough; True if saved."""
         if self._dirty and time.monotonic() - self._saved >= SAVE_INTERVAL_S:
-            self.save(queue, running)
+            return self.save(queue, running)
+        return False
 
-    def save(self, queue: Any, running: int, force: bool = False) -> None:
+    def save(self, queue: Any, running: int, force: bool = False) -> bool:
         try:
             write_atomic(self.path.with_suffix(".json.tmp"), self.path,
                          encode_json(self.snapshot(len(queue), running)), durable=False,
                          mode=0o644, own_staging=True)
         except OSError:
-            return  # statistics are a courtesy (disk full must not stop the worker)
+            return False  # statistics are a courtesy (disk full must not stop the worker)
         self._dirty = False
         self._saved = time.monotonic()
+        return True
 
 
 def load_stats(work_dir: Path) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .dispatch import user_name
 from .spool import (
     REASON_SUFFIX,
     REQUEST_SUFFIX,
@@ -24,6 +25,7 @@ from .spool import (
     STAGED_REPLY_SUFFIX,
     Spool,
     id_from_name,
+    reason_file_name,
     utc_iso,
 )
 from .stats import load_stats
@@ -113,6 +115,43 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time) -> dict
     return result
 
 
+def describe_entry(spool: Spool, entry: Entry, now: float) -> dict[str, Any]:
+    """One line of ``spoolops ls``: id, op, submitter, age, priority, target."""
+    row: dict[str, Any] = {"state": entry.state, "id": entry.id or entry.name, "op": None,
+                           "user": None, "age_s": round(max(0.0, now - entry.mtime), 3),
+                           "priority": None, "target": None}
+    request = _read_json(entry.path) if entry.state != "replies" else None
+    if entry.state == "replies":
+        reply = _read_json(entry.path)
+        if isinstance(reply, dict):
+            row.update(op=reply.get("op"), user=reply.get("submitted_by"),
+                       outcome="ok" if reply.get("ok") else (reply.get("error") or {}).get("type"))
+    elif isinstance(request, dict):
+        args = request.get("args") if isinstance(request.get("args"), dict) else {}
+        row.update(op=request.get("op"), priority=request.get("priority", 0),
+                   target=args.get("filename"))
+    try:
+        row["user"] = row["user"] or _owner(entry.path)
+    except OSError:
+        pass
+    if entry.state == "running" and entry.id:
+        run = _read_json(spool.active / (entry.id + RUN_SUFFIX))
+        if isinstance(run, dict):
+            row["target"] = ",".join(run.get("targets") or []) or row["target"]
+            row["pid"] = run.get("pid")
+    if entry.state == "failed":
+        try:
+            row["reason"] = (spool.failed / reason_file_name(entry.name)).read_text(
+                errors="replace").strip()
+        except OSError:
+            row["reason"] = None
+    return row
+
+
+def _owner(path: Path) -> str:
+    return user_name(os.lstat(path).st_uid)
+
+
 def _read_json(path: Path) -> Any:
     try:
         data = path.read_bytes()
@@ -160,12 +199,16 @@ def describe_request(spool: Spool, rid: str) -> dict[str, Any] | None:
             info["path"] = str(path)
             info["since"] = _mtime_iso(path)
             break
-    reason_path = spool.failed / (name + REASON_SUFFIX)
-    if info["state"] is None and os.path.lexists(spool.failed / (rid + REASON_SUFFIX)):
-        reason_path = spool.failed / (rid + REASON_SUFFIX)  # a non-request entry
+    reason_path = spool.failed / reason_file_name(name)
+    if info["state"] is None and os.path.lexists(spool.failed / reason_file_name(rid)):
+        reason_path = spool.failed / reason_file_name(rid)  # a non-request entry
         info["state"] = "failed"
     if info["state"] is None:
         return None
+    try:
+        info["owner"] = _owner(Path(info["path"])) if "path" in info else None
+    except OSError:
+        info["owner"] = None
     if info["state"] in ("queued", "running", "failed"):
         info["request"] = _read_json(spool.root / STATE_DIRS.get(info["state"], "failed") / name)
     if info["state"] == "running":

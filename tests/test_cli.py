@@ -118,7 +118,7 @@ def test_show_by_prefix_in_each_state(spool_env: SpoolEnv) -> None:
     info = json.loads(spool_env.spoolops("show", rid, "--json").stdout)
     assert info["state"] == "done" and info["reply"]["result"] == {"shown": True}
     text = spool_env.spoolops("show", rid).stdout
-    assert "state:   done" in text and "outcome: ok" in text and "timings:" in text
+    assert "state:    done" in text and "outcome:  ok" in text and "timings:" in text
     missing = spool_env.spoolops("show", "no-such-id")
     assert missing.returncode == 1 and "no request matches" in missing.stderr
 

@@ -26,6 +26,7 @@ from ..errors import (
     Timeout,
     WorkerRunning,
 )
+from . import inspect
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -77,12 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
     p.add_argument("--no-wait", action="store_true", help="print the request id and exit")
 
-    p = add("status", "counts and oldest age per state, the worker, problems")
-    p.add_argument("--json", action="store_true", help="one JSON object")
-
-    p = add("show", "where a request is, its request, reply and reason")
-    p.add_argument("id", help="request id or a unique prefix of one")
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    inspect.add_status_arguments(add("status", "counts and oldest age per state, the worker,"
+                                     " problems"))
+    inspect.add_show_arguments(add("show", "where a request is, its request, reply and reason"))
+    inspect.add_ls_arguments(add("ls", "one line per request, oldest first"))
+    inspect.add_tail_arguments(add("tail", "follow the spool live, one line per event"))
 
     p = add("cancel", "withdraw a queued request")
     p.add_argument("id")
@@ -162,6 +162,33 @@ def parse_call_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:
     return values
 
 
+def _wait_showing_progress(client: Any, rid: str, timeout: float) -> Any:
+    """Wait for the reply; meanwhile show the run file's progress on stderr
+    (a bar redrawn in place on a terminal, a plain line per change otherwise)."""
+    end = time.monotonic() + timeout
+    last = None
+    tty = sys.stderr.isatty()
+    run_path = client.spool.active / f"{rid}.json.run"
+    while True:
+        try:
+            reply = client.wait(rid, timeout=max(0.0, min(0.5, end - time.monotonic())))
+            if last is not None and tty:
+                print(file=sys.stderr)
+            return reply
+        except Timeout:
+            if time.monotonic() >= end:
+                raise
+        try:
+            progress = json.loads(run_path.read_text()).get("progress")
+        except (OSError, ValueError, AttributeError):
+            continue
+        text = inspect.progress_text(progress)
+        if text and text != last:
+            print(("\r" if tty else "") + f"{rid} {text}", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+            last = text
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     from ..client import Client
     config = _load(args)
@@ -174,7 +201,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     try:
         rid = client.submit(args.op, call_args, priority=args.priority,
                             deadline=time.time() + args.timeout)
-        reply = client.wait(rid, timeout=args.timeout)
+        reply = _wait_showing_progress(client, rid, args.timeout)
     except Timeout as exc:
         if rid is not None:
             client.cancel(rid)
@@ -182,93 +209,6 @@ def cmd_call(args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     print(json.dumps(reply.raw, indent=2))
     return EXIT_OK if reply.ok else EXIT_FAIL
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from ..status import STATE_DIRS, STATES, spool_status
-    config = _load(args)
-    status = spool_status(config)
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        print(f"spool {status['root']}")
-        print(f"{'state':<10}{'dir':<10}{'count':>8}  oldest")
-        for state in STATES:
-            s = status[state]
-            count = "?" if s["count"] is None else str(s["count"])
-            print(f"{state:<10}{STATE_DIRS[state] + '/':<10}{count:>8}  {_age(s['oldest_age_s'])}")
-        worker = status["worker"]
-        if worker["alive"]:
-            extra = ""
-            if "uptime_s" in worker:
-                extra = f", up {_age(worker['uptime_s'])}, served {worker.get('served')}"
-            print(f"worker    running, pid {worker['pid']}{extra}")
-        else:
-            print("worker    NOT RUNNING")
-        for problem in status["problems"]:
-            print(f"PROBLEM: {problem}")
-    return EXIT_FAIL if status["problems"] else EXIT_OK
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from ..spool import Spool
-    from ..status import describe_request, find_ids
-    config = _load(args)
-    spool = Spool(config.root)
-    ids = find_ids(spool, args.id)
-    if not ids:
-        print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
-        return EXIT_FAIL
-    if len(ids) > 1:
-        print(f"spoolops show: {args.id!r} matches {len(ids)} requests: "
-              + ", ".join(ids[:10]), file=sys.stderr)
-        return EXIT_FAIL
-    info = describe_request(spool, ids[0])
-    if info is None:
-        print(f"spoolops show: {ids[0]} vanished", file=sys.stderr)
-        return EXIT_FAIL
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return EXIT_OK
-    print(f"id:      {info['id']}")
-    print(f"state:   {info['state']}  ({info.get('path', '')})")
-    request = info.get("request")
-    reply = info.get("reply")
-    if isinstance(request, dict):
-        print(f"op:      {request.get('op')}   priority {request.get('priority', 0)}")
-        print(f"queued:  {info.get('since') if info['state'] == 'queued' else request.get('submitted')}")
-    if info.get("run"):
-        run = info["run"]
-        print(f"running: since {run.get('started_at')} by pid {run.get('pid')} on {run.get('host')}")
-        if run.get("progress"):
-            pr = run["progress"]
-            pct = 100.0 * pr["done"] / pr["total"] if pr.get("total") else 0.0
-            print(f"progress: {pr['done']}/{pr['total']} bytes ({pct:.0f}%)")
-    if isinstance(reply, dict):
-        print(f"timings: queued {reply.get('queued_at')} -> started {reply.get('started_at')}"
-              f" -> finished {reply.get('finished_at')}")
-        print(f"worker:  {reply.get('worker')}")
-        outcome = "ok" if reply.get("ok") else f"{(reply.get('error') or {}).get('type')}:" \
-            f" {(reply.get('error') or {}).get('message')}"
-        print(f"outcome: {outcome}")
-    if info.get("reason"):
-        print(f"reason:  {info['reason']}")
-    if request is not None:
-        print("request:")
-        print(json.dumps(request, indent=2) if not isinstance(request, str) else request)
-    if reply is not None:
-        print("reply:")
-        print(json.dumps(reply, indent=2) if not isinstance(reply, str) else reply)
-    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -299,8 +239,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, keep=args.keep)
 
 
-COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call, "status": cmd_status,
-            "show": cmd_show, "cancel": cmd_cancel, "requeue": cmd_requeue, "demo": cmd_demo}
+COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call,
+            "status": inspect.cmd_status, "show": inspect.cmd_show, "ls": inspect.cmd_ls,
+            "tail": inspect.cmd_tail, "cancel": cmd_cancel, "requeue": cmd_requeue,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

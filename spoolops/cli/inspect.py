@@ -1,0 +1,211 @@
+"""``status``, ``show``, ``ls`` and ``tail``: the spool telling its own story.
+
+Printing only; the facts come from ``status.py``, ``metrics.py`` and
+``follow.py``.  Output is for a person on a terminal unless ``--json`` (or
+``--prometheus``) asks for a machine format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from ..config import load_config
+from ..follow import follow_spool
+from ..spool import Spool
+from ..stats import load_stats
+from ..status import (
+    STATE_DIRS,
+    STATES,
+    describe_entry,
+    describe_request,
+    find_ids,
+    list_entries,
+    spool_status,
+)
+
+EXIT_OK, EXIT_FAIL = 0, 1
+LS_STATES = {"new": "queued", "active": "running", "failed": "failed", "replies": "replies"}
+
+
+def _config(args: argparse.Namespace):
+    return load_config(getattr(args, "config", None), root=getattr(args, "root", None))
+
+
+def age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="one JSON object")
+    group.add_argument("--prometheus", action="store_true",
+                       help="Prometheus text format (for node_exporter's textfile collector)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    status = spool_status(config)
+    if args.prometheus:
+        from ..metrics import render_metrics
+        stats = load_stats(Spool(config.root).work) if status["worker"]["alive"] else None
+        sys.stdout.write(render_metrics(status, stats))
+    elif args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"spool {status['root']}")
+        print(f"{'state':<10}{'dir':<10}{'count':>8}  oldest")
+        for state in STATES:
+            s = status[state]
+            count = "?" if s["count"] is None else str(s["count"])
+            print(f"{state:<10}{STATE_DIRS[state] + '/':<10}{count:>8}"
+                  f"  {age_text(s['oldest_age_s'])}")
+        worker = status["worker"]
+        if worker["alive"]:
+            extra = ""
+            if "uptime_s" in worker:
+                extra = f", up {age_text(worker['uptime_s'])}, served {worker.get('served')}"
+            print(f"worker    running, pid {worker['pid']}{extra}")
+        else:
+            print("worker    NOT RUNNING")
+        for problem in status["problems"]:
+            print(f"PROBLEM: {problem}")
+    return EXIT_FAIL if status["problems"] else EXIT_OK
+
+
+def progress_text(progress: dict[str, Any] | None, width: int = 30) -> str | None:
+    if not progress or not progress.get("total"):
+        return None
+    done, total = int(progress["done"]), int(progress["total"])
+    filled = int(width * done / total) if total else width
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {100.0 * done / total:5.1f}%"
+            f"  {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+
+
+def add_show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", help="request id or a unique prefix of one")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    spool = Spool(_config(args).root)
+    ids = find_ids(spool, args.id)
+    if not ids:
+        print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
+        return EXIT_FAIL
+    if len(ids) > 1:
+        print(f"spoolops show: {args.id!r} matches {len(ids)} requests: "
+              + ", ".join(ids[:10]), file=sys.stderr)
+        return EXIT_FAIL
+    info = describe_request(spool, ids[0])
+    if info is None:
+        print(f"spoolops show: {ids[0]} vanished", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    request, reply, run = info.get("request"), info.get("reply"), info.get("run")
+    print(f"id:       {info['id']}")
+    print(f"state:    {info['state']}  ({info.get('path', '')}, since {info.get('since')})")
+    if isinstance(request, dict):
+        print(f"op:       {request.get('op')}   priority {request.get('priority', 0)}"
+              f"   submitted {request.get('submitted')} by uid-owner {info.get('owner')}")
+    if isinstance(run, dict):
+        print(f"running:  since {run.get('started_at')} by worker pid {run.get('pid')}"
+              f" on {run.get('host')}; target {', '.join(run.get('targets') or []) or '-'}")
+        bar = progress_text(run.get("progress"))
+        if bar:
+            print(f"progress: {bar}")
+    if isinstance(reply, dict):
+        print(f"timings:  queued {reply.get('queued_at')} -> started {reply.get('started_at')}"
+              f" -> finished {reply.get('finished_at')}")
+        worker = reply.get("worker") or {}
+        print(f"worker:   pid {worker.get('pid')} on {worker.get('host')}")
+        error = reply.get("error") or {}
+        print("outcome:  " + ("ok" if reply.get("ok") else
+                              f"{error.get('type')}: {error.get('message')}"))
+    if info.get("reason"):
+        print(f"reason:   {info['reason']}")
+    for label, body in (("request", request), ("reply", reply)):
+        if body is not None:
+            print(f"{label}:")
+            print(json.dumps(body, indent=2) if not isinstance(body, str) else body)
+    return EXIT_OK
+
+
+def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("state", nargs="?", choices=sorted(LS_STATES),
+                        help="one folder (default: all four)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    spool = Spool(_config(args).root)
+    folders = [args.state] if args.state else ["new", "active", "failed", "replies"]
+    now = time.time()
+    if not args.json:
+        print(f"{'state':<8} {'id':<40} {'op':<15} {'user':<10} {'age':>7} {'prio':>4}  target")
+    for folder in folders:
+        try:
+            entries = list_entries(spool, LS_STATES[folder])
+        except PermissionError:
+            print(f"spoolops ls: cannot list {folder}/ as this user (run as root or the"
+                  " worker user)", file=sys.stderr)
+            return EXIT_FAIL
+        for entry in entries:
+            row = describe_entry(spool, entry, now)
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{folder:<8} {row['id']:<40} {row['op'] or '?':<15}"
+                      f" {row['user'] or '?':<10} {age_text(row['age_s']):>7}"
+                      f" {row['priority'] if row['priority'] is not None else '-':>4}"
+                      f"  {row['target'] or '-'}")
+    return EXIT_OK
+
+
+def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON object per event")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="exit after N events (default: follow until interrupted)")
+
+
+def tail_line(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    head = f"{event['time']} {kind:<8} {event.get('id', '')}"
+    if kind == "queued":
+        return f"{head} op={event.get('op')} priority={event.get('priority')}"
+    if kind == "started":
+        return (f"{head} op={event.get('op')} pid={event.get('pid')} user={event.get('user')}"
+                f" target={event.get('target') or '-'}")
+    if kind == "finished":
+        outcome = "ok" if event.get("ok") else f"{event.get('error')}: {event.get('message')}"
+        return f"{head} op={event.get('op')} {outcome} in {event.get('duration_s')}s"
+    if kind == "failed":
+        return f"{head} {event.get('reason')}"
+    return f"{head} {event.get('where', '')} ({event.get('note', '')})"
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    spool = Spool(_config(args).root)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    seen = 0
+    try:
+        for event in follow_spool(spool, lambda: bool(stopping)):
+            print(json.dumps(event) if args.json else tail_line(event), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK

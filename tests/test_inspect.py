@@ -1,0 +1,137 @@
+"""Operator views against a real worker: status, show, ls, tail, metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from conftest import SpoolEnv, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from spoolops.spool import REQUEST_SUFFIX
+
+
+def _metrics(env: SpoolEnv) -> dict[tuple[str, tuple], float]:
+    result = env.spoolops("status", "--prometheus")
+    samples = {}
+    for family in text_string_to_metric_families(result.stdout):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_prometheus_numbers_match_the_spool(spool_env: SpoolEnv) -> None:
+    client = spool_env.client()
+    queued = [client.submit("echo", {"n": n}) for n in range(3)]
+    m = _metrics(spool_env)
+    assert m[("spoolops_requests", (("state", "queued"),))] == 3
+    assert m[("spoolops_worker_up", ())] == 0
+    assert m[("spoolops_oldest_age_seconds", (("state", "queued"),))] >= 0
+    spool_env.start_worker()
+    for rid in queued:
+        client.wait(rid, timeout=30)
+    try:
+        client.call("no_such_op", {}, timeout=30)
+    except Exception:  # noqa: BLE001, S110 - the failure is what is counted
+        pass
+    uncollected = client.submit("echo", {"left": 1})
+    wait_for(lambda: (spool_env.spool.replies / (uncollected + REQUEST_SUFFIX)).exists(),
+             what="reply")
+
+    def settled():
+        m = _metrics(spool_env)
+        return m if m.get(("spoolops_served_total", (("op", "echo"), ("outcome", "ok")))) == 4 \
+            else None
+    m = wait_for(settled, what="stats saved")
+    assert m[("spoolops_worker_up", ())] == 1
+    assert m[("spoolops_requests", (("state", "queued"),))] == 0
+    assert m[("spoolops_requests", (("state", "replies"),))] == 1
+    assert m[("spoolops_served_total", (("op", "no_such_op"), ("outcome", "UnknownOp")))] == 1
+    assert m[("spoolops_operation_seconds_count", (("op", "echo"),))] == 4
+    assert m[("spoolops_operation_seconds_bucket", (("le", "+Inf"), ("op", "echo")))] == 4
+
+
+def test_show_running_request_names_pid_and_progress(running: SpoolEnv) -> None:
+    client = running.client()
+    rid = client.submit("sleep", {"seconds": 3, "target": "t1", "tag": "x"})
+    wait_for(lambda: (running.spool.active / (rid + ".json.run")).exists(), what="run file")
+    run = json.loads((running.spool.active / (rid + ".json.run")).read_text())
+    assert run["pid"] == running.workers[0].pid and run["op"] == "sleep"
+    text = running.spoolops("show", rid[:20]).stdout
+    assert "state:    running" in text
+    assert f"by worker pid {running.workers[0].pid}" in text and "target t1" in text
+    info = json.loads(running.spoolops("show", rid, "--json").stdout)
+    assert info["state"] == "running" and info["run"]["started_at"]
+    listing = running.spoolops("ls", "active").stdout
+    assert rid in listing and "sleep" in listing and "t1" in listing
+    assert client.wait(rid, timeout=30).ok
+
+
+def test_show_failed_entry_with_reason(running: SpoolEnv) -> None:
+    bad = running.spool.new / "not-a-request.txt"
+    bad.write_text("hello")
+    wait_for(lambda: (running.spool.failed / "not-a-request.txt.reason").exists(),
+             what="quarantine")
+    text = running.spoolops("show", "not-a-request.txt").stdout
+    assert "state:    failed" in text and "no reply can be addressed" in text
+    rows = [json.loads(line) for line in
+            running.spoolops("ls", "failed", "--json").stdout.splitlines()]
+    assert rows[0]["id"] == "not-a-request.txt" and "no reply" in rows[0]["reason"]
+
+
+def test_ls_oldest_first_with_fields(spool_env: SpoolEnv) -> None:
+    client = spool_env.client()
+    first = client.submit("update_headers", {"filename": "a.fits", "values": {}}, priority=2)
+    time.sleep(0.02)
+    second = client.submit("echo", {})
+    lines = spool_env.spoolops("ls", "new").stdout.splitlines()
+    assert lines[0].startswith("state")
+    assert first in lines[1] and "update_headers" in lines[1] and "a.fits" in lines[1]
+    assert second in lines[2] and "echo" in lines[2]
+    rows = [json.loads(line) for line in spool_env.spoolops("ls", "--json").stdout.splitlines()]
+    assert [r["id"] for r in rows] == [first, second]
+    assert rows[0]["priority"] == 2 and rows[0]["user"]
+
+
+def test_tail_sees_a_full_lifecycle(running: SpoolEnv) -> None:
+    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json", "--count", "4"],
+                            env=running.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # let tail set its watches
+        client = running.client()
+        rid = client.submit("sleep", {"seconds": 0.3, "tag": "t"})
+        client.wait(rid, timeout=30)
+        out, _ = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    kinds = [(e["event"], e.get("id")) for e in events]
+    assert kinds == [("queued", rid), ("started", rid), ("finished", rid), ("removed", rid)]
+    assert events[1]["pid"] == running.workers[0].pid
+    assert events[2]["ok"] is True and events[2]["duration_s"] >= 0.25
+
+
+def test_worker_keeps_metrics_file(tmp_path) -> None:
+    from conftest import make_env
+    env = make_env(tmp_path / "t")
+    metrics = tmp_path / "spoolops.prom"
+    env.config_path.write_text(env.config_path.read_text().replace(
+        "concurrency = 4", f"concurrency = 4\nmetrics_file = {metrics}"))
+    try:
+        env.start_worker()
+        env.client().call("echo", {}, timeout=30)
+
+        def served():
+            try:
+                text = metrics.read_text()
+            except FileNotFoundError:
+                return None
+            return text if 'spoolops_served_total{op="echo",outcome="ok"} 1' in text else None
+        text = wait_for(served, what="metrics file")
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert {"spoolops_requests", "spoolops_worker_up", "spoolops_served",
+                "spoolops_operation_seconds"} <= names
+    finally:
+        env.close()
