@@ -47,14 +47,18 @@ PREFIX_LIMIT = 64 * 1024 * 1024       # largest first stream held in memory for 
 class Source:
     """Sequential reads of an fd by ``pread`` (the fd's offset is never used)."""
 
-    def __init__(self, fd: int, size: int, pos: int = 0, md5: Any = None) -> None:
+    def __init__(self, fd: int, size: int, pos: int = 0, md5: Any = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.fd, self.size, self.pos, self.md5 = fd, size, pos, md5
+        self.progress = progress
 
     def read(self, n: int) -> bytes:
         data = os.pread(self.fd, min(n, COPY_CHUNK), self.pos)
         self.pos += len(data)
         if self.md5 is not None:
             self.md5.update(data)
+        if self.progress is not None:
+            self.progress(self.pos, self.size)
         return data
 
     def skip(self, n: int) -> None:
@@ -148,8 +152,12 @@ class _Temp:
 def update_file(storage_root: Path, filename: str, edits: list[cards.Edit], *,
                 work_dir: Path, durable: bool = True, reject_new: bool = False,
                 before_md5: str | None = None, hdu: int = 0, want_md5: bool = False,
-                token: str = "", inplace_min: int | None = None) -> dict[str, Any]:
-    """Edit one HDU's header of ``storage_root/filename``; returns the op result."""
+                token: str = "", inplace_min: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Edit one HDU's header of ``storage_root/filename``; returns the op result.
+
+    ``progress(done, total)`` is called with the bytes of the stored file
+    read so far whenever the file is copied (the op throttles it)."""
     parts = confine.split_relative(filename, "filename")
     kind = compress.kind_of(parts[-1])
     if kind == "?":
@@ -159,6 +167,7 @@ def update_file(storage_root: Path, filename: str, edits: list[cards.Edit], *,
         fd = confine.open_file(dfd, parts[-1], os.O_RDONLY)
         try:
             job = _Job(storage_root, parts, dfd, fd, work_dir, durable, token)
+            job.progress = progress
             if inplace_min is None:
                 inplace_min = INPLACE_MIN_BYTES
             return job.run(kind, edits, reject_new, before_md5, hdu, want_md5, inplace_min)
@@ -176,6 +185,7 @@ class _Job:
         self.dir_real = os.path.join(os.path.realpath(root), *parts[:-1])
         self.real_path = os.path.join(self.dir_real, self.name)
         self.st = os.fstat(fd)
+        self.progress: Callable[[int, int], None] | None = None
 
     def result(self, modified: bool, before: str | None, after: str | None, size: int,
                changes: list) -> dict[str, Any]:
@@ -219,7 +229,7 @@ class _Job:
                     self.durable)
         try:
             before = hashlib.md5()
-            src = Source(self.fd, size, md5=before)
+            src = Source(self.fd, size, md5=before, progress=self.progress)
             for chunk in src.chunks(target.header_offset):
                 tmp.write(chunk)
             before.update(target.header)
@@ -268,7 +278,7 @@ class _Job:
         size = self.st.st_size
         if os.pread(self.fd, 3, 0)[:len(compress.MAGIC[kind])] != compress.MAGIC[kind]:
             raise OpFailed(f"{self.name} is not {kind} data")
-        dec = compress.Decompressed(kind, Source(self.fd, size).read)
+        dec = compress.Decompressed(kind, Source(self.fd, size, progress=self.progress).read)
         target = scan(dec.read, _discard(dec.read), hdu)[-1]
         new, changes = cards.apply_edits(target.header, edits, reject_new)
         if not changes:
@@ -294,7 +304,7 @@ class _Job:
             if first is not None and len(first[0]) == target.data_offset:
                 prefix, raw_len = first
                 tmp.write(compress.compress(kind, prefix[:target.header_offset] + new))
-                src = Source(self.fd, size, md5=before)
+                src = Source(self.fd, size, md5=before, progress=self.progress)
                 before.update(os.pread(self.fd, raw_len, 0))
                 src.pos = raw_len
                 for chunk in src.chunks(size):
@@ -309,7 +319,7 @@ class _Job:
 
     def _recompress(self, kind: str, tmp: _Temp, target: Hdu, new: bytes, before: Any
                     ) -> None:
-        src = Source(self.fd, self.st.st_size, md5=before)
+        src = Source(self.fd, self.st.st_size, md5=before, progress=self.progress)
         dec = compress.Decompressed(kind, src.read)
         lead = compress.Compressor(kind)
         left = target.header_offset

@@ -68,7 +68,8 @@ def run_update_headers(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
                        [(k, v) for k, v in args["edits"]], work_dir=ctx.work_dir,
                        durable=ctx.config.durable, reject_new=args["reject_new"],
                        before_md5=args["before_md5"], hdu=args["hdu"],
-                       want_md5=args["md5"], token=ctx.request_id[-24:])
+                       want_md5=args["md5"], token=ctx.request_id[-24:],
+                       progress=ctx.progress)
 
 
 def recover_update_headers(ctx: OpContext) -> Sequence[str]:
