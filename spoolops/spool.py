@@ -182,7 +182,17 @@ def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
     swapped between lstat and open, too large) or ``FileNotFoundError``.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # refuse what is not a plain file before opening it: opening a device
+        # node can have side effects; O_NOCTTY keeps a tty from becoming ours
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    kind = stat.S_IFMT(lst.st_mode)
+    if kind != stat.S_IFREG:
+        raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY |
+                     os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeEntry("it is a symbolic link") from None
@@ -383,7 +393,8 @@ class Spool:
                       f" {directory.name}/ ({exc.strerror or exc}), so it was left there"
                       " and will be skipped.")
         self.write_reason(name, reason)
-        self._remove_quietly(self.active / (name + ".run"))
+        if id_from_name(name) is not None:  # only a request can have a run file
+            self._remove_quietly(self.active / (name + ".run"))
         return moved
 
     def write_reason(self, name: str, reason: str) -> None:

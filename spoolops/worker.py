@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +35,17 @@ from inotify_simple import INotify, flags
 from . import recovery
 from .config import Config
 from .dispatch import Dispatcher, Job, Request, user_name
-from .errors import OpError, OpFailed, SpoolSetupError, WorkerRunning
+from .errors import BadRequest, OpError, OpFailed, SpoolSetupError, WorkerRunning
 from .ops import Registry, default_registry
 from .schedule import Queue, TargetGate, request_key
-from .spool import REQUEST_SUFFIX, Spool, UnsafeEntry, id_from_name, utc_iso
+from .spool import (
+    REQUEST_SUFFIX,
+    Spool,
+    UnsafeEntry,
+    id_from_name,
+    utc_iso,
+    write_atomic,
+)
 from .stats import Stats
 
 log = logging.getLogger("spoolops.worker")
@@ -200,7 +208,21 @@ class Worker:
                 next_rescan = time.monotonic() + self.config.rescan_interval
             if self.unpublished:
                 self._retry_unpublished()
-            self.stats.maybe_save(self.queue, self.running)
+            if self.stats.maybe_save(self.queue, self.running) and self.config.metrics_file:
+                self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        """Rewrite ``[worker] metrics_file`` for node_exporter's textfile collector."""
+        from .metrics import render_metrics  # status imports this module: import late
+        from .status import spool_status
+        try:
+            text = render_metrics(spool_status(self.config),
+                                  self.stats.snapshot(len(self.queue), self.running))
+            path = Path(self.config.metrics_file)
+            write_atomic(path.with_name(f".{path.name}.tmp"), path, text.encode(),
+                         durable=False, mode=0o644, own_staging=True)
+        except OSError as exc:
+            log.warning("event=metrics_failed path=%s error=%r", self.config.metrics_file, exc)
 
     def _idle(self) -> bool:
         return not self.queue and self.running == 0 and not self.unpublished
@@ -293,26 +315,50 @@ class Worker:
     def _claim(self, name: str) -> Job | None:
         """Claim ``new/NAME``, read it once, validate it.  Returns a job to
         run, or None when the entry was answered, quarantined or gone."""
-        if not self.spool.claim_request(name):
-            if os.path.isdir(self.spool.new / name):
-                # a directory owned by someone else cannot be moved
-                self.spool.quarantine(self.spool.new, name, "it is a directory")
-                self.skipped.add(name)
+        rid = id_from_name(name)
+        if rid is None:
+            # judged by its name alone, before any rename: a hostile name such
+            # as 'ID.json.run' must never be renamed over a file in active/
+            self._quarantine_queued(name, "Its name is not <id>.json with an id matching"
+                                    " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can"
+                                    " be addressed")
+            return None
+        if os.path.lexists(self.spool.active / name):
+            # only this thread renames into active/, so the check cannot race
+            self._quarantine_queued(name, f"Request id {rid} is already running; a second"
+                                    " request with the same id was not run")
+            return None
+        try:
+            if not self.spool.claim_request(name):
+                return None
+        except OSError as exc:
+            # e.g. a directory owned by another user: renaming it needs write
+            # access to it (for its '..'), which the worker does not have
+            what = "it is a directory" if os.path.isdir(self.spool.new / name) else \
+                "it could not be claimed"
+            self._quarantine_queued(name, f"Not a request: {what}"
+                                    f" ({exc.strerror or exc})")
             return None
         try:
             f = self.spool.read_claimed(name)
         except FileNotFoundError:
             return None
         except UnsafeEntry as exc:
-            self._quarantine(name, f"Not a request: {exc.reason}")
+            st = _oversize_regular_file(self.spool.active / name,
+                                        self.config.max_request_bytes)
+            if st is None:
+                self._quarantine(name, f"Not a request: {exc.reason}")
+                return None
+            # the id is trustworthy (a plain file of ours, in our active/):
+            # too large is a bad request, answered like any other
+            queued_at = min(st.st_mtime_ns, time.time_ns()) / 1e9
+            self._answer(Request(id=rid, op="", args=None, uid=st.st_uid,
+                                 user=user_name(st.st_uid), queued_at=queued_at),
+                         BadRequest(f"request is {st.st_size} bytes, more than"
+                                    f" max_request_bytes ({self.config.max_request_bytes})"))
             return None
         except OSError as exc:
             self._quarantine(name, f"Could not read it: {exc.strerror or exc}")
-            return None
-        rid = id_from_name(name)
-        if rid is None:
-            self._quarantine(name, "Its name is not <id>.json with an id matching"
-                             " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can be addressed")
             return None
         queued_at = min(f.st.st_mtime_ns, time.time_ns()) / 1e9  # future mtime: now
         try:
@@ -330,6 +376,20 @@ class Worker:
             log.exception("event=validate_crashed id=%s op=%s", rid, request.op)
             self._answer(request, OpFailed(f"argument validation failed: {exc!r}"))
         return None
+
+    def _quarantine_queued(self, name: str, reason: str) -> None:
+        """Quarantine straight from ``new/``; what cannot be moved is skipped."""
+        log.warning("event=quarantine name=%r reason=%r", name, reason)
+        try:
+            moved = self.spool.quarantine(self.spool.new, name, reason)
+        except OSError as exc:
+            # Spool.quarantine's last step (removing active/NAME.run) fails
+            # with ENAMETOOLONG for a 255-byte name; the entry is handled
+            log.warning("event=quarantine_cleanup_failed name=%r error=%r", name, exc)
+            moved = not os.path.lexists(self.spool.new / name)
+        if not moved:
+            self.skipped.add(name)
+        self.stats.count("-", "quarantined", 0.0)
 
     def _quarantine(self, name: str, reason: str) -> None:
         log.warning("event=quarantine name=%r reason=%r", name, reason)
@@ -452,6 +512,17 @@ class _ProgressWriter:
             self.spool.write_run_info(self.rid, info)
         except OSError:
             pass  # progress is a courtesy; never fail the op for it
+
+
+def _oversize_regular_file(path: Path, limit: int) -> os.stat_result | None:
+    """The lstat of ``path`` if it is a plain single-link file over ``limit``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > limit:
+        return st
+    return None
 
 
 def _peek_op(data: bytes) -> str | None:

@@ -16,9 +16,17 @@ import datetime as _dt
 import math
 import re
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from astropy.io import fits
+if TYPE_CHECKING:
+    from astropy.io import fits
+
+
+def _fits():
+    # astropy is imported on first use, not when the worker starts: importing
+    # it touches $HOME/.astropy, which a hardened worker may not be able to write
+    from astropy.io import fits
+    return fits
 
 from ..errors import BadRequest, OpFailed
 from . import checksum as cks
@@ -163,7 +171,7 @@ def make_card(kw: str, value: Value, comment: str) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            image = fits.Card(kw, value).image
+            image = _fits().Card(kw, value).image
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"{kw}: {exc}") from None
     if len(image) != CARD:
@@ -173,7 +181,7 @@ def make_card(kw: str, value: Value, comment: str) -> bytes:
         # card this way when verifying), else the comment is cut short.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            full = fits.Card(kw, value, comment).image
+            full = _fits().Card(kw, value, comment).image
         image = full if len(full) == CARD else (image.rstrip() + " / " + comment)[:CARD]
     return image.ljust(CARD).encode("ascii")
 
@@ -195,7 +203,7 @@ def parse_header(header: bytes) -> fits.Header:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fits.Header.fromstring(header.decode("ascii"))
+            return _fits().Header.fromstring(header.decode("ascii"))
     except Exception as exc:  # noqa: BLE001 - astropy raises many kinds on bad input
         raise OpFailed(f"header cannot be parsed: {exc}") from None
 
@@ -208,7 +216,7 @@ def header_value(hdr: fits.Header, kw: str) -> Any:
             value = hdr[kw]
         except Exception:  # noqa: BLE001 - malformed card: report what is there
             return str(hdr.cards[kw].image[10:]).strip()
-    if isinstance(value, fits.card.Undefined):
+    if isinstance(value, _fits().card.Undefined):
         return None
     return value if isinstance(value, (str, int, float, bool)) else str(value)
 
@@ -277,7 +285,7 @@ def stored_datasum(header: bytes) -> int | None:
     for card in split_cards(header):
         if _card_key(card) == "DATASUM":
             try:
-                return int(fits.Card.fromstring(card.decode("ascii")).value)
+                return int(_fits().Card.fromstring(card.decode("ascii")).value)
             except (ValueError, TypeError):
                 return None
     return None

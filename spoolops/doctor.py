@@ -1,0 +1,256 @@
+"""``spoolops doctor``: check a deployment, report what is wrong and how to fix it.
+
+Checks that the configuration parses; that the worker user and submit group
+exist, the worker user is not root and is in the group; that every spool
+folder has the owner, group and mode of DESIGN.md (setgid included) and that
+they all sit on one filesystem (every move in the spool is a rename); that
+the spool, ``storage_root`` and ``upload_staging_dir`` are on local
+filesystems (inotify does not see changes made by other hosts on NFS/CIFS);
+that ``storage_root`` is not writable by the group or others; and that the
+kernel's inotify limits are sane.
+
+Library only: returns ``Finding`` objects, never prints.  Trusts the
+configuration file it is given; reads /proc and the user/group databases;
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .spool import DIR_MODES
+
+ROOT_MODE = 0o2755
+# work/ is the worker's own: 0700 (DESIGN.md) or 2700 both do
+WORK_MODES = (0o700, 0o2700)
+# filesystems whose changes made on another host inotify never reports
+NETWORK_FS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs",
+    "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.ceph", "lustre", "gpfs", "9p",
+    "beegfs", "ocfs2", "gfs2", "davfs", "fuse.rclone", "virtiofs"})
+MIN_INOTIFY = {"max_user_instances": 128, "max_queued_events": 16384,
+               "max_user_watches": 8192}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: ``ok`` or a problem with the fix an operator should apply."""
+
+    check: str
+    ok: bool
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"ok       {self.check}: {self.message}"
+        return f"PROBLEM  {self.check}: {self.message}" + (f" -- fix: {self.fix}"
+                                                          if self.fix else "")
+
+
+def run_checks(config_path: str | os.PathLike | None = None,
+               root: str | os.PathLike | None = None) -> list[Finding]:
+    """Every check, in order; a config that does not parse stops the rest."""
+    try:
+        config = load_config(config_path, root=root)
+    except ConfigError as exc:
+        return [Finding("config", False, str(exc),
+                        "correct the file (see etc/spoolops.conf for a sample)")]
+    source = config.source or "defaults (no config file found)"
+    findings = [Finding("config", True, f"parsed {source}")]
+    findings += check_accounts(config)
+    findings += check_tree(config)
+    findings += check_filesystems(config)
+    findings += check_inotify()
+    return findings
+
+
+def _names(config: Config) -> tuple[str | None, str | None]:
+    """The worker user and group the config names, else what the tree says."""
+    user, group = config.worker_user or None, config.group or None
+    if user is None:
+        try:
+            user = pwd.getpwuid(os.stat(config.root / "active").st_uid).pw_name
+        except (OSError, KeyError):
+            pass
+    if group is None:
+        try:
+            group = grp.getgrgid(os.stat(config.root).st_gid).gr_name
+        except (OSError, KeyError):
+            pass
+    return user, group
+
+
+def check_accounts(config: Config) -> list[Finding]:
+    user, group = _names(config)
+    out: list[Finding] = []
+    if user is None:
+        return [Finding("worker user", False, "not set and no spool to learn it from",
+                        "set [spool] worker_user and run 'spoolops init'")]
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return [Finding("worker user", False, f"user {user!r} does not exist",
+                        f"useradd --system {user}")]
+    if pw.pw_uid == 0:
+        out.append(Finding("worker user", False, f"{user!r} is root: a hostile request would"
+                           " be handled with every privilege",
+                           "create a dedicated user (e.g. fitsdata), set [spool] worker_user"
+                           " and run 'spoolops init'"))
+    else:
+        out.append(Finding("worker user", True, f"{user} (uid {pw.pw_uid})"))
+    if group is None:
+        out.append(Finding("submit group", False, "not set and no spool to learn it from",
+                           "set [spool] group and run 'spoolops init'"))
+        return out
+    try:
+        gr = grp.getgrnam(group)
+    except KeyError:
+        out.append(Finding("submit group", False, f"group {group!r} does not exist",
+                           f"groupadd --system {group}"))
+        return out
+    if pw.pw_gid != gr.gr_gid and user not in gr.gr_mem:
+        out.append(Finding("submit group", False, f"worker user {user!r} is not a member of"
+                           f" {group!r} (it reads requests through the group)",
+                           f"usermod -aG {group} {user}"))
+    else:
+        members = sorted(set(gr.gr_mem) - {user})
+        out.append(Finding("submit group", True, f"{group} (gid {gr.gr_gid}), members:"
+                           f" {', '.join(members) or 'none besides the worker user'}"))
+    return out
+
+
+def _expect_dir(path: Path, modes: tuple[int, ...], uid: int | None, gid: int | None,
+                check: str) -> Finding:
+    fix = "run 'spoolops init' as root"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Finding(check, False, f"{path} is missing", fix)
+    except OSError as exc:
+        return Finding(check, False, f"cannot inspect {path}: {exc.strerror}", fix)
+    if not stat.S_ISDIR(st.st_mode):
+        return Finding(check, False, f"{path} is not a directory (or is a symbolic link)",
+                       f"move it away, then {fix}")
+    problems = []
+    mode = stat.S_IMODE(st.st_mode)
+    if mode not in modes:
+        problems.append(f"mode {mode:04o}, expected {modes[0]:04o}")
+    if uid is not None and st.st_uid != uid:
+        problems.append(f"owner uid {st.st_uid}, expected {uid}")
+    if gid is not None and st.st_gid != gid:
+        problems.append(f"group gid {st.st_gid}, expected {gid}")
+    if problems:
+        return Finding(check, False, f"{path}: {'; '.join(problems)}", fix)
+    return Finding(check, True, f"{path} {mode:04o}")
+
+
+def check_tree(config: Config) -> list[Finding]:
+    user, group = _names(config)
+    try:
+        uid = pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        uid = None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        gid = None
+    out = [_expect_dir(config.root, (ROOT_MODE,), uid, gid, "spool root")]
+    devices = set()
+    for name, mode in DIR_MODES.items():
+        modes = WORK_MODES if name == "work" else (mode,)
+        out.append(_expect_dir(config.root / name, modes, uid, gid, f"{name}/"))
+        try:
+            devices.add(os.lstat(config.root / name).st_dev)
+        except OSError:
+            pass
+    if len(devices) > 1:
+        out.append(Finding("spool filesystem", False, "the spool folders are on more than"
+                           " one filesystem: renames between them fail (EXDEV)",
+                           "keep the whole spool tree on one filesystem"))
+    try:
+        st = os.stat(config.storage_root)
+    except OSError as exc:
+        out.append(Finding("storage_root", False, f"{config.storage_root}: {exc.strerror}",
+                           "create it, owned by the worker user ('spoolops init' does)"))
+    else:
+        if uid is not None and st.st_uid != uid:
+            out.append(Finding("storage_root", False, f"{config.storage_root} is owned by"
+                               f" uid {st.st_uid}, not the worker user",
+                               f"chown {user} {config.storage_root}"))
+        elif stat.S_IMODE(st.st_mode) & 0o022:
+            out.append(Finding("storage_root", False, f"{config.storage_root} is writable by"
+                               f" its group or others (mode {stat.S_IMODE(st.st_mode):04o}):"
+                               " submitters could change data directly",
+                               f"chmod go-w {config.storage_root}"))
+        else:
+            out.append(Finding("storage_root", True, f"{config.storage_root}"))
+    if not config.upload_staging_dir.is_dir():
+        out.append(Finding("upload_staging_dir", False, f"{config.upload_staging_dir} is"
+                           " missing", "create it (group-writable by the submit group)"))
+    return out
+
+
+def mount_of(path: Path, mountinfo: str | None = None) -> tuple[str, str]:
+    """(mount point, filesystem type) of the mount holding ``path``."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            mountinfo = f.read()
+    real = os.path.realpath(path)
+    best = ("/", "unknown")
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+        fstype = fields[fields.index("-") + 1]
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fstype)
+    return best
+
+
+def check_filesystems(config: Config) -> list[Finding]:
+    out = []
+    for label, path in (("spool", config.root), ("storage_root", config.storage_root),
+                        ("upload_staging_dir", config.upload_staging_dir)):
+        try:
+            point, fstype = mount_of(path)
+        except OSError as exc:
+            out.append(Finding(f"{label} filesystem", False, f"cannot read mounts: {exc}"))
+            continue
+        if fstype in NETWORK_FS or fstype.startswith("nfs"):
+            out.append(Finding(f"{label} filesystem", False,
+                               f"{path} is on {fstype} ({point}): inotify does not see"
+                               " changes made by other hosts",
+                               "use a local filesystem on the data host (clients on other"
+                               " hosts need the PostgreSQL transport)"))
+        else:
+            out.append(Finding(f"{label} filesystem", True, f"{path} on {fstype} ({point})"))
+    return out
+
+
+def check_inotify(proc: Path = Path("/proc/sys/fs/inotify")) -> list[Finding]:
+    out = []
+    for name, minimum in MIN_INOTIFY.items():
+        try:
+            value = int((proc / name).read_text().strip())
+        except (OSError, ValueError):
+            out.append(Finding(f"inotify {name}", False, f"cannot read {proc / name}",
+                               "is this Linux with inotify?"))
+            continue
+        if value < minimum:
+            out.append(Finding(f"inotify {name}", False, f"fs.inotify.{name} = {value},"
+                               f" below {minimum}",
+                               f"sysctl -w fs.inotify.{name}={minimum} (and in"
+                               " /etc/sysctl.d/)"))
+        else:
+            out.append(Finding(f"inotify {name}", True, f"{value}"))
+    return out
