@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import faults
 from .errors import BadRequest, NotFound
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -69,30 +70,45 @@ def open_root(root: Path) -> int:
         raise NotFound(f"configured root folder does not exist: {root}") from None
 
 
-def open_dir(root: Path, parts: list[str], create: bool = False, mode: int = 0o755) -> int:
+def open_dir(root: Path, parts: list[str], create: bool = False, mode: int = 0o755,
+             durable: bool = False) -> int:
     """A descriptor for ``root/parts...``, walking without following links.
 
-    With ``create``, missing folders are made with ``mode`` (as the caller).
+    With ``create``, missing folders are made with exactly ``mode`` (not the
+    umask's idea of it; a setgid bit inherited from the parent is kept) and,
+    when ``durable``, each new entry is fsynced in its parent -- fsyncing only
+    the leaf would not keep a new folder across a power cut.
     """
     fd = open_root(root)
     walked = []
     try:
         for part in parts:
             walked.append(part)
+            created = False
             try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise NotFound(f"folder not found: {'/'.join(walked)}") from None
                 try:
-                    os.mkdir(part, mode, dir_fd=fd)
-                except FileExistsError:
-                    pass  # made by someone else meanwhile: open it below
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise NotFound(f"folder not found: {'/'.join(walked)}") from None
+                    try:
+                        os.mkdir(part, mode & 0o777, dir_fd=fd)
+                        created = True
+                    except FileExistsError:
+                        pass  # made by someone else meanwhile: open it below
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise _link_error("/".join(walked)) from None
                 raise
+            if created:
+                try:
+                    os.fchmod(nfd, (os.fstat(nfd).st_mode & 0o7000) | mode)
+                    if durable:
+                        faults.fsync(fd)
+                except BaseException:
+                    os.close(nfd)
+                    raise
             os.close(fd)
             fd = nfd
         return fd

@@ -40,7 +40,6 @@ import secrets
 import stat
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .. import confine, faults
@@ -54,7 +53,6 @@ STAGING_CALS_DIR = "processed_cals"
 PROGRESS_INTERVAL = 1.0
 _ARGS = ("filename", "path", "processed_cal", "md5", "overwrite")
 _MD5_RE = re.compile(r"^[0-9a-f]{32}$")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -164,49 +162,6 @@ def dir_mode_for(file_mode: int) -> int:
 def _fsync(fd: int) -> None:
     os.fsync(fd)
     faults.hit("fsync")
-
-
-def _open_dest_dir(root: Path, parts: list[str], mode: int, durable: bool) -> int:
-    """Like ``confine.open_dir(create=True)``, but a folder it makes gets
-    exactly ``mode`` (not the umask's idea) and, when durable, its entry is
-    fsynced in the parent -- fsyncing only the leaf would not keep a new
-    folder across a power cut."""
-    fd = confine.open_root(root)
-    walked: list[str] = []
-    try:
-        for part in parts:
-            walked.append(part)
-            created = False
-            try:
-                try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    try:
-                        os.mkdir(part, mode, dir_fd=fd)
-                        created = True
-                    except FileExistsError:
-                        pass  # made by someone else meanwhile
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise BadRequest(f"{'/'.join(walked)!r} below storage_root is or passes "
-                                     "through a symbolic link or non-folder") from None
-                raise
-            if created:
-                try:
-                    # keep a setgid bit inherited from the parent (group-shared trees)
-                    os.fchmod(nfd, (os.fstat(nfd).st_mode & 0o7000) | mode)
-                    if durable:
-                        _fsync(fd)
-                except BaseException:
-                    os.close(nfd)
-                    raise
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _check_target(ddir: int, filename: str, overwrite: bool, rel: str) -> None:
@@ -368,7 +323,7 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
     try:
         sfd = confine.open_file(sdir, filename, what="staged file")
         try:
-            ddir = _open_dest_dir(config.storage_root, dest_parts,
+            ddir = confine.open_dir(config.storage_root, dest_parts, True,
                                   dir_mode_for(config.file_mode), config.durable)
             try:
                 # fail before copying gigabytes; the link() below re-checks atomically
