@@ -2,10 +2,9 @@
 
 Runs once, under the worker lock, before any request is claimed:
 
-1. each operation's own ``recover`` hook, then the FITS header journals
-   (``spoolops.fits.recover_journals``, idempotent, so it is harmless if
-   ``update_headers``'s hook already ran it): an in-place header rewrite cut
-   off by a crash is rolled back before any request can touch the file;
+1. each operation's own ``recover`` hook (``update_headers`` rolls back an
+   in-place header rewrite cut off by a crash, before any request can touch
+   the file);
 2. recorded temporary files outside ``work/`` are removed
    (``tempfiles.cleanup_temps``), and stale staging files in ``work/``;
 3. staged replies (the op finished, the reply was not yet published) are
@@ -55,7 +54,6 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
                 done["hooks"] += 1
         except Exception:
             log.exception("event=recover_hook_failed op=%s", name)
-    done["hooks"] += _recover_header_journals(spool)
     for path in cleanup_temps(spool.work):
         log.warning("event=recovered action=removed_temp path=%s", path)
         done["temps"] += 1
@@ -73,22 +71,6 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
             continue
         _recover_orphan(spool, registry, dispatcher, name, done)
     return done
-
-
-def _recover_header_journals(spool: Spool) -> int:
-    """Roll back in-place header rewrites cut off by a crash (see fits/journal.py)."""
-    try:
-        from .fits import recover_journals
-    except ImportError:  # pragma: no cover - only without the FITS package
-        return 0
-    try:
-        lines = recover_journals(spool.work)
-    except Exception:
-        log.exception("event=journal_recovery_failed")
-        return 0
-    for line in lines:
-        log.warning("event=recovered op=update_headers action=%r", line)
-    return len(lines)
 
 
 REQUEUE, CLEAR, INTERRUPT, QUARANTINE = "requeue", "clear", "interrupt", "quarantine"

@@ -181,12 +181,9 @@ def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
     Raises ``UnsafeEntry`` (symlink, FIFO, device, directory, hard link,
     swapped between lstat and open, too large) or ``FileNotFoundError``.
     """
-    try:
-        # refuse what is not a plain file before opening it: opening a device
-        # node can have side effects; O_NOCTTY keeps a tty from becoming ours
-        lst = os.lstat(path)
-    except FileNotFoundError:
-        raise
+    # refuse what is not a plain file before opening it: opening a device
+    # node can have side effects; O_NOCTTY keeps a tty from becoming ours
+    lst = os.lstat(path)
     kind = stat.S_IFMT(lst.st_mode)
     if kind != stat.S_IFREG:
         raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}")
@@ -351,7 +348,11 @@ class Spool:
         self._remove_quietly(tmp)
         # rename so that a staged reply, if present, is always complete
         write_new_file(tmp, encode_json(reply), self.durable)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            self._remove_quietly(tmp)
+            raise
 
     def publish_reply(self, rid: str) -> None:
         """Retire ``active/ID.json`` and rename the staged reply into ``replies/``.

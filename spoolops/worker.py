@@ -76,8 +76,11 @@ class WorkerLock:
                         " stop it first, or start this one with --standby to take"
                         " over when it exits") from None
                 time.sleep(0.05)  # a standby polls so that signals stay prompt
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk must not keep the worker from starting
+            log.warning("event=lock_pid_unwritten error=%r", exc.strerror or exc)
         self.fd = fd
 
     def release(self) -> None:
@@ -427,9 +430,21 @@ class Worker:
                     "host": self.dispatcher.worker_info["host"], "user": request.user,
                     "targets": list(job.targets), "started_at": utc_iso(started)}
             # a non-idempotent op must be known to have started, even after a power cut
-            self.spool.write_run_info(request.id, info,
-                                      durable=self.config.durable and
-                                      not job.operation.idempotent)
+            try:
+                self.spool.write_run_info(request.id, info,
+                                          durable=self.config.durable and
+                                          not job.operation.idempotent)
+            except OSError as exc:
+                # no run file, no start (disk full): answer now; the reply
+                # itself waits in memory until there is room for it
+                reply = self.dispatcher.reply(request, error=OpFailed(
+                    f"not started: could not record its start in active/"
+                    f" ({exc.strerror or exc})"), started_at=started)
+                job.extra["reply"], job.extra["duration"] = reply, 0.0
+                log.error("event=not_started id=%s op=%s error=%r", request.id, request.op,
+                          exc.strerror or exc)
+                self._deliver(request.id, reply)
+                return
             log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
                      request.user, ",".join(job.targets) or "-")
             if log.isEnabledFor(logging.DEBUG):

@@ -26,7 +26,7 @@ from ..errors import (
     Timeout,
     WorkerRunning,
 )
-from . import inspect
+from . import doctor, inspect, janitor
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = add("requeue", "put a failed (or orphaned) request back in the queue")
     p.add_argument("id")
+
+    doctor.add_arguments(add("doctor", "check users, groups, modes, filesystems, inotify limits,"
+                             " config"))
+    janitor.add_arguments(add("janitor", "cron cleanup: stale tmp files, uncollected replies,"
+                              " old failed entries, orphaned active jobs"))
 
     p = add("demo", "run a worker on a local tree with sample FITS files")
     p.add_argument("--dir", metavar="DIR", help="where to build the tree (default: a"
@@ -242,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call,
             "status": inspect.cmd_status, "show": inspect.cmd_show, "ls": inspect.cmd_ls,
             "tail": inspect.cmd_tail, "cancel": cmd_cancel, "requeue": cmd_requeue,
-            "demo": cmd_demo}
+            "doctor": doctor.run, "janitor": janitor.run, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

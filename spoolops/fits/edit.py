@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import confine
+from .. import faults as fault
 from ..errors import BadRequest, Conflict, OpFailed
 from ..tempfiles import forget_temp, register_temp, temp_name
-from .. import faults as fault
 from . import cards, checksum, compress, journal
 from .layout import Hdu, scan
 

@@ -1,0 +1,86 @@
+"""``spoolops janitor [--dry-run] [--json]``: the cron clean-up, printed.
+
+Exit codes (DESIGN.md): 0 when all is well, 1 when stuck work was found (a
+request queued longer than ``stuck_after``, an orphan with no worker, a
+request running too long), 2 for configuration or permission problems.
+Trusts: the configuration; prints what ``spoolops.janitor`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import load_config
+from ..errors import ConfigError, SpoolSetupError
+from ..janitor import JanitorReport, run_janitor
+
+EXIT_OK, EXIT_STUCK, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="change nothing; say what would be done")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def render_text(report: JanitorReport) -> str:
+    lines = []
+    worker = report.worker
+    state = "running, pid " + str(worker["pid"]) if worker["alive"] else (
+        "unknown" if worker["alive"] is None else "NOT RUNNING")
+    lines.append(f"spool {report.root}: worker {state}"
+                 + (" (dry run: nothing changed)" if report.dry_run else ""))
+    for a in report.actions:
+        verb = a.action if a.done else f"would {a.action}"
+        if a.error:
+            verb = f"FAILED to {a.action}"
+        tail = f": {a.error}" if a.error else ""
+        lines.append(f"{verb} {a.path} (age {_age(a.age_s)}; {a.why}){tail}")
+    for f in report.findings:
+        label = "STUCK" if f.kind in ("stuck", "orphan", "running_long") else "NOTE"
+        lines.append(f"{label} {f.kind}: {f.path} (age {_age(f.age_s)}): {f.why}")
+    if not report.actions and not report.findings:
+        lines.append("nothing to do")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(getattr(args, "config", None), root=getattr(args, "root", None))
+        report = run_janitor(config, dry_run=args.dry_run)
+    except (ConfigError, SpoolSetupError) as exc:
+        print(f"spoolops janitor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:
+        print(f"spoolops janitor: permission denied: {exc.filename or exc} (run it as the"
+              " worker user or root)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_text(report))
+    return EXIT_STUCK if report.stuck else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m spoolops.cli.janitor``) until main.py wires it."""
+    parser = argparse.ArgumentParser(prog="spoolops janitor")
+    parser.add_argument("--config", "-c", default=None)
+    parser.add_argument("--root", default=None)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

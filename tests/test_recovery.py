@@ -1,0 +1,293 @@
+"""Recovery: hot standby, orphans after SIGKILL, requeue, and a full disk.
+
+Real worker processes killed with SIGKILL, real requests, and (as root) a
+real small tmpfs filled to the last byte.  Timing figures are printed (run
+with ``-s``) but assertions only bound them generously: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SpoolEnv, is_root, make_env, wait_for
+
+from spoolops.worker import read_lock_pid, worker_alive
+
+
+def lock_pid(env: SpoolEnv) -> int | None:
+    alive, pid = worker_alive(env.spool.lock_path)
+    return pid if alive else None
+
+
+def started(env: SpoolEnv, rid: str) -> bool:
+    return (env.spool.active / f"{rid}.json.run").exists()
+
+
+# -- singleton and hot standby ------------------------------------------------
+
+def test_second_worker_without_standby_exits_with_a_clear_message(running: SpoolEnv):
+    proc = running.spoolops("worker", timeout=60)
+    assert proc.returncode == 2
+    assert "another worker" in proc.stderr and "--standby" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
+    first = spool_env.start_worker()
+    standby = spool_env.start_worker("--standby", wait=False)
+    client = spool_env.client()
+    assert client.call("echo", {"n": 1}) == {"n": 1}
+    time.sleep(0.5)  # let the standby reach its lock loop; it must not take anything
+    assert standby.poll() is None and lock_pid(spool_env) == first.pid
+    rid = client.submit("sleep", {"seconds": 1.5, "tag": "cut"})
+    wait_for(lambda: started(spool_env, rid), what="sleep to start")
+    t0 = time.monotonic()
+    first.send_signal(sig)
+    wait_for(lambda: lock_pid(spool_env) == standby.pid, timeout=30, interval=0.005,
+             what="standby to take the lock")
+    takeover = time.monotonic() - t0
+    print(f"standby took the lock {takeover * 1000:.0f} ms after {sig!r}")
+    assert takeover < 10
+    reply = client.wait(rid, timeout=60)    # SIGKILL: re-run (idempotent); TERM: finished
+    assert reply.ok and reply.result["tag"] == "cut"
+    assert client.call("echo", {"n": 2}, timeout=60) == {"n": 2}
+    assert json.loads(json.dumps(reply.raw))["worker"]["pid"] in (first.pid, standby.pid)
+    spool_env.stop_worker(standby)
+    assert os.listdir(spool_env.spool.active) == []
+
+
+# -- orphans ---------------------------------------------------------------------
+
+def test_orphans_after_sigkill(spool_env: SpoolEnv):
+    """Idempotent: requeued with its mtime (its place in line) and re-run.
+    Non-idempotent and started: Interrupted reply, moved to failed/ with a reason.
+    Non-idempotent, claimed but never started: requeued and run."""
+    sp = spool_env.spool
+    worker = spool_env.start_worker()
+    client = spool_env.client()
+    idem = client.submit("sleep", {"seconds": 30, "target": "a", "tag": "idem"})
+    nonidem = client.submit("nonidem", {"seconds": 30, "target": "b", "tag": "non"})
+    waiting = client.submit("nonidem", {"seconds": 0, "target": "b", "tag": "waiting"})
+    wait_for(lambda: started(spool_env, idem) and started(spool_env, nonidem),
+             what="both ops to start")
+    idem_mtime = os.stat(sp.active / f"{idem}.json").st_mtime_ns
+    spool_env.stop_worker(worker, signal.SIGKILL)
+    # a claimed but never started request (the worker died between claim and run)
+    if (sp.new / f"{waiting}.json").exists():
+        os.rename(sp.new / f"{waiting}.json", sp.active / f"{waiting}.json")
+    # recover without serving: the janitor runs the same recovery under the lock
+    # (as a command, so that it sees the site ops, as the worker does)
+    from test_janitor import janitor_cli
+    proc = janitor_cli(spool_env, "--json")
+    assert proc.returncode == 1, proc.stderr
+    recovered = json.loads(proc.stdout)["recovered"]
+    assert recovered["requeued"] == 2 and recovered["interrupted"] == 1
+    assert os.stat(sp.new / f"{idem}.json").st_mtime_ns == idem_mtime
+    assert (sp.new / f"{waiting}.json").exists()
+    assert (sp.failed / f"{nonidem}.json").exists()
+    reason = (sp.failed / f"{nonidem}.json.reason").read_text()
+    assert "Interrupted" in reason and "requeue" in reason
+    cut = client.wait(nonidem, timeout=5)
+    assert cut.error["type"] == "Interrupted"
+    assert "may or may not have completed" in cut.error["message"]
+    spool_env.start_worker()
+    assert client.wait(waiting, timeout=60).result["tag"] == "waiting"
+    # the re-run is the 30 s sleep: cancel it by killing is not needed; just see it run
+    wait_for(lambda: started(spool_env, idem), timeout=60, what="idempotent re-run")
+    assert not list(sp.replies.iterdir())
+
+
+def test_staged_reply_is_published_and_answered_orphan_cleared(spool_env: SpoolEnv):
+    """A reply staged in work/ is published exactly once; an orphan whose reply is
+    already published is only cleared."""
+    sp = spool_env.spool
+    from spoolops.dispatch import Dispatcher, Request
+    from spoolops.ops import Registry
+    from spoolops.spool import encode_json
+    disp = Dispatcher(Registry(), spool_env.config, sp.work)
+    for rid in ("staged", "answered"):
+        request = {"version": 1, "id": rid, "op": "echo", "args": {"x": rid}}
+        (sp.active / f"{rid}.json").write_bytes(encode_json(request))
+        (sp.active / f"{rid}.json.run").write_text("{}")
+        reply = disp.reply(Request(id=rid, op="echo", args={}, uid=0, user="root",
+                                   queued_at=time.time()), result={"x": rid})
+        sp.stage_reply(rid, reply)
+    sp.publish_reply("answered")
+    (sp.active / "answered.json").write_bytes(b"{}")     # as if the unlink was lost
+    spool_env.start_worker()
+    assert sorted(os.listdir(sp.replies)) == ["answered.json", "staged.json"]
+    assert os.listdir(sp.active) == [] and os.listdir(sp.new) == []
+    assert not [n for n in os.listdir(sp.work) if n.endswith((".reply", ".tmp"))]
+    client = spool_env.client()
+    assert client.wait("staged", timeout=10).result == {"x": "staged"}
+
+
+# -- requeue ---------------------------------------------------------------------
+
+def test_requeue_from_failed_and_from_active(spool_env: SpoolEnv):
+    sp = spool_env.spool
+    worker = spool_env.start_worker()
+    client = spool_env.client()
+    rid = client.submit("nonidem", {"seconds": 30, "tag": "one"})
+    wait_for(lambda: started(spool_env, rid), what="nonidem to start")
+    held = client.submit("sleep", {"seconds": 30, "tag": "held"})
+    wait_for(lambda: started(spool_env, held), what="sleep to start")
+    busy = spool_env.spoolops("requeue", held)
+    assert busy.returncode == 1 and "live worker" in busy.stderr
+    spool_env.stop_worker(worker, signal.SIGKILL)
+    assert spool_env.spoolops("requeue", "no-such-id").returncode == 1
+    # no worker: the orphan in active/ can be requeued by hand
+    ok = spool_env.spoolops("requeue", held)
+    assert ok.returncode == 0 and "active" in ok.stdout
+    assert (sp.new / f"{held}.json").exists() and not (sp.active / f"{held}.json.run").exists()
+    client.cancel(held)
+    spool_env.start_worker()
+    assert client.wait(rid, timeout=30).error["type"] == "Interrupted"
+    again = spool_env.spoolops("requeue", rid)
+    assert again.returncode == 0 and "failed" in again.stdout
+    assert not (sp.failed / f"{rid}.json.reason").exists()
+    # back in line and running again (a 30 s sleep: seeing it start is enough)
+    wait_for(lambda: started(spool_env, rid), timeout=60, what="requeued request to run")
+
+
+# -- full disk ---------------------------------------------------------------------
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the filesystem is full (ENOSPC)."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            assert exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    with open(path, "ab", buffering=0) as f:   # the last pages, byte by byte-ish
+        for size in (4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                continue
+
+
+@pytest.fixture
+def full_disk_env(tmp_path: Path):
+    """The whole tree on a 4 MB tmpfs, a worker logging outside it."""
+    if not is_root():
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    _mount_tmpfs(mount, "4m")
+    log = tmp_path / "worker.log"
+    env = None
+    try:
+        env = make_env(mount / "base")
+        with open(log, "wb") as err:
+            env.start_worker(stderr=err)
+        yield env, mount / "filler", log
+    finally:
+        if env is not None:
+            env.close()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_reply_waits_for_space(full_disk_env):
+    """Replies cannot be written while the disk is full: the worker keeps
+    running, leaves no temp file, and publishes the reply once space returns."""
+    env, filler, log = full_disk_env
+    sp = env.spool
+    client = env.client()
+    assert client.call("echo", {"warm": True}) == {"warm": True}
+    first = client.submit("sleep", {"seconds": 1, "target": "t", "tag": "first"})
+    wait_for(lambda: started(env, first), what="first to start")
+    _fill(filler)
+    with pytest.raises(OSError) as full:
+        client.submit("echo", {"x": 1})              # clients cannot write either
+    assert full.value.errno in (errno.ENOSPC, errno.EDQUOT)
+    wait_for(lambda: f"event=reply_failed id={first}" in log.read_text(), timeout=60,
+             what="the reply to fail on a full disk")
+    time.sleep(1.5)  # at least one retry happens while still full
+    assert os.listdir(sp.replies) == []
+    # the worker's own saves create and remove a temp file now and then: poll
+    # for a moment with none, which a leftover would never give
+    wait_for(lambda: not [n for n in os.listdir(sp.work) if n.endswith(".tmp")],
+             what="no temp file left in work/")
+    assert env.workers[0].poll() is None
+    filler.unlink()
+    assert client.wait(first, timeout=60).result["tag"] == "first"
+    assert "event=reply_published_late" in log.read_text()
+    assert client.call("echo", {"after": 1}, timeout=60) == {"after": 1}
+    assert os.listdir(sp.active) == [] and os.listdir(sp.tmp) == []
+    assert read_lock_pid(sp.lock_path) == env.workers[0].pid
+
+
+def test_full_disk_requests_claimed_meanwhile_are_answered(full_disk_env):
+    env, filler, log = full_disk_env
+    client = env.client()
+    first = client.submit("sleep", {"seconds": 1, "target": "t", "tag": "first"})
+    second = client.submit("sleep", {"seconds": 0, "target": "t", "tag": "second"})
+    wait_for(lambda: started(env, first), what="first to start")
+    _fill(filler)
+
+    def second_done() -> bool:
+        text = log.read_text()
+        assert f"event=job_crashed id={second}" not in text, "second was lost"
+        return f"event=end id={second}" in text or f"event=not_started id={second}" in text
+    wait_for(second_done, timeout=60, what="the second request to finish")
+    filler.unlink()
+    assert client.wait(first, timeout=60).ok
+    reply = client.wait(second, timeout=60)
+    # it either ran, or was answered without running because its start could not be recorded
+    assert reply.ok or (reply.error["type"] == "OpFailed" and "not started" in
+                        reply.error["message"])
+    assert os.listdir(env.spool.active) == []
+
+
+@pytest.mark.skipif(not is_root(), reason="mounting a tmpfs needs root")
+def test_full_disk_header_edit_fails_cleanly(tmp_path: Path):
+    """storage_root on a full 1 MB tmpfs: update_headers of a .fits.gz (always
+    copied) fails with a clear OpFailed, the file is intact, no temp remains."""
+    fitsfiles = pytest.importorskip("fitsfiles")
+    env = make_env(tmp_path / "tree")
+    storage = env.config.storage_root
+    _mount_tmpfs(storage, "1m")
+    try:
+        plain = fitsfiles.simple_image(tmp_path / "img.fits", shape=(32, 32))
+        gz = fitsfiles.compress_file(plain, "gz")
+        target = storage / "img.fits.gz"
+        target.write_bytes(gz.read_bytes())
+        original = target.read_bytes()
+        env.start_worker()
+        client = env.client()
+        _fill(storage / ".filler")
+        from spoolops.errors import OpFailed
+        with pytest.raises(OpFailed) as err:
+            client.call("update_headers", {"filename": "img.fits.gz",
+                                           "values": {"generic": {"SEQ": 1}}}, timeout=60)
+        print("full-disk header edit:", err.value.message)
+        assert "space" in err.value.message.lower()
+        assert target.read_bytes() == original
+        assert sorted(os.listdir(storage)) == [".filler", "img.fits.gz"]
+        assert client.call("echo", {"still": "serving"}, timeout=60) == {"still": "serving"}
+        (storage / ".filler").unlink()
+        result = client.call("update_headers", {"filename": "img.fits.gz",
+                                                "values": {"generic": {"SEQ": 2}}},
+                             timeout=60)
+        assert result["modified"] is True
+    finally:
+        env.close()
+        subprocess.run(["umount", "-l", str(storage)], check=False)
