@@ -69,7 +69,10 @@ def _describe(folder: str, name: str, mask: int, spool: Spool) -> dict[str, Any]
                     pid=run.get("pid"), user=run.get("user"),
                     target=",".join(run.get("targets") or []) or None)
     if folder == "replies" and name.endswith(REQUEST_SUFFIX):
-        reply = _load(path) or {}
+        reply = _load(path)
+        if reply is None:  # collected before it could be read
+            return dict(event, event="finished", id=id_from_name(name), ok=None,
+                        note="collected by its client before tail could read it")
         duration = None
         try:
             duration = round(parse_iso(reply["finished_at"]) - parse_iso(reply["started_at"]), 3)

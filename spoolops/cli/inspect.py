@@ -188,6 +188,8 @@ def tail_line(event: dict[str, Any]) -> str:
         return (f"{head} op={event.get('op')} pid={event.get('pid')} user={event.get('user')}"
                 f" target={event.get('target') or '-'}")
     if kind == "finished":
+        if event.get("ok") is None:
+            return f"{head} ({event.get('note')})"
         outcome = "ok" if event.get("ok") else f"{event.get('error')}: {event.get('message')}"
         return f"{head} op={event.get('op')} {outcome} in {event.get('duration_s')}s"
     if kind == "failed":
