@@ -113,3 +113,27 @@ def test_tail_sees_a_full_lifecycle(running: SpoolEnv) -> None:
     assert kinds == [("queued", rid), ("started", rid), ("finished", rid), ("removed", rid)]
     assert events[1]["pid"] == running.workers[0].pid
     assert events[2]["ok"] is True and events[2]["duration_s"] >= 0.25
+
+
+def test_worker_keeps_metrics_file(tmp_path) -> None:
+    from conftest import make_env
+    env = make_env(tmp_path / "t")
+    metrics = tmp_path / "spoolops.prom"
+    env.config_path.write_text(env.config_path.read_text().replace(
+        "concurrency = 4", f"concurrency = 4\nmetrics_file = {metrics}"))
+    try:
+        env.start_worker()
+        env.client().call("echo", {}, timeout=30)
+
+        def served():
+            try:
+                text = metrics.read_text()
+            except FileNotFoundError:
+                return None
+            return text if 'spoolops_served_total{op="echo",outcome="ok"} 1' in text else None
+        text = wait_for(served, what="metrics file")
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert {"spoolops_requests", "spoolops_worker_up", "spoolops_served",
+                "spoolops_operation_seconds"} <= names
+    finally:
+        env.close()
