@@ -48,6 +48,7 @@ from . import recovery
 from .config import Config
 from .dispatch import Dispatcher
 from .errors import WorkerRunning
+from .lock import WorkerLock, worker_alive
 from .ops import Registry, default_registry
 from .spool import (
     LOCK_NAME,
@@ -59,7 +60,6 @@ from .spool import (
     reason_file_name,
 )
 from .stats import STATS_NAME
-from .worker import WorkerLock, worker_alive
 
 log = logging.getLogger("spoolops.janitor")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Config
 from .dispatch import user_name
+from .lock import worker_alive
 from .spool import (
     REASON_SUFFIX,
     REQUEST_SUFFIX,
@@ -29,7 +30,6 @@ from .spool import (
     utc_iso,
 )
 from .stats import load_stats
-from .worker import worker_alive
 
 STATES = ("queued", "running", "failed", "replies")
 STATE_DIRS = {"queued": "new", "running": "active", "failed": "failed", "replies": "replies"}

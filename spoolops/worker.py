@@ -17,7 +17,6 @@ Diagnostics: one ``key=value`` log line per request start and end.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +34,9 @@ from inotify_simple import INotify, flags
 from . import recovery
 from .config import Config
 from .dispatch import Dispatcher, Job, Request, user_name
-from .errors import BadRequest, OpError, OpFailed, SpoolSetupError, WorkerRunning
+from .errors import BadRequest, OpError, OpFailed, SpoolSetupError
+from .lock import WorkerLock
+from .metrics import render_metrics
 from .ops import Registry, default_registry
 from .schedule import Queue, TargetGate, request_key
 from .spool import (
@@ -47,74 +48,12 @@ from .spool import (
     write_atomic,
 )
 from .stats import Stats
+from .status import spool_status
 
 log = logging.getLogger("spoolops.worker")
 
 WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 PUBLISH_RETRY_S = 1.0
-
-
-class WorkerLock:
-    """The singleton lock ``work/worker.lock`` (flock), holding the pid."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def acquire(self, wait: bool = False, should_stop: Any = None) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait or (should_stop is not None and should_stop()):
-                    holder = read_lock_pid(self.path)
-                    os.close(fd)
-                    raise WorkerRunning(
-                        f"another worker (pid {holder or 'unknown'}) holds {self.path};"
-                        " stop it first, or start this one with --standby to take"
-                        " over when it exits") from None
-                time.sleep(0.05)  # a standby polls so that signals stay prompt
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:  # a full disk must not keep the worker from starting
-            log.warning("event=lock_pid_unwritten error=%r", exc.strerror or exc)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
-
-
-def read_lock_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-        return int(text.split()[0]) if text else None
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def worker_alive(path: Path) -> tuple[bool | None, int | None]:
-    """(alive, pid) from the lock; alive is None when the lock is unreadable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False, None
-    except PermissionError:
-        return None, None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, read_lock_pid(path)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, None
-    finally:
-        os.close(fd)
 
 
 class Worker:
@@ -216,8 +155,6 @@ class Worker:
 
     def _write_metrics(self) -> None:
         """Rewrite ``[worker] metrics_file`` for node_exporter's textfile collector."""
-        from .metrics import render_metrics  # status imports this module: import late
-        from .status import spool_status
         try:
             text = render_metrics(spool_status(self.config),
                                   self.stats.snapshot(len(self.queue), self.running))

@@ -21,8 +21,8 @@ import pytest
 from spoolops.admin import init_tree, resolve_accounts
 from spoolops.client import Client
 from spoolops.config import Config, load_config
+from spoolops.lock import worker_alive
 from spoolops.spool import Spool
-from spoolops.worker import worker_alive
 
 TESTS = Path(__file__).resolve().parent
 SITEOPS = TESTS / "siteops"

@@ -34,8 +34,8 @@ import pytest
 from conftest import SITEOPS, TESTS, is_root, wait_for
 
 from spoolops.config import load_config
+from spoolops.lock import worker_alive
 from spoolops.spool import DIR_MODES, Spool
-from spoolops.worker import worker_alive
 
 pytestmark = pytest.mark.skipif(
     not is_root() or shutil.which("useradd") is None or shutil.which("setpriv") is None,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import SpoolEnv, is_root, make_env, wait_for
 
-from spoolops.worker import read_lock_pid, worker_alive
+from spoolops.lock import read_lock_pid, worker_alive
 
 
 def lock_pid(env: SpoolEnv) -> int | None:

@@ -25,7 +25,7 @@ from ..admin import init_tree, resolve_accounts
 from ..client import Client
 from ..config import load_config
 from ..errors import OpError
-from ..worker import worker_alive
+from ..lock import worker_alive
 
 CONFIG = """\
 [spool]
