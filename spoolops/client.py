@@ -2,8 +2,8 @@
 
 Used by the web application (a member of the submit group).  One process
 shares ONE inotify instance for all its waits, across threads and clients (a
-web server with 64 threads must not use 64 of the user's 128 instances); a
-daemon thread reads it and wakes the waiting threads.  The watch on
+web server with 64 threads must not use 64 of the user's 128 instances); one
+of the waiting threads reads it and wakes the others.  The watch on
 ``replies/`` exists before a request is published, and a waiter looks for
 its reply file after registering, so no wake-up is lost.
 
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import socket
 import threading
 import time
@@ -71,7 +72,13 @@ class Reply:
 
 
 class _ReplyWatcher:
-    """The process's one inotify instance, and the threads waiting on it."""
+    """The process's one inotify instance, and the threads waiting on it.
+
+    No thread of its own: whichever waiting thread finds nobody reading the
+    instance reads it (the leader) and wakes the others whose replies came,
+    so a lone caller sleeps on inotify itself, with no thread hand-off.  A
+    leader that leaves wakes one other waiter, which takes over.
+    """
 
     def __init__(self) -> None:
         self.inotify = INotify()
@@ -79,8 +86,7 @@ class _ReplyWatcher:
         self.dirs: dict[int, str] = {}            # wd -> replies dir
         self.watched: dict[str, int] = {}         # replies dir -> wd
         self.waiters: dict[tuple[str, str], list[threading.Event]] = {}
-        self.thread = threading.Thread(target=self._run, name="spoolops-replies", daemon=True)
-        self.thread.start()
+        self.leader: threading.Event | None = None
 
     def watch(self, directory: Path) -> None:
         key = str(directory)
@@ -105,22 +111,45 @@ class _ReplyWatcher:
                 if not events:
                     del self.waiters[(str(directory), name)]
 
-    def _run(self) -> None:
-        while True:
-            try:
-                events = self.inotify.read()
-            except OSError:  # closed after a fork, or broken: waiters fall back to polling
-                return
-            with self.lock:
-                for ev in events:
-                    if ev.mask & flags.Q_OVERFLOW:
-                        for waiting in self.waiters.values():
-                            for e in waiting:
-                                e.set()
-                        continue
-                    directory = self.dirs.get(ev.wd)
-                    for e in self.waiters.get((directory, ev.name), ()):
-                        e.set()
+    def wait(self, event: threading.Event, timeout: float) -> None:
+        """Return when ``event`` is set (maybe spuriously) or ``timeout`` passed."""
+        end = time.monotonic() + timeout
+        leading = False
+        try:
+            while not event.is_set():
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return
+                if not leading:
+                    with self.lock:
+                        if self.leader is None:
+                            self.leader, leading = event, True
+                if not leading:
+                    event.wait(remaining)
+                    continue
+                ready, _, _ = select.select([self.inotify.fileno()], [], [], remaining)
+                if ready:
+                    self._dispatch(self.inotify.read(timeout=0))
+        finally:
+            if leading:
+                with self.lock:
+                    self.leader = None
+                    # hand the reading over: wake one other waiter, it will lead
+                    other = next((e for evs in self.waiters.values() for e in evs
+                                  if e is not event), None)
+                    if other is not None:
+                        other.set()
+
+    def _dispatch(self, events: list) -> None:
+        with self.lock:
+            for ev in events:
+                if ev.mask & flags.Q_OVERFLOW:
+                    for waiting in self.waiters.values():
+                        for e in waiting:
+                            e.set()
+                    continue
+                for e in self.waiters.get((self.dirs.get(ev.wd), ev.name), ()):
+                    e.set()
 
 
 _watcher: _ReplyWatcher | None = None
@@ -222,12 +251,12 @@ class Client:
         name = rid + REQUEST_SUFFIX
         event = watcher.expect(self.spool.replies, name)
         try:
-            return self._wait_registered(rid, event, timeout)
+            return self._wait_registered(rid, event, timeout, watcher)
         finally:
             watcher.forget(self.spool.replies, name, event)
 
-    def _wait_registered(self, rid: str, event: threading.Event, timeout: float | None
-                         ) -> Reply:
+    def _wait_registered(self, rid: str, event: threading.Event, timeout: float | None,
+                         watcher: _ReplyWatcher) -> Reply:
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             reply = self._collect(rid)
@@ -237,8 +266,8 @@ class Client:
             if remaining is not None and remaining <= 0:
                 raise Timeout(f"no reply to {rid} within {timeout:g} s"
                               f" (is a worker running on {self.config.root}?)")
-            event.wait(BACKSTOP_POLL_S if remaining is None else
-                       min(remaining, BACKSTOP_POLL_S))
+            watcher.wait(event, BACKSTOP_POLL_S if remaining is None else
+                         min(remaining, BACKSTOP_POLL_S))
             event.clear()
 
     def _collect(self, rid: str) -> Reply | None:
@@ -283,7 +312,7 @@ class Client:
         try:
             self.spool.publish_request(request)
             try:
-                reply = self._wait_registered(rid, event, timeout)
+                reply = self._wait_registered(rid, event, timeout, watcher)
             except Timeout:
                 self.cancel(rid)
                 raise

@@ -80,11 +80,23 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_USER_CACHE: dict[int, tuple[float, str]] = {}
+USER_CACHE_S = 60.0  # a renamed account is seen within a minute
+
+
 def user_name(uid: int) -> str:
+    """The account name of ``uid`` (``uidN`` if it has none), cached briefly:
+    the lookup may read /etc/passwd on every call."""
+    now = time.monotonic()
+    hit = _USER_CACHE.get(uid)
+    if hit is not None and now - hit[0] < USER_CACHE_S:
+        return hit[1]
     try:
-        return pwd.getpwuid(uid).pw_name
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid{uid}"
+        name = f"uid{uid}"
+    _USER_CACHE[uid] = (now, name)
+    return name
 
 
 def target_lock_path(work_dir: Path, target: str) -> Path:

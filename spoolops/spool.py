@@ -251,6 +251,9 @@ class Spool:
         self.replies = self.root / "replies"
         self.work = self.root / "work"
         self.lock_path = self.work / LOCK_NAME
+        # plain strings for the per-request path work (pathlib costs microseconds)
+        self._new, self._active, self._work, self._replies, self._tmp = (
+            str(self.new), str(self.active), str(self.work), str(self.replies), str(self.tmp))
 
     def check_exists(self) -> None:
         for name in DIR_MODES:
@@ -318,7 +321,7 @@ class Spool:
         """Rename ``new/NAME`` to ``active/NAME``.  False if someone else took
         it first or it was cancelled (ENOENT is not an error)."""
         try:
-            os.rename(self.new / name, self.active / name)
+            os.rename(f"{self._new}/{name}", f"{self._active}/{name}")
         except FileNotFoundError:
             return False
         return True
@@ -343,11 +346,14 @@ class Spool:
     def stage_reply(self, rid: str, reply: dict[str, Any]) -> None:
         """Write the finished reply to ``work/ID.reply``: from here on the
         request counts as done, even if the worker dies before publishing."""
-        path = self.work / (rid + STAGED_REPLY_SUFFIX)
-        tmp = self.work / (rid + STAGED_REPLY_SUFFIX + ".tmp")
-        self._remove_quietly(tmp)
+        path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
+        tmp = path + ".tmp"
         # rename so that a staged reply, if present, is always complete
-        write_new_file(tmp, encode_json(reply), self.durable)
+        try:
+            write_new_file(tmp, encode_json(reply), self.durable)
+        except FileExistsError:  # left by an earlier failure: ours to replace
+            self._remove_quietly(tmp)
+            write_new_file(tmp, encode_json(reply), self.durable)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -362,9 +368,10 @@ class Spool:
         With ``durable``, one fsync of ``replies/`` commits the lot on a
         journalling filesystem (ext4, xfs: metadata is journalled in order).
         """
-        self._remove_quietly(self.active / (rid + RUN_SUFFIX))
-        self._remove_quietly(self.active / (rid + REQUEST_SUFFIX))
-        os.rename(self.work / (rid + STAGED_REPLY_SUFFIX), self.reply_path(rid))
+        self._remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        self._remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+        os.rename(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}",
+                  f"{self._replies}/{rid}{REQUEST_SUFFIX}")
         if self.durable:
             fsync_dir(self.replies)
 
@@ -421,7 +428,7 @@ class Spool:
         return True
 
     @staticmethod
-    def _remove_quietly(path: Path) -> None:
+    def _remove_quietly(path: str | os.PathLike) -> None:
         try:
             os.unlink(path)
         except FileNotFoundError:

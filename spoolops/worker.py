@@ -136,6 +136,8 @@ class Worker:
             save_in = self.stats.save_due_in()
             if save_in is not None:
                 timeout = min(timeout, save_in)
+            if self._done:  # inline jobs finished on this thread: reap them now
+                timeout = 0.0
             readable, _, _ = select.select([inotify.fileno(), self._wake_r], [], [], timeout)
             if self._wake_r in readable:
                 try:
@@ -356,6 +358,9 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.running += 1
+        if job.operation.inline:
+            self._run_job(job)  # declared instant (echo): a thread hand-off would cost more
+            return
         assert self._pool is not None
         self._pool.submit(self._run_job, job)
 
@@ -401,7 +406,8 @@ class Worker:
             log.exception("event=job_crashed id=%s", request.id)
         finally:
             self._done.append(job)
-            os.write(self._wake_w, b"d")
+            if not job.operation.inline:  # an inline job ran on the loop's own thread
+                os.write(self._wake_w, b"d")
 
     def _deliver(self, rid: str, reply: dict[str, Any]) -> None:
         """Stage and publish; on failure (disk full) keep it for a retry."""

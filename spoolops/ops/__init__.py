@@ -75,6 +75,9 @@ class Operation:
     # finish or undo what a crash cut off (e.g. roll back a journal); returns
     # one line per thing it did, for the log
     recover: Callable[[OpContext], Sequence[str]] | None = None
+    # an op that does no I/O and returns at once (``echo``) may run on the
+    # worker's dispatch thread instead of the pool: it can block nobody
+    inline: bool = False
     description: str = ""
     schema: Mapping[str, str] = field(default_factory=dict)  # arg -> human type, for docs
 

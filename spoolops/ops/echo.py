@@ -1,6 +1,7 @@
 """``echo``: returns its arguments.  For health checks and benchmarks.
 
-Touches no file, so it has no target and is idempotent.
+Touches no file, so it has no target, is idempotent, and runs inline on the
+worker's dispatch thread (it returns at once, so it can block nobody).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ ECHO = Operation(
     name="echo",
     run=run_echo,
     idempotent=True,
+    inline=True,
     description="Return the arguments unchanged.",
     schema={"*": "any JSON value"},
 )
