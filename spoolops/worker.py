@@ -174,8 +174,6 @@ class Worker:
             self._pool.shutdown(wait=True)  # finish what runs; queued stays queued
             self._pool = None
             self._finish_done()
-        for job in self.gate.drain_waiting():
-            self._put_back(job.request.id + REQUEST_SUFFIX)
         self.stats.save(self.queue, 0, force=True)
 
     # -- intake -------------------------------------------------------------
@@ -233,26 +231,41 @@ class Worker:
             self.queue.set_key(name, request_key(priority, mtime_ns, rid), targets)
 
     def _schedule(self) -> None:
-        free = self.config.concurrency - self.running
-        if free <= 0 or not self.queue:
+        """Start what may start.  A request whose target is busy goes back to
+        ``new/`` (so ``ls new/`` shows all that waits) with its key and target
+        known, and is passed over until the target is free."""
+        while True:
+            free = self.config.concurrency - self.running
+            if free <= 0 or not self.queue:
+                return
+            if len(self.queue) > free:
+                self._prekey()
+            batch = [job for job in map(self._claim, self.queue.take(free, self.gate))
+                     if job is not None]
+            if not batch:
+                return
+            batch.sort(key=_job_key)
+            started = 0
+            for job in batch:
+                if self.gate.is_free(job.targets):
+                    self.gate.acquire(job.targets)
+                    self._start(job)
+                    started += 1
+                else:
+                    self._put_back(job)
+            if not started:
+                return
+
+    def _put_back(self, job: Job) -> None:
+        """Return a claimed, not started request to ``new/`` (mtime kept)."""
+        name = job.request.id + REQUEST_SUFFIX
+        try:
+            self.spool.unclaim_request(name)
+        except OSError as exc:
+            log.error("event=unclaim_failed name=%s error=%r", name, exc)
             return
-        if len(self.queue) > free:
-            self._prekey()
-        batch = []
-        for name in self.queue.take(free, self.gate):
-            job = self._claim(name)
-            if job is not None:
-                batch.append(job)
-        batch.sort(key=lambda j: request_key(j.request.priority, int(j.request.queued_at * 1e9),
-                                             j.request.id))
-        for job in batch:
-            if self.gate.is_free(job.targets):
-                self.gate.acquire(job.targets)
-                self._start(job)
-            else:
-                key = request_key(job.request.priority, int(job.request.queued_at * 1e9),
-                                  job.request.id)
-                self.gate.wait(key, job.targets, job)
+        self.queue.add(name)
+        self.queue.set_key(name, _job_key(job), job.targets)
 
     def _claim(self, name: str) -> Job | None:
         """Claim ``new/NAME``, read it once, validate it.  Returns a job to
@@ -442,14 +455,11 @@ class Worker:
             if reply is not None:
                 self.stats.count(job.request.op, "ok" if reply["ok"] else
                                  reply["error"]["type"], job.extra.get("duration", 0.0))
-            for ready in self.gate.release(job.targets, lambda j: j.targets):
-                self._start(ready)
+            self.gate.release(job.targets)
 
-    def _put_back(self, name: str) -> None:
-        try:
-            self.spool.unclaim_request(name)
-        except OSError as exc:
-            log.error("event=unclaim_failed name=%s error=%r", name, exc)
+
+def _job_key(job: Job) -> tuple[int, int, str]:
+    return request_key(job.request.priority, int(job.request.queued_at * 1e9), job.request.id)
 
 
 class _ProgressWriter:
