@@ -1,9 +1,9 @@
 # Sourced by scripts/test, scripts/demo and scripts/bench: make sure .venv exists
-# and holds this checkout installed (editable) with the given extras.
+# and holds this checkout installed (editable) with the extras in $VENV_EXTRAS.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$top/.venv"
-extras="${1:-}"
+extras="${VENV_EXTRAS:-}"   # set by the caller: VENV_EXTRAS=test source scripts/_venv.sh
 python=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
   echo "creating $venv" >&2
