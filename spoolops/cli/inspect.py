@@ -118,7 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"state:    {info['state']}  ({info.get('path', '')}, since {info.get('since')})")
     if isinstance(request, dict):
         print(f"op:       {request.get('op')}   priority {request.get('priority', 0)}"
-              f"   submitted {request.get('submitted')} by uid-owner {info.get('owner')}")
+              f"   submitted {request.get('submitted')} by {info.get('owner')} (file owner)")
     if isinstance(run, dict):
         print(f"running:  since {run.get('started_at')} by worker pid {run.get('pid')}"
               f" on {run.get('host')}; target {', '.join(run.get('targets') or []) or '-'}")
