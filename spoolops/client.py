@@ -86,30 +86,41 @@ class _ReplyWatcher:
         self.dirs: dict[int, str] = {}            # wd -> replies dir
         self.watched: dict[str, int] = {}         # replies dir -> wd
         self.waiters: dict[tuple[str, str], list[threading.Event]] = {}
+        self.waiting_in: dict[str, int] = {}      # replies dir -> number of waiters
         self.leader: threading.Event | None = None
 
-    def watch(self, directory: Path) -> None:
-        key = str(directory)
-        with self.lock:
-            if key in self.watched:
-                return
-            wd = self.inotify.add_watch(key, flags.MOVED_TO | flags.CLOSE_WRITE)
-            self.watched[key] = wd
-            self.dirs[wd] = key
-
     def expect(self, directory: Path, name: str) -> threading.Event:
+        """Register a waiter; the folder is watched while anyone waits on it
+        (an idle process is not woken by every reply to everyone else)."""
+        key = str(directory)
         event = threading.Event()
         with self.lock:
-            self.waiters.setdefault((str(directory), name), []).append(event)
+            if key not in self.watched:
+                wd = self.inotify.add_watch(key, flags.MOVED_TO | flags.CLOSE_WRITE)
+                self.watched[key] = wd
+                self.dirs[wd] = key
+                self.waiting_in[key] = 0
+            self.waiting_in[key] += 1
+            self.waiters.setdefault((key, name), []).append(event)
         return event
 
     def forget(self, directory: Path, name: str, event: threading.Event) -> None:
+        key = str(directory)
         with self.lock:
-            events = self.waiters.get((str(directory), name))
-            if events and event in events:
-                events.remove(event)
-                if not events:
-                    del self.waiters[(str(directory), name)]
+            events = self.waiters.get((key, name))
+            if not events or event not in events:
+                return
+            events.remove(event)
+            if not events:
+                del self.waiters[(key, name)]
+            self.waiting_in[key] -= 1
+            if self.waiting_in[key] == 0:
+                wd = self.watched.pop(key)
+                del self.dirs[wd], self.waiting_in[key]
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass  # the folder went away: the watch is gone with it
 
     def wait(self, event: threading.Event, timeout: float) -> None:
         """Return when ``event`` is set (maybe spuriously) or ``timeout`` passed."""
@@ -220,13 +231,22 @@ class Client:
                                           " run 'spoolops init'") from None
         return self._worker_uid
 
-    def _watch(self) -> _ReplyWatcher:
+    def _expect(self, rid: str) -> tuple[_ReplyWatcher, threading.Event]:
+        """Register as waiting for ``rid``'s reply (watching ``replies/``)."""
         watcher = _shared_watcher()
         try:
-            watcher.watch(self.spool.replies)
+            return watcher, watcher.expect(self.spool.replies, rid + REQUEST_SUFFIX)
         except FileNotFoundError:
             raise SpoolSetupError(f"no spool at {self.config.root}: run 'spoolops init'") from None
-        return watcher
+
+    def _publish(self, request: dict[str, Any]) -> str:
+        try:
+            return self.spool.publish_request(request)
+        except FileNotFoundError:
+            if not self.spool.new.is_dir():
+                raise SpoolSetupError(f"no spool at {self.config.root}:"
+                                      " run 'spoolops init'") from None
+            raise
 
     def _request(self, op: str, args: dict[str, Any] | None, priority: int,
                  deadline: datetime | str | float | None) -> dict[str, Any]:
@@ -241,19 +261,17 @@ class Client:
 
     def submit(self, op: str, args: dict[str, Any] | None = None, priority: int = 0,
                deadline: datetime | str | float | None = None) -> str:
-        """Queue a request; returns its id at once."""
-        self._watch()  # the watch exists before the request can be answered
-        return self.spool.publish_request(self._request(op, args, priority, deadline))
+        """Queue a request; returns its id at once.  (A later ``wait`` first
+        registers, then looks for the reply file: an early reply is not missed.)"""
+        return self._publish(self._request(op, args, priority, deadline))
 
     def wait(self, rid: str, timeout: float | None = 30.0) -> Reply:
         """The reply to ``rid`` (collected: the file is removed), or ``Timeout``."""
-        watcher = self._watch()
-        name = rid + REQUEST_SUFFIX
-        event = watcher.expect(self.spool.replies, name)
+        watcher, event = self._expect(rid)
         try:
             return self._wait_registered(rid, event, timeout, watcher)
         finally:
-            watcher.forget(self.spool.replies, name, event)
+            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, event)
 
     def _wait_registered(self, rid: str, event: threading.Event, timeout: float | None,
                          watcher: _ReplyWatcher) -> Reply:
@@ -306,18 +324,16 @@ class Client:
             deadline = time.time() + timeout
         request = self._request(op, args, priority, deadline)
         rid = request["id"]
-        watcher = self._watch()
-        name = rid + REQUEST_SUFFIX
-        event = watcher.expect(self.spool.replies, name)
+        watcher, event = self._expect(rid)  # watching before the request exists
         try:
-            self.spool.publish_request(request)
+            self._publish(request)
             try:
                 reply = self._wait_registered(rid, event, timeout, watcher)
             except Timeout:
                 self.cancel(rid)
                 raise
         finally:
-            watcher.forget(self.spool.replies, name, event)
+            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, event)
         reply.raise_for_error()
         return reply.result
 

@@ -38,6 +38,7 @@ class Queue:
 
     def __init__(self) -> None:
         self.entries: dict[str, Pending] = {}
+        self._unkeyed: dict[str, None] = {}   # insertion-ordered set: O(new) per round
         self._heap: list[tuple[Key, str]] = []
 
     def __len__(self) -> int:
@@ -50,17 +51,19 @@ class Queue:
         if name in self.entries:
             return False
         self.entries[name] = Pending(name)
+        self._unkeyed[name] = None
         return True
 
     def discard(self, name: str) -> None:
         self.entries.pop(name, None)  # its heap item is dropped lazily
+        self._unkeyed.pop(name, None)
 
     def sync(self, names: Iterable[str]) -> None:
         """Make the queue match a directory scan."""
         present = set(names)
         for name in list(self.entries):
             if name not in present:
-                del self.entries[name]
+                self.discard(name)
         for name in present:
             self.add(name)
         if len(self._heap) > 2 * len(self.entries) + 64:
@@ -68,7 +71,7 @@ class Queue:
             heapq.heapify(self._heap)
 
     def unkeyed(self) -> list[str]:
-        return [name for name, p in self.entries.items() if p.key is None]
+        return list(self._unkeyed)
 
     def set_key(self, name: str, key: Key, targets: tuple[str, ...] | None) -> None:
         entry = self.entries.get(name)
@@ -76,6 +79,7 @@ class Queue:
             return
         entry.key = key
         entry.targets = targets
+        self._unkeyed.pop(name, None)
         heapq.heappush(self._heap, (key, name))
 
     def take(self, count: int, gate: TargetGate) -> list[str]:
@@ -104,7 +108,7 @@ class Queue:
                 self.entries.items(), key=lambda item: item[1].key or (0, 0, ""))
                 if runnable(entry)]
             for name in chosen:
-                del self.entries[name]
+                self.discard(name)
             return chosen
         chosen = []
         skipped: list[tuple[Key, str]] = []
@@ -117,7 +121,7 @@ class Queue:
                 skipped.append((key, name))
                 continue
             chosen.append(name)
-            del self.entries[name]
+            self.discard(name)
         for item in skipped:
             heapq.heappush(self._heap, item)
         return chosen

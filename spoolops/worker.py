@@ -23,6 +23,8 @@ import os
 import select
 import signal
 import stat
+import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +80,7 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = WorkerLock(self.spool.lock_path)
         self._pool: ThreadPoolExecutor | None = None
+        self._loop_thread = threading.current_thread()
 
     # -- signals: flags only ------------------------------------------------
 
@@ -99,6 +102,9 @@ class Worker:
         if self.standby:
             log.info("event=standby lock=%s", self.spool.lock_path)
         self._lock.acquire(wait=self.standby, should_stop=lambda: self._stop)
+        self._loop_thread = threading.current_thread()
+        # the dispatch thread must get the GIL back promptly from busy op threads
+        sys.setswitchinterval(0.001)
         inotify = None
         try:
             if self._stop:
@@ -371,8 +377,11 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.running += 1
-        if job.operation.inline:
-            self._run_job(job)  # declared instant (echo): a thread hand-off would cost more
+        if job.operation.inline and not self.config.durable:
+            # declared instant (echo) and nothing to fsync: a thread hand-off
+            # would cost more than the job (durable replies are fsynced on the
+            # pool, where several commits share one journal flush)
+            self._run_job(job)
             return
         assert self._pool is not None
         self._pool.submit(self._run_job, job)
@@ -419,7 +428,7 @@ class Worker:
             log.exception("event=job_crashed id=%s", request.id)
         finally:
             self._done.append(job)
-            if not job.operation.inline:  # an inline job ran on the loop's own thread
+            if threading.current_thread() is not self._loop_thread:
                 os.write(self._wake_w, b"d")
 
     def _deliver(self, rid: str, reply: dict[str, Any]) -> None:

@@ -131,3 +131,22 @@ def test_oversize_request_refused_by_client(spool_env: SpoolEnv) -> None:
     with pytest.raises(BadRequest, match="max_request_bytes"):
         client.submit("echo", {"blob": "x" * 70000})
     assert list(spool_env.spool.tmp.iterdir()) == []
+
+
+def test_replies_watched_only_while_waiting(running: SpoolEnv) -> None:
+    """An idle web process is not woken by every reply to everyone else."""
+    from spoolops.client import _shared_watcher
+
+    def watches() -> int:
+        fd = _shared_watcher().inotify.fileno()
+        return Path(f"/proc/self/fdinfo/{fd}").read_text().count("inotify wd:")
+
+    client = running.client()
+    assert client.call("echo", {"a": 1}, timeout=30) == {"a": 1}
+    assert watches() == 0
+    done = threading.Event()
+    threading.Thread(target=lambda: (client.call("sleep", {"seconds": 1.0}, timeout=30),
+                                     done.set())).start()
+    wait_for(lambda: watches() == 1, what="a watch while a call waits")
+    assert done.wait(30)
+    wait_for(lambda: watches() == 0, what="the watch removed")

@@ -13,6 +13,8 @@ Trusts nothing: compressed input may be damaged; errors become ``OpFailed``.
 from __future__ import annotations
 
 import bz2
+import os
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import OpFailed
 
-CHUNK = 8 * 1024 * 1024
+CHUNK = 1024 * 1024   # small pieces keep both cores busy to the end (0.04% larger)
 WORKERS = 2
 GZIP_LEVEL = 6
 BZ2_LEVEL = 9
@@ -62,13 +64,28 @@ class Compressor:
         return self._c.flush()
 
 
+_niced = threading.local()
+
+
+def _compress_in_background(kind: str, data: bytes) -> bytes:
+    # a long edit must not starve the worker's dispatch thread of a core: the
+    # compressing threads (made per call, so this dies with them) yield to it
+    if not getattr(_niced, "done", False):
+        _niced.done = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
+    return compress(kind, data)
+
+
 def parallel_compress(kind: str, chunks: Iterable[bytes], workers: int = WORKERS
                       ) -> Iterator[bytes]:
     """Compressed streams for ``chunks``, in order, at most 2*workers in flight."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.submit(compress, kind, chunk))
+            pending.append(pool.submit(_compress_in_background, kind, chunk))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
