@@ -77,7 +77,10 @@ class _ReplyWatcher:
     No thread of its own: whichever waiting thread finds nobody reading the
     instance reads it (the leader) and wakes the others whose replies came,
     so a lone caller sleeps on inotify itself, with no thread hand-off.  A
-    leader that leaves wakes one other waiter, which takes over.
+    leader that leaves wakes one other waiter, which takes over.  While
+    nobody waits, nobody reads: an idle process is not woken by the replies
+    to others (the kernel queues their events, read and dropped by the next
+    leader; an overflow only wakes every waiter to look for its file).
     """
 
     def __init__(self) -> None:
@@ -86,12 +89,11 @@ class _ReplyWatcher:
         self.dirs: dict[int, str] = {}            # wd -> replies dir
         self.watched: dict[str, int] = {}         # replies dir -> wd
         self.waiters: dict[tuple[str, str], list[threading.Event]] = {}
-        self.waiting_in: dict[str, int] = {}      # replies dir -> number of waiters
         self.leader: threading.Event | None = None
 
     def expect(self, directory: Path, name: str) -> threading.Event:
-        """Register a waiter; the folder is watched while anyone waits on it
-        (an idle process is not woken by every reply to everyone else)."""
+        """Register a waiter (watching the folder from the first on: adding and
+        removing a watch per wait costs milliseconds in the kernel)."""
         key = str(directory)
         event = threading.Event()
         with self.lock:
@@ -99,28 +101,17 @@ class _ReplyWatcher:
                 wd = self.inotify.add_watch(key, flags.MOVED_TO | flags.CLOSE_WRITE)
                 self.watched[key] = wd
                 self.dirs[wd] = key
-                self.waiting_in[key] = 0
-            self.waiting_in[key] += 1
             self.waiters.setdefault((key, name), []).append(event)
         return event
 
     def forget(self, directory: Path, name: str, event: threading.Event) -> None:
-        key = str(directory)
+        key = (str(directory), name)
         with self.lock:
-            events = self.waiters.get((key, name))
-            if not events or event not in events:
-                return
-            events.remove(event)
-            if not events:
-                del self.waiters[(key, name)]
-            self.waiting_in[key] -= 1
-            if self.waiting_in[key] == 0:
-                wd = self.watched.pop(key)
-                del self.dirs[wd], self.waiting_in[key]
-                try:
-                    self.inotify.rm_watch(wd)
-                except OSError:
-                    pass  # the folder went away: the watch is gone with it
+            events = self.waiters.get(key)
+            if events and event in events:
+                events.remove(event)
+                if not events:
+                    del self.waiters[key]
 
     def wait(self, event: threading.Event, timeout: float) -> None:
         """Return when ``event`` is set (maybe spuriously) or ``timeout`` passed."""

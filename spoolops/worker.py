@@ -377,7 +377,7 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.running += 1
-        if job.operation.inline and not self.config.durable:
+        if job.operation.inline and job.operation.idempotent and not self.config.durable:
             # declared instant (echo) and nothing to fsync: a thread hand-off
             # would cost more than the job (durable replies are fsynced on the
             # pool, where several commits share one journal flush)
@@ -393,11 +393,13 @@ class Worker:
             info = {"id": request.id, "op": request.op, "pid": os.getpid(),
                     "host": self.dispatcher.worker_info["host"], "user": request.user,
                     "targets": list(job.targets), "started_at": utc_iso(started)}
-            # a non-idempotent op must be known to have started, even after a power cut
+            # a non-idempotent op must be known to have started, even after a power
+            # cut; an inline op (idempotent, over in microseconds) needs no run file
             try:
-                self.spool.write_run_info(request.id, info,
-                                          durable=self.config.durable and
-                                          not job.operation.idempotent)
+                if threading.current_thread() is not self._loop_thread:
+                    self.spool.write_run_info(request.id, info,
+                                              durable=self.config.durable and
+                                              not job.operation.idempotent)
             except OSError as exc:
                 # no run file, no start (disk full): answer now; the reply
                 # itself waits in memory until there is room for it

@@ -133,20 +133,14 @@ def test_oversize_request_refused_by_client(spool_env: SpoolEnv) -> None:
     assert list(spool_env.spool.tmp.iterdir()) == []
 
 
-def test_replies_watched_only_while_waiting(running: SpoolEnv) -> None:
-    """An idle web process is not woken by every reply to everyone else."""
-    from spoolops.client import _shared_watcher
-
-    def watches() -> int:
-        fd = _shared_watcher().inotify.fileno()
-        return Path(f"/proc/self/fdinfo/{fd}").read_text().count("inotify wd:")
-
+def test_no_client_thread_runs_while_nobody_waits(running: SpoolEnv) -> None:
+    """An idle web process is not woken by the replies to others: the client
+    has no thread of its own; a waiting caller reads inotify itself."""
+    before = set(threading.enumerate())
     client = running.client()
     assert client.call("echo", {"a": 1}, timeout=30) == {"a": 1}
-    assert watches() == 0
-    done = threading.Event()
-    threading.Thread(target=lambda: (client.call("sleep", {"seconds": 1.0}, timeout=30),
-                                     done.set())).start()
-    wait_for(lambda: watches() == 1, what="a watch while a call waits")
-    assert done.wait(30)
-    wait_for(lambda: watches() == 0, what="the watch removed")
+    other = Client(config=running.config)
+    for n in range(20):  # replies to another client in this process, nobody waiting here
+        other.wait(other.submit("echo", {"n": n}), timeout=30)
+    assert set(threading.enumerate()) == before
+    assert client.call("echo", {"b": 2}, timeout=30) == {"b": 2}
