@@ -5,7 +5,9 @@ directory scan is the truth (as Postfix's pickup): the worker rescans at
 start, on ``IN_Q_OVERFLOW`` and every ``rescan_interval``.  The main thread
 claims and validates requests and keeps the order (``schedule.py``); a pool
 of ``concurrency`` threads runs operations, stages and publishes replies, so
-a slow operation never blocks an unrelated fast one.
+a slow operation never blocks an unrelated fast one.  An op declared
+``inline`` (``echo``: no I/O, instant, idempotent) runs on the main thread
+when replies need no fsync, since a thread hand-off would cost more than it.
 
 Security: runs as the worker user and trusts only ``work/`` and the config.
 Every entry of ``new/`` is read as hostile (``spool.read_untrusted``); what
@@ -344,8 +346,8 @@ class Worker:
         try:
             moved = self.spool.quarantine(self.spool.new, name, reason)
         except OSError as exc:
-            # Spool.quarantine's last step (removing active/NAME.run) fails
-            # with ENAMETOOLONG for a 255-byte name; the entry is handled
+            # e.g. the reason could not be written (disk full): the worker
+            # goes on; an entry still in new/ is skipped, not retried forever
             log.warning("event=quarantine_cleanup_failed name=%r error=%r", name, exc)
             moved = not os.path.lexists(self.spool.new / name)
         if not moved:
