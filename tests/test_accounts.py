@@ -357,10 +357,7 @@ with open(os.path.join(new, "acct-badjson.json"), "w") as f:
 # -- doctor -------------------------------------------------------------------
 
 def _doctor(site: Site) -> subprocess.CompletedProcess:
-    done = site.spoolops(None, "doctor")
-    if "invalid choice" in done.stderr:  # until the lead wires 'doctor' into cli/main.py
-        done = site.as_user(None, site.python, "-c", _DOCTOR_SHIM)
-    return done
+    return site.spoolops(None, "doctor")
 
 
 def test_doctor_passes_on_a_good_tree_and_flags_a_bad_mode(site: Site) -> None:
@@ -373,14 +370,3 @@ def test_doctor_passes_on_a_good_tree_and_flags_a_bad_mode(site: Site) -> None:
         assert "replies" in bad.stdout and "spoolops init" in bad.stdout
     finally:
         os.chmod(site.spool.replies, 0o2770)
-
-
-# until the lead wires 'doctor' into cli/main.py
-_DOCTOR_SHIM = """
-import argparse, sys
-from spoolops.cli import doctor
-p = argparse.ArgumentParser()
-p.add_argument('--config'); p.add_argument('--root')
-doctor.add_arguments(p)
-sys.exit(doctor.run(p.parse_args([])))
-"""

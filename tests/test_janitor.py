@@ -1,7 +1,6 @@
 """The janitor: what it removes by age, what it keeps, what it reports, exit codes.
 
-Real trees, real worker processes, the real command line (``python -m
-spoolops.cli.janitor`` until ``spoolops janitor`` is wired into main.py).
+Real trees, real worker processes, the real command line (``spoolops janitor``).
 Ages are made with ``os.utime`` (files) and the janitor's injectable clock.
 """
 
@@ -24,7 +23,7 @@ DAY = 86400.0
 
 
 def janitor_cli(env: SpoolEnv, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spoolops.cli.janitor", *args],
+    return subprocess.run([sys.executable, "-m", "spoolops", "janitor", *args],
                           check=False, capture_output=True, text=True, timeout=120,
                           env=env.env())
 

@@ -15,6 +15,7 @@ import sys
 from ..config import load_config
 from ..errors import ConfigError, SpoolSetupError
 from ..janitor import JanitorReport, run_janitor
+from .inspect import age_text
 
 EXIT_OK, EXIT_STUCK, EXIT_USAGE = 0, 1, 2
 
@@ -23,15 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="change nothing; say what would be done")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def render_text(report: JanitorReport) -> str:
@@ -46,10 +38,10 @@ def render_text(report: JanitorReport) -> str:
         if a.error:
             verb = f"FAILED to {a.action}"
         tail = f": {a.error}" if a.error else ""
-        lines.append(f"{verb} {a.path} (age {_age(a.age_s)}; {a.why}){tail}")
+        lines.append(f"{verb} {a.path} (age {age_text(a.age_s)}; {a.why}){tail}")
     for f in report.findings:
         label = "STUCK" if f.kind in ("stuck", "orphan", "running_long") else "NOTE"
-        lines.append(f"{label} {f.kind}: {f.path} (age {_age(f.age_s)}): {f.why}")
+        lines.append(f"{label} {f.kind}: {f.path} (age {age_text(f.age_s)}): {f.why}")
     if not report.actions and not report.findings:
         lines.append("nothing to do")
     return "\n".join(lines)
@@ -71,16 +63,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_text(report))
     return EXIT_STUCK if report.stuck else EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m spoolops.cli.janitor``) until main.py wires it."""
-    parser = argparse.ArgumentParser(prog="spoolops janitor")
-    parser.add_argument("--config", "-c", default=None)
-    parser.add_argument("--root", default=None)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
