@@ -23,6 +23,7 @@ non-blocking before calling ``recover``).  ``plan_orphan`` says what
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -31,6 +32,7 @@ from .errors import Interrupted, OpError
 from .ops import Registry
 from .spool import (
     RUN_SUFFIX,
+    STAGED_REPLY_SUFFIX,
     Spool,
     UnsafeEntry,
     id_from_name,
@@ -61,6 +63,11 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
         if entry.endswith(".tmp"):
             _unlink(spool.work / entry)
     for rid in spool.staged_replies():
+        op_name = _staged_interruption(spool, rid)
+        if op_name is not None and os.path.lexists(spool.active / (rid + ".json")):
+            # an earlier recovery staged this Interrupted reply and died before
+            # moving the request aside: finish that first
+            spool.quarantine(spool.active, rid + ".json", _interrupted_reason(op_name))
         spool.publish_reply(rid)
         log.warning("event=recovered action=published_staged_reply id=%s", rid)
         done["published"] += 1
@@ -130,12 +137,28 @@ def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, na
         " Check the target before retrying (see 'spoolops show ID'); the request is in"
         f" failed/{name}"))
     spool.stage_reply(rid, reply)
-    spool.quarantine(spool.active, name, f"Interrupted: the worker died while running"
-                     f" {op_name!r} (not idempotent), so it was not re-run; check its target"
-                     " and requeue it with 'spoolops requeue' if it did not complete")
+    spool.quarantine(spool.active, name, _interrupted_reason(op_name))
     spool.publish_reply(rid)
     log.warning("event=recovered action=interrupted id=%s op=%s", rid, op_name)
     done["interrupted"] += 1
+
+
+def _interrupted_reason(op_name: str | None) -> str:
+    return (f"Interrupted: the worker died while running {op_name!r} (not idempotent), so"
+            " it was not re-run; check its target and requeue it with 'spoolops requeue'"
+            " if it did not complete")
+
+
+def _staged_interruption(spool: Spool, rid: str) -> str | None:
+    """The op name if ``rid``'s staged reply is an ``Interrupted`` one."""
+    try:
+        reply = json.loads((spool.work / (rid + STAGED_REPLY_SUFFIX)).read_bytes())
+    except (OSError, ValueError):
+        return None
+    error = reply.get("error") if isinstance(reply, dict) else None
+    if isinstance(error, dict) and error.get("type") == Interrupted.type:
+        return reply.get("op") or "?"
+    return None
 
 
 def _nobody() -> Request:

@@ -291,3 +291,28 @@ def test_full_disk_header_edit_fails_cleanly(tmp_path: Path):
     finally:
         env.close()
         subprocess.run(["umount", "-l", str(storage)], check=False)
+
+
+def test_recovery_killed_between_interrupted_reply_and_quarantine(spool_env: SpoolEnv):
+    """A recovery that died after staging an Interrupted reply but before moving
+    the request to failed/ is finished by the next one: reply published, request
+    in failed/ with its reason, never re-run."""
+    from spoolops.dispatch import Dispatcher
+    from spoolops.errors import Interrupted
+    from spoolops.ops import default_registry
+    from spoolops.recovery import recover
+    sp = spool_env.spool
+    client = spool_env.client()
+    rid = client.submit("nonidem", {"seconds": 0})
+    assert sp.claim_request(rid + ".json")
+    (sp.active / (rid + ".json.run")).write_text("{}")
+    registry = default_registry()
+    dispatcher = Dispatcher(registry, spool_env.config, sp.work)
+    f = sp.read_claimed(rid + ".json")
+    request = dispatcher.parse(f.data, rid, f.st.st_uid, f.st.st_mtime)
+    sp.stage_reply(rid, dispatcher.reply(request, error=Interrupted("cut off")))
+    recover(sp, registry, dispatcher)
+    assert os.listdir(sp.active) == [] and os.listdir(sp.new) == []
+    assert (sp.failed / (rid + ".json")).exists()
+    assert "Interrupted" in (sp.failed / (rid + ".json.reason")).read_text()
+    assert client.wait(rid, timeout=5).error["type"] == "Interrupted"
