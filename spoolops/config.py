@@ -49,6 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "upload_staging_dir": ("path", "/data/upload_staging"),
         "processed_cals_path": ("str", "processed_cals"),
         "file_mode": ("mode", "0644"),
+        "compressed_layout": ("str", "single"),  # single, or streams (faster, not cfitsio)
     },
 }
 
@@ -123,6 +124,7 @@ class Config:
     upload_staging_dir: Path = Path("/data/upload_staging")
     processed_cals_path: str = "processed_cals"
     file_mode: int = 0o644
+    compressed_layout: str = "single"
     access_default: tuple[str, ...] = (ALL_USERS,)
     access: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: Path | None = None
@@ -186,6 +188,8 @@ class Config:
             raise ConfigError("[spool] max_request_bytes: must be at least 256")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("[worker] log_level: one of debug, info, warning, error")
+        if self.compressed_layout not in ("single", "streams"):
+            raise ConfigError("[storage] compressed_layout: single or streams")
         if os.path.isabs(self.processed_cals_path) or ".." in Path(
                 self.processed_cals_path).parts:
             raise ConfigError("[storage] processed_cals_path: must be relative to "
@@ -289,6 +293,7 @@ def render_config(config: Config) -> str:
         f"upload_staging_dir = {config.upload_staging_dir}",
         f"processed_cals_path = {config.processed_cals_path}",
         f"file_mode = {config.file_mode:04o}",
+        f"compressed_layout = {config.compressed_layout}",
         "",
         "[access]",
         f"default = {', '.join(config.access_default)}",

@@ -28,17 +28,18 @@ TRIALS = 500 if os.environ.get("SPOOLOPS_SOAK") == "1" else 50
 EDITS = parse_values({"qa_state": "Pass", "generic": {"OBJECT": "crash test"}})
 
 
-def _run(storage: Path, work: Path, name: str, inplace_min: int) -> None:
+def _run(storage: Path, work: Path, name: str, inplace_min: int, layout: str) -> None:
     edit.update_file(storage, name, EDITS, work_dir=work, durable=True,
-                     inplace_min=inplace_min)
+                     inplace_min=inplace_min, layout=layout)
 
 
-def _child(storage: Path, work: Path, name: str, inplace_min: int, spec: str) -> int:
+def _child(storage: Path, work: Path, name: str, inplace_min: int, layout: str,
+           spec: str) -> int:
     pid = os.fork()
     if pid == 0:
         try:
             os.environ[fault.ENV] = spec
-            _run(storage, work, name, inplace_min)
+            _run(storage, work, name, inplace_min, layout)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - report through the exit status
             os._exit(3)
@@ -46,8 +47,11 @@ def _child(storage: Path, work: Path, name: str, inplace_min: int, spec: str) ->
     return status
 
 
-@pytest.mark.parametrize("path_kind", ["copy", "inplace", "gz", "bz2"])
+@pytest.mark.parametrize("path_kind", ["copy", "inplace", "gz", "bz2", "gz-streams",
+                                       "bz2-streams"])
 def test_sigkill_leaves_old_or_new(tmp_path, path_kind):
+    path_kind, _, layout = path_kind.partition("-")
+    layout = layout or "single"
     storage, work = tmp_path / "storage", tmp_path / "work"
     storage.mkdir()
     work.mkdir(mode=0o700)
@@ -62,13 +66,13 @@ def test_sigkill_leaves_old_or_new(tmp_path, path_kind):
     shutil.copyfile(src, storage / name)
     os.environ.pop(fault.ENV, None)
     bytes0, fsyncs0 = fault.counts()
-    _run(storage, work, name, inplace_min)
+    _run(storage, work, name, inplace_min, layout)
     bytes1, fsyncs1 = fault.counts()
     total_bytes, total_fsyncs = bytes1 - bytes0, fsyncs1 - fsyncs0
     new = (storage / name).read_bytes()
     assert new != old and total_bytes > 0 and total_fsyncs > 0
 
-    rng = random.Random(f"{path_kind}-{TRIALS}")
+    rng = random.Random(f"{path_kind}-{layout}-{TRIALS}")
     outcomes = {"old": 0, "new": 0}
     for trial in range(TRIALS):
         shutil.copyfile(src, storage / name)
@@ -76,7 +80,7 @@ def test_sigkill_leaves_old_or_new(tmp_path, path_kind):
             spec = f"fsync:{1 + trial // 3 % total_fsyncs}"
         else:
             spec = f"write:{rng.randrange(total_bytes + 1)}"
-        status = _child(storage, work, name, inplace_min, spec)
+        status = _child(storage, work, name, inplace_min, layout, spec)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 or (
             os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL), spec
         recover_journals(work)

@@ -11,7 +11,7 @@ import fitsfiles
 import pytest
 from astropy.io import fits
 
-from spoolops.config import Config
+from spoolops.config import Config, replace_config
 from spoolops.errors import BadRequest, Conflict, NotFound, OpFailed
 from spoolops.fits import edit as fits_edit
 from spoolops.fits import parse_values, recover_journals
@@ -266,6 +266,7 @@ def test_in_place_path(env, tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["gz", "bz2"])
 def test_repeat_compressed_edit_copies_data_streams(env, tmp_path, kind, monkeypatch):
     monkeypatch.setattr("spoolops.fits.compress.CHUNK", 64 * 1024)
+    env.config = replace_config(env.config, compressed_layout="streams")
     name = place(env, fitsfiles.simple_image(tmp_path / "a.fits", shape=(300, 300),
                                              dtype=">f4"), kind)
     path = env.config.storage_root / name
@@ -306,3 +307,26 @@ def test_damaged_files_refused_unchanged(env, tmp_path):
             call(env, filename=name, values={"qa_state": "Pass"})
         assert (env.config.storage_root / name).read_bytes() == blob
     no_leftovers(env)
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2"])
+def test_single_layout_is_one_stream_that_cfitsio_reads(env, tmp_path, kind):
+    """The default layout writes one stream: fitsverify (cfitsio, which reads
+    only the first stream of a concatenated file) verifies the file as stored."""
+    import bz2
+    import shutil
+    import subprocess
+    import zlib
+    name = place(env, fitsfiles.simple_image(tmp_path / "a.fits", shape=(400, 400),
+                                             dtype=">f4"), kind)
+    path = env.config.storage_root / name
+    for qa in ("Pass", "Fail"):  # a first and a repeat edit
+        call(env, filename=name, values={"qa_state": qa})
+        dec = bz2.BZ2Decompressor() if kind == "bz2" else zlib.decompressobj(31)
+        dec.decompress(path.read_bytes())
+        assert dec.eof and dec.unused_data == b"", "more than one stream"
+        assert fits.getheader(path)["RAWGEMQA"] == ("USABLE" if qa == "Pass" else "BAD")
+    if shutil.which("fitsverify"):
+        out = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True,
+                             check=False)
+        assert "verification OK" in out.stdout, out.stdout

@@ -46,7 +46,10 @@ class Systems:
     def _start(self, with_dbpoll: bool) -> None:
         for durable in (False, True):
             tag = "on" if durable else "off"
-            tree = SpoolopsTree(self.base / f"spoolops-durable-{tag}", durable)
+            # the durable tree runs the FITS workloads with the fast
+            # layout; the default (single) layout is timed in-process (w_fits)
+            tree = SpoolopsTree(self.base / f"spoolops-durable-{tag}", durable,
+                                layout="streams" if durable else "single")
             tree.start_worker()
             self.trees[tag] = tree
             self.targets[f"spoolops/{tag}"] = ("spoolops", str(tree.config_path), durable)

@@ -25,7 +25,7 @@ from .common import child_env
 
 class SpoolopsTree:
     def __init__(self, base: Path, durable: bool, concurrency: int = 4,
-                 extra: str = "") -> None:
+                 extra: str = "", layout: str = "single") -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.config_path = base / "spoolops.conf"
@@ -33,7 +33,8 @@ class SpoolopsTree:
             "[spool]", "root = spool", f"durable = {'yes' if durable else 'no'}", "",
             "[worker]", f"concurrency = {concurrency}", "rescan_interval = 60s",
             f"log = {base / 'worker.log'}", "",
-            "[storage]", "storage_root = storage", "upload_staging_dir = staging", "",
+            "[storage]", "storage_root = storage", "upload_staging_dir = staging",
+            f"compressed_layout = {layout}", "",
             extra, ""]))
         self.config = load_config(self.config_path)
         init_tree(self.config, resolve_accounts(self.config))

@@ -1,15 +1,22 @@
-"""gzip/bzip2 as concatenated streams: read any, write in parallel chunks.
+"""gzip/bzip2: read any, write one stream or concatenated streams.
 
-A ``.fits.gz``/``.fits.bz2`` written by spoolops is a sequence of independent
-streams (gzip members / bzip2 streams): first one holding every byte up to
-the end of the edited HDU's header, then the rest in ``CHUNK``-sized pieces,
-each compressed on its own so that two threads can work at once (zlib and
-bz2 release the GIL).  gzip, bzip2, Python and astropy all read such files as
-one.  A later edit of the same HDU then recompresses only the first stream
-and copies the others byte for byte (``first_stream`` finds where it ends).
+Two layouts, chosen by ``[storage] compressed_layout``:
+
+``single`` (the default)
+    one stream/member, as ``bzip2``/``gzip`` write it.  Every reader takes
+    it -- cfitsio too (fitsverify, ds9, ...), which reads only the first
+    stream of a concatenated file.  The compressor runs on a second thread,
+    overlapping the decompression of the original.
+``streams``
+    a sequence of independent streams: the first holds every byte up to the
+    end of the edited HDU's header, the rest ``CHUNK``-sized pieces compressed
+    on two threads at once (zlib and bz2 release the GIL).  gzip, bzip2,
+    Python and astropy read such files as one; cfitsio does not.  A later
+    edit of the same HDU recompresses only the first stream and copies the
+    others byte for byte (``first_stream`` finds where it ends).
+
 Trusts nothing: compressed input may be damaged; errors become ``OpFailed``.
 """
-
 from __future__ import annotations
 
 import bz2
@@ -90,6 +97,21 @@ def parallel_compress(kind: str, chunks: Iterable[bytes], workers: int = WORKERS
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def single_stream(comp: Compressor, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Finish the stream ``comp`` with ``chunks``, compressing on a second
+    thread while the caller produces the next chunk (decompression and
+    compression both release the GIL, so the two overlap on two cores)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for chunk in chunks:
+            if pending is not None:
+                yield pending.result()
+            pending = pool.submit(comp.feed, chunk)  # in order: one at a time
+        if pending is not None:
+            yield pending.result()
+    yield comp.finish()
 
 
 class _OneStream:

@@ -153,7 +153,8 @@ def update_file(storage_root: Path, filename: str, edits: list[cards.Edit], *,
                 work_dir: Path, durable: bool = True, reject_new: bool = False,
                 before_md5: str | None = None, hdu: int = 0, want_md5: bool = False,
                 token: str = "", inplace_min: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int, int], None] | None = None,
+                layout: str = "single") -> dict[str, Any]:
     """Edit one HDU's header of ``storage_root/filename``; returns the op result.
 
     ``progress(done, total)`` is called with the bytes of the stored file
@@ -167,7 +168,7 @@ def update_file(storage_root: Path, filename: str, edits: list[cards.Edit], *,
         fd = confine.open_file(dfd, parts[-1], os.O_RDONLY)
         try:
             job = _Job(storage_root, parts, dfd, fd, work_dir, durable, token)
-            job.progress = progress
+            job.progress, job.layout = progress, layout
             if inplace_min is None:
                 inplace_min = INPLACE_MIN_BYTES
             return job.run(kind, edits, reject_new, before_md5, hdu, want_md5, inplace_min)
@@ -186,6 +187,7 @@ class _Job:
         self.real_path = os.path.join(self.dir_real, self.name)
         self.st = os.fstat(fd)
         self.progress: Callable[[int, int], None] | None = None
+        self.layout = "single"
 
     def result(self, modified: bool, before: str | None, after: str | None, size: int,
                changes: list) -> dict[str, Any]:
@@ -295,7 +297,7 @@ class _Job:
         if cards.has_checksum(new):
             new = cards.seal(new, _datasum(target.header, new, data))
         first = None
-        if target.data_offset <= PREFIX_LIMIT:
+        if self.layout == "streams" and target.data_offset <= PREFIX_LIMIT:
             first = compress.first_stream(kind, Source(self.fd, size).read, target.data_offset)
         tmp = _Temp(self.work_dir, self.dfd, self.dir_real, self.name, self.token,
                     self.durable)
@@ -332,12 +334,17 @@ class _Job:
         if dec.read(len(target.header)) != target.header:
             raise OpFailed("file changed while being edited")
         tmp.write(lead.feed(new))
-        tmp.write(lead.finish())
 
         def rest() -> Iterator[bytes]:
             while chunk := dec.read(compress.CHUNK):
                 yield chunk
-        for stream in compress.parallel_compress(kind, rest()):
-            tmp.write(stream)
+        if self.layout == "streams":
+            tmp.write(lead.finish())
+            for stream in compress.parallel_compress(kind, rest()):
+                tmp.write(stream)
+        else:  # one stream, as bzip2/gzip write it: every reader, cfitsio too, reads it
+            for piece in compress.single_stream(lead, rest()):
+                tmp.write(piece)
         while src.read(COPY_CHUNK):    # hash any bytes the decoder did not need
             pass
+

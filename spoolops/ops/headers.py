@@ -69,7 +69,7 @@ def run_update_headers(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
                        durable=ctx.config.durable, reject_new=args["reject_new"],
                        before_md5=args["before_md5"], hdu=args["hdu"],
                        want_md5=args["md5"], token=ctx.request_id[-24:],
-                       progress=ctx.progress)
+                       progress=ctx.progress, layout=ctx.config.compressed_layout)
 
 
 def recover_update_headers(ctx: OpContext) -> Sequence[str]:
