@@ -350,7 +350,7 @@ with open(os.path.join(new, "acct-badjson.json"), "w") as f:
     # the worker survived and serves
     assert site.worker is not None and site.worker.poll() is None
     after = _call(site, WEB, "echo", "--arg", "after=1")
-    assert after.returncode == 0 and json.loads(after.stdout)["result"] == {"after": 1}
+    assert after.returncode == 0 and json.loads(after.stdout)["result"] == {"after": "1"}
     os.rmdir(new / "acct-dir.json")
 
 

@@ -23,9 +23,12 @@ def test_help_for_each_subcommand(sub: str, capsys: pytest.CaptureFixture) -> No
 
 
 def test_call_args_parsing() -> None:
-    assert parse_call_args(["x=1", "s=text", "j={\"a\": [1]}", "e="], None) == \
-        {"x": 1, "s": "text", "j": {"a": [1]}, "e": ""}
-    assert parse_call_args(["x=2"], '{"x": 1, "y": true}') == {"x": 2, "y": True}
+    assert parse_call_args(["x:=1", "s=text", "night=20261128", 'j:={"a": [1]}', "e="],
+                           None) == {"x": 1, "s": "text", "night": "20261128",
+                                     "j": {"a": [1]}, "e": ""}
+    assert parse_call_args(["x:=2"], '{"x": 1, "y": true}') == {"x": 2, "y": True}
+    with pytest.raises(ConfigError):
+        parse_call_args(["x:=not json"], None)
     with pytest.raises(ConfigError):
         parse_call_args(["novalue"], None)
     with pytest.raises(ConfigError):
@@ -36,7 +39,7 @@ def test_call_echo_prints_reply_and_exits_0(running: SpoolEnv) -> None:
     result = running.spoolops("call", "echo", "--arg", "x=1")
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    assert reply["ok"] is True and reply["result"] == {"x": 1} and reply["op"] == "echo"
+    assert reply["ok"] is True and reply["result"] == {"x": "1"} and reply["op"] == "echo"
 
 
 def test_config_after_subcommand(running: SpoolEnv) -> None:

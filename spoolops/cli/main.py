@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("call", "submit a request, wait for the reply and print it as JSON")
     p.add_argument("op", help="operation name, e.g. echo")
     p.add_argument("--arg", action="append", default=[], metavar="K=V",
-                   help="an argument; V is parsed as JSON if it can be, else a string")
+                   help="a string argument; K:=J gives a JSON value (--arg hdu:=1)")
     p.add_argument("--args-json", metavar="JSON", help="arguments as one JSON object")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for the reply (default 30)")
@@ -157,12 +157,16 @@ def parse_call_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:
             raise ConfigError("--args-json must be a JSON object")
         values.update(loaded)
     for pair in pairs:
+        # K=V is a string (a night folder "20261128" stays a string); K:=J is JSON
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--arg {pair!r}: use KEY=VALUE")
-        try:
-            values[key] = json.loads(raw)
-        except ValueError:
+        if not sep or not key or key == ":":
+            raise ConfigError(f"--arg {pair!r}: use KEY=VALUE, or KEY:=JSON")
+        if key.endswith(":"):
+            try:
+                values[key[:-1]] = json.loads(raw)
+            except ValueError as exc:
+                raise ConfigError(f"--arg {pair!r}: not valid JSON after ':=' ({exc})") from None
+        else:
             values[key] = raw
     return values
 
