@@ -17,6 +17,8 @@ import os
 import stat
 from pathlib import Path
 
+from .spool import fsync_dir, write_new_file
+
 TEMP_MARK = ".spoolops-tmp"
 RECORD_DIR = "temps"
 
@@ -36,19 +38,10 @@ def register_temp(work_dir: Path, path: str | os.PathLike, durable: bool = True)
     path = os.path.abspath(path)
     record = _record_path(work_dir, path)
     record.parent.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, os.fsencode(path) + b"\n")
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    record.unlink(missing_ok=True)  # a stale record for the same path: ours to replace
+    write_new_file(record, os.fsencode(path) + b"\n", durable, mode=0o600)
     if durable:
-        dfd = os.open(record.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(record.parent)
 
 
 def forget_temp(work_dir: Path, path: str | os.PathLike) -> None:

@@ -159,11 +159,6 @@ def dir_mode_for(file_mode: int) -> int:
     return mode | ((mode & 0o444) >> 2) | 0o700
 
 
-def _fsync(fd: int) -> None:
-    os.fsync(fd)
-    faults.hit("fsync")
-
-
 def _check_target(ddir: int, filename: str, overwrite: bool, rel: str) -> None:
     try:
         st = os.stat(filename, dir_fd=ddir, follow_symlinks=False)
@@ -238,7 +233,7 @@ def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
                 os.fchmod(tfd, config.file_mode)  # exactly file_mode, whatever the umask
                 size, md5 = _stream(ctx, sfd, tfd, rel)
                 if config.durable:
-                    _fsync(tfd)
+                    faults.fsync(tfd)
             finally:
                 os.close(tfd)
         except OSError as exc:
@@ -278,7 +273,7 @@ def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
                 raise _no_space(exc, rel) from None
             raise
         if config.durable:
-            _fsync(ddir)
+            faults.fsync(ddir)
         return size, md5
     finally:
         if temp_exists:
@@ -307,7 +302,7 @@ def _remove_staged(ctx: OpContext, sdir: int, sfd: int, filename: str) -> None:
         os.unlink(filename, dir_fd=sdir)
         faults.hit("ingest.after_staged_unlink")
         if ctx.config.durable:
-            _fsync(sdir)
+            faults.fsync(sdir)
     except OSError as exc:
         ctx.log.warning("event=ingest_staged_not_removed filename=%s request=%s error=%r",
                         filename, ctx.request_id, exc)
