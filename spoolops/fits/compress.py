@@ -17,6 +17,7 @@ Two layouts, chosen by ``[storage] compressed_layout``:
 
 Trusts nothing: compressed input may be damaged; errors become ``OpFailed``.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -25,6 +26,9 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import OpFailed
@@ -74,16 +78,31 @@ class Compressor:
 _niced = threading.local()
 
 
-def _compress_in_background(kind: str, data: bytes) -> bytes:
-    # a long edit must not starve the worker's dispatch thread of a core: the
-    # compressing threads (made per call, so this dies with them) yield to it
+def lower_priority() -> None:
+    """Run the calling thread at nice 10, once (threads made per call die with it):
+    a long edit must not starve the worker's dispatch thread of a core."""
     if not getattr(_niced, "done", False):
         _niced.done = True
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except OSError:
             pass
+
+
+def _compress_in_background(kind: str, data: bytes) -> bytes:
+    lower_priority()
     return compress(kind, data)
+
+
+def in_background(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a fresh thread at nice 10 (its result or exception)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_niced_call, fn, *args).result()
+
+
+def _niced_call(fn: Callable[..., T], *args: Any) -> T:
+    lower_priority()
+    return fn(*args)
 
 
 def parallel_compress(kind: str, chunks: Iterable[bytes], workers: int = WORKERS
@@ -108,7 +127,7 @@ def single_stream(comp: Compressor, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
             if pending is not None:
                 yield pending.result()
-            pending = pool.submit(comp.feed, chunk)  # in order: one at a time
+            pending = pool.submit(_niced_call, comp.feed, chunk)  # in order, one at a time
         if pending is not None:
             yield pending.result()
     yield comp.finish()

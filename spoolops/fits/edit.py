@@ -312,7 +312,9 @@ class _Job:
                 for chunk in src.chunks(size):
                     tmp.write(chunk)
             else:
-                self._recompress(kind, tmp, target, new, before)
+                # decompress and recompress on a thread at nice 10, like the
+                # compressors: seconds of CPU must not delay other requests
+                compress.in_background(self._recompress, kind, tmp, target, new, before)
             out_size = tmp.publish(self.st)
         except BaseException:
             tmp.discard()
