@@ -18,8 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
@@ -143,17 +141,6 @@ def open_file(dir_fd: int, name: str, flags: int = os.O_RDONLY, mode: int = 0o60
     except BaseException:
         os.close(fd)
         raise
-
-
-@contextmanager
-def confined_dir(root: Path, relpath: str, create: bool = False, mode: int = 0o755,
-                 what: str = "path") -> Iterator[int]:
-    """Context manager form of ``open_dir`` for a request-supplied folder."""
-    fd = open_dir(root, split_relative(relpath, what, allow_empty=True), create, mode)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def resolve_target(root: Path, relpath: str, what: str = "filename") -> str:

@@ -163,19 +163,19 @@ class _Janitor:
 
     # -- the folders --------------------------------------------------------
 
-    def tmp(self) -> None:
-        for name, st in self._entries(self.spool.tmp):
+    def _remove_older(self, folder: Path, ttl: float, why: str) -> None:
+        for name, st in self._entries(folder):
             age = self._age(st)
-            if age > self.config.tmp_ttl:
-                self._remove(self.spool.tmp / name, "left in tmp/ longer than tmp_ttl"
-                             " (its client died mid-write)", age)
+            if age > ttl:
+                self._remove(folder / name, why, age)
+
+    def tmp(self) -> None:
+        self._remove_older(self.spool.tmp, self.config.tmp_ttl,
+                           "left in tmp/ longer than tmp_ttl (its client died mid-write)")
 
     def replies(self) -> None:
-        for name, st in self._entries(self.spool.replies):
-            age = self._age(st)
-            if age > self.config.reply_ttl:
-                self._remove(self.spool.replies / name, "not collected within reply_ttl"
-                             " (its client gave up)", age)
+        self._remove_older(self.spool.replies, self.config.reply_ttl,
+                           "not collected within reply_ttl (its client gave up)")
 
     def failed(self) -> None:
         entries = dict(self._entries(self.spool.failed))

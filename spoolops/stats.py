@@ -68,7 +68,7 @@ class Stats:
             return self.save(queue, running)
         return False
 
-    def save(self, queue: Any, running: int, force: bool = False) -> bool:
+    def save(self, queue: Any, running: int) -> bool:
         try:
             write_atomic(self.path.with_suffix(".json.tmp"), self.path,
                          encode_json(self.snapshot(len(queue), running)), durable=False,

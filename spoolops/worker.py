@@ -182,7 +182,7 @@ class Worker:
             self._pool.shutdown(wait=True)  # finish what runs; queued stays queued
             self._pool = None
             self._finish_done()
-        self.stats.save(self.queue, 0, force=True)
+        self.stats.save(self.queue, 0)
 
     # -- intake -------------------------------------------------------------
 

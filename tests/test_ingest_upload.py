@@ -249,16 +249,21 @@ def _assert_untouched(env):
     assert leftovers(env) == []
 
 
+def _rejected_by_validate_and_run(env, filename: str) -> None:
+    """BadRequest from validate(), and from run() alone (a swap after validate)."""
+    with pytest.raises(BadRequest):
+        ingest(env, filename=filename)
+    clean = {"filename": filename, "path": "", "processed_cal": False, "md5": None,
+             "overwrite": False}
+    with pytest.raises(BadRequest):
+        INGEST_UPLOAD.run(env, clean)
+
+
 def test_symlinked_staged_file_rejected_even_if_swapped_after_validate(env):
     secret = env.config.storage_root.parent / "outside" / "secret"
     secret.write_bytes(b"secret")
     (env.config.upload_staging_dir / "f.fits").symlink_to(secret)
-    with pytest.raises(BadRequest):
-        ingest(env, filename="f.fits")
-    clean = {"filename": "f.fits", "path": "", "processed_cal": False, "md5": None,
-             "overwrite": False}
-    with pytest.raises(BadRequest):
-        INGEST_UPLOAD.run(env, clean)
+    _rejected_by_validate_and_run(env, "f.fits")
     assert list(env.config.storage_root.iterdir()) == []
     assert secret.read_bytes() == b"secret"
     _assert_untouched(env)
@@ -317,12 +322,7 @@ def test_fifo_as_staged_file_rejected_without_blocking(env):
 
 def test_directory_as_staged_file_rejected(env):
     (env.config.upload_staging_dir / "f.fits").mkdir()
-    with pytest.raises(BadRequest):
-        ingest(env, filename="f.fits")
-    clean = {"filename": "f.fits", "path": "", "processed_cal": False, "md5": None,
-             "overwrite": False}
-    with pytest.raises(BadRequest):
-        INGEST_UPLOAD.run(env, clean)
+    _rejected_by_validate_and_run(env, "f.fits")
     assert list(env.config.storage_root.iterdir()) == []
 
 
