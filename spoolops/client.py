@@ -265,10 +265,13 @@ class Client:
             watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, event)
 
     def _wait_registered(self, rid: str, event: threading.Event, timeout: float | None,
-                         watcher: _ReplyWatcher) -> Reply:
+                         watcher: _ReplyWatcher, look_first: bool = True) -> Reply:
+        """``look_first=False``: registered before the request was published,
+        so the reply cannot be there before its event."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            reply = self._collect(rid)
+            reply = self._collect(rid) if look_first else None
+            look_first = True
             if reply is not None:
                 return reply
             remaining = None if end is None else end - time.monotonic()
@@ -299,7 +302,7 @@ class Client:
         if not isinstance(obj, dict) or obj.get("id") != rid:
             log.warning("ignoring reply for %s whose id does not match", rid)
             return None
-        self.spool.remove_reply(rid, f.st)
+        self.spool.remove_reply(rid)
         return Reply.from_dict(obj)
 
     def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
@@ -319,7 +322,7 @@ class Client:
         try:
             self._publish(request)
             try:
-                reply = self._wait_registered(rid, event, timeout, watcher)
+                reply = self._wait_registered(rid, event, timeout, watcher, look_first=False)
             except Timeout:
                 self.cancel(rid)
                 raise

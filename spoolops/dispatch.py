@@ -147,7 +147,9 @@ def decode_json_object(data: bytes, what: str = "request") -> dict[str, Any]:
         raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"{what} must be a JSON object, not {type(obj).__name__}")
-    if not _depth_ok(obj, MAX_DEPTH):
+    # each level of nesting needs a bracket: with few of them (brackets in
+    # strings count too) the walk is not needed
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and not _depth_ok(obj, MAX_DEPTH):
         raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return obj
 
@@ -169,7 +171,7 @@ class Dispatcher:
         """The envelope from the request bytes; ``rid`` is the id the
         transport attributes the request to (the file name)."""
         obj = decode_json_object(data)
-        unknown = sorted(set(obj) - _ENVELOPE)
+        unknown = sorted(obj.keys() - _ENVELOPE)
         if unknown:
             raise BadRequest(f"unknown request field(s): {', '.join(unknown)}")
         if obj.get("version") != PROTOCOL_VERSION:
@@ -239,7 +241,10 @@ class Dispatcher:
             if request.deadline is not None and job.started_at > request.deadline:
                 raise Expired(f"deadline {utc_iso(request.deadline)} passed before the"
                               " worker started the request")
-            with self._target_locks(job.targets):
+            if job.targets:
+                with self._target_locks(job.targets):
+                    result = job.operation.run(self.context(request, progress), job.args)
+            else:
                 result = job.operation.run(self.context(request, progress), job.args)
             if result is None:
                 result = {}
@@ -257,8 +262,7 @@ class Dispatcher:
 
     def _target_locks(self, targets: Sequence[str]) -> ExitStack:
         stack = ExitStack()
-        if targets:
-            (self.work_dir / "locks").mkdir(mode=0o700, exist_ok=True)
+        (self.work_dir / "locks").mkdir(mode=0o700, exist_ok=True)
         try:
             for target in sorted(set(targets)):  # one global order: no deadlock
                 lock = filelock.FileLock(target_lock_path(self.work_dir, target),
@@ -283,6 +287,7 @@ class Dispatcher:
             op = op if op is not None else (request.op or None)
         if not valid_id(rid):
             raise ValueError(f"no valid id to reply to: {rid!r}")
+        finished_at = utc_iso(now)
         return {
             "version": PROTOCOL_VERSION,
             "id": rid,
@@ -292,8 +297,8 @@ class Dispatcher:
             "error": None if error is None else {"type": error.type, "message": error.message},
             "submitted_by": user,
             "queued_at": utc_iso(queued_at) if queued_at is not None else None,
-            "started_at": utc_iso(started_at if started_at is not None else now),
-            "finished_at": utc_iso(now),
+            "started_at": finished_at if started_at is None else utc_iso(started_at),
+            "finished_at": finished_at,
             "worker": dict(self.worker_info),
         }
 

@@ -8,7 +8,8 @@ Runs once, under the worker lock, before any request is claimed:
 2. recorded temporary files outside ``work/`` are removed
    (``tempfiles.cleanup_temps``), and stale staging files in ``work/``;
 3. staged replies (the op finished, the reply was not yet published) are
-   published -- exactly one reply, never two;
+   published -- exactly one reply, never two; one cut off while being
+   written is dropped (its request is still in ``active/``, see step 4);
 4. each request left in ``active/`` is an orphan: if its reply is already in
    ``replies/`` the orphan is only cleared; if it never started (no run
    file) or its op is idempotent it goes back to ``new/`` keeping its mtime
@@ -23,7 +24,6 @@ non-blocking before calling ``recover``).  ``plan_orphan`` says what
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -63,7 +63,10 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
         if entry.endswith(".tmp"):
             _unlink(spool.work / entry)
     for rid in spool.staged_replies():
-        op_name = _staged_interruption(spool, rid)
+        staged = spool.staged_reply(rid)
+        if staged is None and not _staged_cut_off(spool, dispatcher, rid):
+            continue
+        op_name = _interruption_op(staged)
         if op_name is not None and os.path.lexists(spool.active / (rid + ".json")):
             # an earlier recovery staged this Interrupted reply and died before
             # moving the request aside: finish that first
@@ -149,13 +152,25 @@ def _interrupted_reason(op_name: str | None) -> str:
             " if it did not complete")
 
 
-def _staged_interruption(spool: Spool, rid: str) -> str | None:
-    """The op name if ``rid``'s staged reply is an ``Interrupted`` one."""
-    try:
-        reply = json.loads((spool.work / (rid + STAGED_REPLY_SUFFIX)).read_bytes())
-    except (OSError, ValueError):
-        return None
-    error = reply.get("error") if isinstance(reply, dict) else None
+def _staged_cut_off(spool: Spool, dispatcher: Dispatcher, rid: str) -> bool:
+    """A staged reply that does not parse was cut off while being written:
+    drop it, and leave the request in ``active/`` to step 4.  Only a power
+    cut with ``durable = no`` can leave one without its request: then its
+    outcome is unknown, and the client is told so.  True if a replacement
+    reply was staged (to be published)."""
+    _unlink(spool.work / (rid + STAGED_REPLY_SUFFIX))
+    if os.path.lexists(spool.active / (rid + ".json")):
+        log.warning("event=recovered action=dropped_partial_reply id=%s", rid)
+        return False
+    spool.stage_reply(rid, dispatcher.reply(None, rid=rid, error=Interrupted(
+        "the worker stopped while writing this request's reply; whether the operation"
+        " completed is unknown. Check the target before retrying")))
+    return True
+
+
+def _interruption_op(reply: dict | None) -> str | None:
+    """The op name if a staged reply is an ``Interrupted`` one."""
+    error = reply.get("error") if reply is not None else None
     if isinstance(error, dict) and error.get("type") == Interrupted.type:
         return reply.get("op") or "?"
     return None

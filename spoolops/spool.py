@@ -6,13 +6,16 @@ that ``mailbox.py`` skips (when ``durable``):
 
     client:  tmp/ID.json --publish_request--> new/ID.json
     worker:  new/ID.json --claim_request--> active/ID.json (+ active/ID.json.run)
-             reply: work/ID.reply (complete, fsynced)
+             reply: work/ID.reply (written whole, fsynced)
              --publish_reply--> unlink active/ID.json, rename to replies/ID.json
     client:  reads replies/ID.json, checks owner and id, unlinks it
 
 Exactly one reply: a staged ``work/ID.reply`` means the operation finished; it
 is only ever renamed into ``replies/``, so recovery can tell "finished, not yet
 published" (staged reply present) from "cut off" (``active/ID.json`` alone).
+The staged reply is written in place, not through a rename: while it is being
+written ``active/ID.json`` still exists, and recovery drops a staged reply
+that does not parse (``staged_reply``), so a cut-off write is just "cut off".
 
 Trusts: nothing found in ``tmp/``, ``new/`` or ``replies/`` (group-writable).
 Such files are opened as Postfix's ``safe_open`` does: ``O_NOFOLLOW``,
@@ -22,7 +25,9 @@ Such files are opened as Postfix's ``safe_open`` does: ``O_NOFOLLOW``,
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -81,14 +86,14 @@ def reason_file_name(name: str) -> str:
 def new_request_id(now: float | None = None) -> str:
     """UTC time + pid + random: sorts by time, never collides."""
     now = time.time() if now is None else now
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}.{int(now % 1 * 1e6):06d}Z-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def utc_iso(ts: float | None = None) -> str:
     """``2026-11-28T12:34:56.789Z`` (milliseconds, UTC)."""
     ts = time.time() if ts is None else ts
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ts))}.{int(ts % 1 * 1000):03d}Z"
 
 
 def parse_iso(text: str) -> float:
@@ -99,8 +104,21 @@ def parse_iso(text: str) -> float:
     return dt.timestamp()
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+@functools.lru_cache(maxsize=256)
+def _key_line_start(key: str) -> str:
+    return f"  {_encode(key)}: "
+
+
 def encode_json(obj: Any) -> bytes:
-    """Pretty-printed UTF-8 JSON with a trailing newline: small files that ``cat`` well."""
+    """UTF-8 JSON, one top-level key per line, with a trailing newline: small
+    files that ``cat`` and ``grep`` well.  (Nested values stay on their key's
+    line, so the C encoder does all the work: ``indent`` would not use it.)"""
+    if isinstance(obj, dict) and obj and all(type(k) is str for k in obj):
+        body = ",\n".join([_key_line_start(k) + _encode(v) for k, v in obj.items()])
+        return f"{{\n{body}\n}}\n".encode()
     return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
@@ -133,8 +151,8 @@ def write_new_file(path: str | os.PathLike, data: bytes, durable: bool,
     os.close(fd)
 
 
-def write_atomic(staging: Path, final: Path, data: bytes, durable: bool,
-                 mode: int = FILE_MODE, own_staging: bool = False) -> None:
+def write_atomic(staging: str | os.PathLike, final: str | os.PathLike, data: bytes,
+                 durable: bool, mode: int = FILE_MODE, own_staging: bool = False) -> None:
     """Write ``staging``, then rename it to ``final`` (same filesystem): readers
     of ``final`` see the old file or the whole new one, never a part.
 
@@ -156,7 +174,32 @@ def write_atomic(staging: Path, final: Path, data: bytes, durable: bool,
             pass
         raise
     if durable:
-        fsync_dir(final.parent)
+        fsync_dir(os.path.dirname(final))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_noreplace_supported = [_renameat2 is not None]
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """``rename(src, dst)`` that fails with ``FileExistsError`` instead of
+    replacing ``dst``: atomic with ``renameat2(RENAME_NOREPLACE)`` (ext4, xfs,
+    btrfs, tmpfs).  Elsewhere the fallback checks first, which is only safe
+    when no other process renames into ``dst``'s folder (the worker's own)."""
+    if _noreplace_supported[0]:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), src, None, dst)
+        _noreplace_supported[0] = False  # this filesystem or kernel lacks it
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
+    os.rename(src, dst)
 
 
 @dataclass(frozen=True)
@@ -175,18 +218,20 @@ class UnsafeEntry(Exception):
         self.reason = reason
 
 
-def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
-    """Read a file a group member may have planted, as Postfix's safe_open does.
+def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = True
+                   ) -> SpoolFile:
+    """Read a file a group member may have planted, as Postfix's safe_open does:
+    open with ``O_NOFOLLOW``, then ``fstat``: a regular file with one link
+    whose (dev, ino) agree with an ``lstat`` of the name.  ``check_name=False``
+    skips that last check for a file in a folder only the caller can rename
+    into (``active/``), where nobody can swap it.
 
-    Raises ``UnsafeEntry`` (symlink, FIFO, device, directory, hard link,
-    swapped between lstat and open, too large) or ``FileNotFoundError``.
+    Raises ``UnsafeEntry`` (symlink, FIFO, socket, directory, hard link,
+    swapped while being opened, too large) or ``FileNotFoundError``.
     """
-    # refuse what is not a plain file before opening it: opening a device
-    # node can have side effects; O_NOCTTY keeps a tty from becoming ours
-    lst = os.lstat(path)
-    kind = stat.S_IFMT(lst.st_mode)
-    if kind != stat.S_IFREG:
-        raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}")
+    # O_NONBLOCK: a FIFO opens without waiting for a writer (and is refused
+    # below); O_NOCTTY: a tty never becomes ours.  Only root can make device
+    # nodes, and group members cannot hard-link across filesystems.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY |
                      os.O_CLOEXEC)
@@ -194,6 +239,12 @@ def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
         if exc.errno == errno.ELOOP:
             raise UnsafeEntry("it is a symbolic link") from None
         if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):
+            try:
+                kind = stat.S_IFMT(os.lstat(path).st_mode)
+            except OSError:
+                kind = 0
+            if kind not in (0, stat.S_IFREG):
+                raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}") from None
             raise UnsafeEntry(f"it cannot be opened as a regular file ({exc.strerror})") from None
         if exc.errno == errno.EACCES:
             raise UnsafeEntry("the worker may not read it (permission denied)") from None
@@ -205,24 +256,28 @@ def read_untrusted(path: Path, max_bytes: int) -> SpoolFile:
             raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}")
         if st.st_nlink != 1:
             raise UnsafeEntry(f"it has {st.st_nlink} hard links (a request file has one)")
-        try:
-            lst = os.lstat(path)
-        except FileNotFoundError:
-            raise UnsafeEntry("it was removed or swapped while being opened") from None
-        if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
-            raise UnsafeEntry("it was swapped for another file while being opened")
+        if check_name:
+            try:
+                lst = os.lstat(path)
+            except FileNotFoundError:
+                raise UnsafeEntry("it was removed or swapped while being opened") from None
+            if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
+                raise UnsafeEntry("it was swapped for another file while being opened")
         if st.st_size > max_bytes:
             raise UnsafeEntry(f"it is {st.st_size} bytes, more than max_request_bytes"
                               f" ({max_bytes})")
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
+        # a short read of a regular file is its end: one read() in the common case
+        data = os.read(fd, st.st_size + 1)
+        if len(data) > st.st_size:  # it grew since the fstat
+            chunks = [data]
+            got = len(data)
+            while got <= max_bytes:
+                chunk = os.read(fd, min(max_bytes + 1 - got, 1 << 16))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            data = b"".join(chunks)
         if len(data) > max_bytes:
             raise UnsafeEntry(f"it grew past max_request_bytes ({max_bytes}) while being read")
         return SpoolFile(data, st)
@@ -275,7 +330,7 @@ class Spool:
             raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
                              f" ({self.max_request_bytes})")
         name = rid + REQUEST_SUFFIX
-        write_atomic(self.tmp / name, self.new / name, data, self.durable)
+        write_atomic(f"{self._tmp}/{name}", f"{self._new}/{name}", data, self.durable)
         return rid
 
     def withdraw_request(self, rid: str) -> bool:
@@ -296,19 +351,13 @@ class Spool:
 
     def read_reply(self, rid: str) -> SpoolFile:
         """The reply's bytes and fstat (FileNotFoundError if not there yet)."""
-        return read_untrusted(self.reply_path(rid), 16 * 1024 * 1024)
+        return read_untrusted(f"{self._replies}/{rid}{REQUEST_SUFFIX}", 16 * 1024 * 1024)
 
-    def remove_reply(self, rid: str, expected: os.stat_result | None = None) -> None:
-        """Delete a collected reply (only the very file that was read)."""
-        path = self.reply_path(rid)
-        try:
-            if expected is not None:
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
-                    return
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    def remove_reply(self, rid: str) -> None:
+        """Delete a collected reply.  (Any member of the group may unlink in
+        ``replies/`` anyway, so checking which file the name holds first
+        would protect nothing.)"""
+        self._remove_quietly(f"{self._replies}/{rid}{REQUEST_SUFFIX}")
 
     # -- worker side --------------------------------------------------------
 
@@ -319,9 +368,11 @@ class Spool:
 
     def claim_request(self, name: str) -> bool:
         """Rename ``new/NAME`` to ``active/NAME``.  False if someone else took
-        it first or it was cancelled (ENOENT is not an error)."""
+        it first or it was cancelled (ENOENT is not an error);
+        ``FileExistsError`` if a request of that name is already running
+        (never replaced)."""
         try:
-            os.rename(f"{self._new}/{name}", f"{self._active}/{name}")
+            rename_noreplace(f"{self._new}/{name}", f"{self._active}/{name}")
         except FileNotFoundError:
             return False
         return True
@@ -332,7 +383,9 @@ class Spool:
         self._remove_quietly(self.active / (name + ".run"))
 
     def read_claimed(self, name: str) -> SpoolFile:
-        return read_untrusted(self.active / name, self.max_request_bytes)
+        # only the worker renames into active/: what the name holds cannot be swapped
+        return read_untrusted(f"{self._active}/{name}", self.max_request_bytes,
+                              check_name=False)
 
     def read_queued(self, name: str) -> SpoolFile:
         return read_untrusted(self.new / name, self.max_request_bytes)
@@ -345,30 +398,37 @@ class Spool:
 
     def stage_reply(self, rid: str, reply: dict[str, Any]) -> None:
         """Write the finished reply to ``work/ID.reply``: from here on the
-        request counts as done, even if the worker dies before publishing."""
+        request counts as done, even if the worker dies before publishing.
+        (Written in place: see the module docstring for why that is safe.)"""
         path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
-        tmp = path + ".tmp"
-        # rename so that a staged reply, if present, is always complete
+        data = encode_json(reply)
         try:
-            write_new_file(tmp, encode_json(reply), self.durable)
-        except FileExistsError:  # left by an earlier failure: ours to replace
-            self._remove_quietly(tmp)
-            write_new_file(tmp, encode_json(reply), self.durable)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            self._remove_quietly(tmp)
-            raise
+            write_new_file(path, data, self.durable)
+        except FileExistsError:  # left by an earlier failed publish: ours to replace
+            self._remove_quietly(path)
+            write_new_file(path, data, self.durable)
 
-    def publish_reply(self, rid: str) -> None:
-        """Retire ``active/ID.json`` and rename the staged reply into ``replies/``.
+    def staged_reply(self, rid: str) -> dict[str, Any] | None:
+        """The staged reply of ``rid`` if it is whole (parses, names ``rid``);
+        None if there is none or it was cut off while being written."""
+        try:
+            with open(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", "rb") as f:
+                reply = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return reply if isinstance(reply, dict) and reply.get("id") == rid else None
+
+    def publish_reply(self, rid: str, run_file: bool = True) -> None:
+        """Retire ``active/ID.json`` (and its run file, if the op had one) and
+        rename the staged reply into ``replies/``.
 
         The request is removed first so that a crash in between leaves a
         staged reply and no orphan (recovery publishes it): never two replies.
         With ``durable``, one fsync of ``replies/`` commits the lot on a
         journalling filesystem (ext4, xfs: metadata is journalled in order).
         """
-        self._remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        if run_file:
+            self._remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
         self._remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
         os.rename(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}",
                   f"{self._replies}/{rid}{REQUEST_SUFFIX}")
@@ -390,9 +450,7 @@ class Spool:
         """
         moved = True
         try:
-            if os.path.lexists(self.failed / name):
-                raise FileExistsError(name)
-            os.rename(directory / name, self.failed / name)
+            rename_noreplace(str(directory / name), str(self.failed / name))
         except FileNotFoundError:
             return False
         except OSError as exc:

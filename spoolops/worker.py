@@ -83,6 +83,7 @@ class Worker:
         self._lock = WorkerLock(self.spool.lock_path)
         self._pool: ThreadPoolExecutor | None = None
         self._loop_thread = threading.current_thread()
+        self._pid = os.getpid()
 
     # -- signals: flags only ------------------------------------------------
 
@@ -144,7 +145,7 @@ class Worker:
             save_in = self.stats.save_due_in()
             if save_in is not None:
                 timeout = min(timeout, save_in)
-            if self._done:  # inline jobs finished on this thread: reap them now
+            if self._done:  # a pool job finished meanwhile: reap it now
                 timeout = 0.0
             readable, _, _ = select.select([inotify.fileno(), self._wake_r], [], [], timeout)
             if self._wake_r in readable:
@@ -257,12 +258,13 @@ class Worker:
             for job in batch:
                 if self.gate.is_free(job.targets):
                     self.gate.acquire(job.targets)
-                    self._start(job)
+                    self._start(job, alone=len(batch) == 1)
                     started += 1
                 else:
                     self._put_back(job)
             if not started:
                 return
+            self._finish_done()  # inline jobs are over already: their slots are free
 
     def _put_back(self, job: Job) -> None:
         """Return a claimed, not started request to ``new/`` (mtime kept)."""
@@ -286,14 +288,13 @@ class Worker:
                                     " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can"
                                     " be addressed")
             return None
-        if os.path.lexists(self.spool.active / name):
-            # only this thread renames into active/, so the check cannot race
-            self._quarantine_queued(name, f"Request id {rid} is already running; a second"
-                                    " request with the same id was not run")
-            return None
         try:
             if not self.spool.claim_request(name):
                 return None
+        except FileExistsError:
+            self._quarantine_queued(name, f"Request id {rid} is already running; a second"
+                                    " request with the same id was not run")
+            return None
         except OSError as exc:
             # e.g. a directory owned by another user: renaming it needs write
             # access to it (for its '..'), which the worker does not have
@@ -377,12 +378,13 @@ class Worker:
 
     # -- running ------------------------------------------------------------
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, alone: bool) -> None:
         self.running += 1
-        if job.operation.inline and job.operation.idempotent and not self.config.durable:
-            # declared instant (echo) and nothing to fsync: a thread hand-off
-            # would cost more than the job (durable replies are fsynced on the
-            # pool, where several commits share one journal flush)
+        if job.operation.inline and job.operation.idempotent and \
+                (not self.config.durable or (alone and not self.queue)):
+            # declared instant (echo): a thread hand-off would cost more than
+            # the job.  Durable replies of several waiting requests go to the
+            # pool instead, where their fsyncs share one journal commit.
             self._run_job(job)
             return
         assert self._pool is not None
@@ -390,15 +392,17 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         request = job.request
+        inline = job.operation.inline
         try:
             started = time.time()
-            info = {"id": request.id, "op": request.op, "pid": os.getpid(),
+            info = {"id": request.id, "op": request.op, "pid": self._pid,
                     "host": self.dispatcher.worker_info["host"], "user": request.user,
                     "targets": list(job.targets), "started_at": utc_iso(started)}
             # a non-idempotent op must be known to have started, even after a power
-            # cut; an inline op (idempotent, over in microseconds) needs no run file
+            # cut; an inline op (idempotent, over in microseconds) needs no run file,
+            # and no start line in the log: its end line says all
             try:
-                if threading.current_thread() is not self._loop_thread:
+                if not inline:
                     self.spool.write_run_info(request.id, info,
                                               durable=self.config.durable and
                                               not job.operation.idempotent)
@@ -411,18 +415,19 @@ class Worker:
                 job.extra["reply"], job.extra["duration"] = reply, 0.0
                 log.error("event=not_started id=%s op=%s error=%r", request.id, request.op,
                           exc.strerror or exc)
-                self._deliver(request.id, reply)
+                self._deliver(request.id, reply, run_file=False)
                 return
-            log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
-                     request.user, ",".join(job.targets) or "-")
+            if not inline:
+                log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
+                         request.user, ",".join(job.targets) or "-")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event=args id=%s args=%r", request.id, job.args)
-            progress = _ProgressWriter(self.spool, request.id, info)
+            progress = None if inline else _ProgressWriter(self.spool, request.id, info)
             reply = self.dispatcher.execute(job, progress)
             duration = time.time() - started
             job.extra["reply"] = reply
             job.extra["duration"] = duration
-            self._deliver(request.id, reply)
+            self._deliver(request.id, reply, run_file=not inline)
             error = reply["error"]
             log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
                      request.id, request.op, request.user, ",".join(job.targets) or "-",
@@ -435,11 +440,11 @@ class Worker:
             if threading.current_thread() is not self._loop_thread:
                 os.write(self._wake_w, b"d")
 
-    def _deliver(self, rid: str, reply: dict[str, Any]) -> None:
+    def _deliver(self, rid: str, reply: dict[str, Any], run_file: bool = False) -> None:
         """Stage and publish; on failure (disk full) keep it for a retry."""
         try:
             self.spool.stage_reply(rid, reply)
-            self.spool.publish_reply(rid)
+            self.spool.publish_reply(rid, run_file=run_file)
         except OSError as exc:
             log.error("event=reply_failed id=%s error=%r action=retry", rid,
                       errno.errorcode.get(exc.errno or 0, str(exc)))

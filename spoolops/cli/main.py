@@ -116,6 +116,12 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
     fmt = "spoolops[%(process)d]: level=%(levelname)s %(message)s" if target == "syslog" \
         else "%(asctime)s level=%(levelname)s %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
+    # the records need none of these (the logging docs' "Optimization"): a
+    # worker logs a line per request, and each costs microseconds
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = target == "syslog"
     root = logging.getLogger("spoolops")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else config.log_level.upper())
