@@ -16,6 +16,7 @@ from spoolops.spool import (
     ID_RE,
     REQUEST_SUFFIX,
     UnsafeEntry,
+    encode_json,
     id_from_name,
     new_request_id,
     read_untrusted,
@@ -99,6 +100,27 @@ def test_cancel_and_claim_race_has_one_winner(spool_env: SpoolEnv) -> None:
         wins["claim" if outcome["claim"] else "cancel"] += 1
         (spool.active / (rid + REQUEST_SUFFIX)).unlink(missing_ok=True)
     assert wins["claim"] + wins["cancel"] == 300
+
+
+def test_claim_never_replaces_a_running_request(spool_env: SpoolEnv) -> None:
+    spool = spool_env.spool
+    (spool.active / "dup.json").write_bytes(b"running")
+    (spool.new / "dup.json").write_bytes(b"second")
+    with pytest.raises(FileExistsError):
+        spool.claim_request("dup.json")
+    assert (spool.active / "dup.json").read_bytes() == b"running"
+    assert (spool.new / "dup.json").read_bytes() == b"second"
+    assert spool.claim_request("absent.json") is False
+
+
+def test_encode_json_is_one_key_per_line_and_round_trips() -> None:
+    obj = {"id": "x", "args": {"a": [1, {"b": "é"}]}, "ok": True, "error": None}
+    text = encode_json(obj).decode()
+    assert json.loads(text) == obj
+    assert text.splitlines()[1:-1] == ['  "id": "x",', '  "args": {"a": [1, {"b": "é"}]},',
+                                       '  "ok": true,', '  "error": null']
+    with pytest.raises(ValueError):
+        encode_json({"x": float("nan")})
 
 
 def test_write_atomic_readers_never_see_a_part(tmp_path: Path) -> None:

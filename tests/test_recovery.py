@@ -129,6 +129,47 @@ def test_staged_reply_is_published_and_answered_orphan_cleared(spool_env: SpoolE
     assert client.wait("staged", timeout=10).result == {"x": "staged"}
 
 
+def test_staged_reply_cut_off_mid_write_is_dropped_not_published(spool_env: SpoolEnv):
+    """A staged reply is written in place: one cut off mid-write (a SIGKILL
+    between write() calls) does not parse.  With its request still in
+    active/, recovery drops it and treats the request as an orphan (here:
+    idempotent, so re-run, and answered exactly once); without its request
+    (only possible after a power cut with durable = no) the client gets an
+    Interrupted reply instead of waiting forever."""
+    sp = spool_env.spool
+    from spoolops.spool import encode_json
+    request = {"version": 1, "id": "cut", "op": "echo", "args": {"x": "rerun"}}
+    (sp.active / "cut.json").write_bytes(encode_json(request))
+    (sp.work / "cut.reply").write_bytes(b'{\n  "version": 1,\n  "id": "cut",\n  "op": "ec')
+    (sp.work / "lost.reply").write_bytes(b'{\n  "version": 1,\n  "id": "lo')
+    spool_env.start_worker()
+    client = spool_env.client()
+    assert client.wait("cut", timeout=30).result == {"x": "rerun"}
+    lost = client.wait("lost", timeout=30)
+    assert not lost.ok and lost.error["type"] == "Interrupted"
+    assert "unknown" in lost.error["message"]
+    assert not [n for n in os.listdir(sp.work) if n.endswith(".reply")]
+    time.sleep(0.3)
+    assert os.listdir(sp.replies) == [] and os.listdir(sp.active) == []
+
+
+def test_request_id_already_running_is_quarantined_never_replaced(running: SpoolEnv):
+    """A second request file with the id of a running one is refused by the
+    claim itself (renameat2 RENAME_NOREPLACE): the running request is never
+    replaced, and it still gets its one reply."""
+    client = running.client()
+    rid = client.submit("sleep", {"seconds": 1.5, "tag": "first"})
+    wait_for(lambda: started(running, rid), what="first request running")
+    dup = running.spool.new / f"{rid}.json"
+    dup.write_bytes(json.dumps({"version": 1, "id": rid, "op": "echo", "args": {}}).encode())
+    reason = running.spool.failed / f"{rid}.json.reason"
+    wait_for(reason.exists, what="duplicate quarantined")
+    assert "already running" in reason.read_text()
+    assert client.wait(rid, timeout=30).result["tag"] == "first"
+    time.sleep(0.3)
+    assert os.listdir(running.spool.replies) == []
+
+
 # -- requeue ---------------------------------------------------------------------
 
 def test_requeue_from_failed_and_from_active(spool_env: SpoolEnv):
