@@ -32,7 +32,14 @@ from inotify_simple import INotify, flags
 
 from .config import Config, load_config, replace_config
 from .errors import SpoolSetupError, Timeout, error_for
-from .spool import REQUEST_SUFFIX, Spool, UnsafeEntry, new_request_id, utc_iso
+from .spool import (
+    REQUEST_SUFFIX,
+    Spool,
+    UnsafeEntry,
+    new_request_id,
+    pending_events,
+    utc_iso,
+)
 
 log = logging.getLogger("spoolops.client")
 
@@ -84,7 +91,7 @@ class _ReplyWatcher:
     """
 
     def __init__(self) -> None:
-        self.inotify = INotify()
+        self.inotify = INotify(nonblocking=True)
         self.lock = threading.Lock()
         self.dirs: dict[int, str] = {}            # wd -> replies dir
         self.watched: dict[str, int] = {}         # replies dir -> wd
@@ -131,7 +138,7 @@ class _ReplyWatcher:
                     continue
                 ready, _, _ = select.select([self.inotify.fileno()], [], [], remaining)
                 if ready:
-                    self._dispatch(self.inotify.read(timeout=0))
+                    self._dispatch(pending_events(self.inotify))
         finally:
             if leading:
                 with self.lock:

@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from inotify_simple import INotify, parse_events
+
 from .errors import BadRequest, SpoolSetupError
 
 # name -> mode (owner: worker user, group: submit group)
@@ -200,6 +202,15 @@ def rename_noreplace(src: str, dst: str) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
     os.rename(src, dst)
+
+
+def pending_events(inotify: INotify) -> list:
+    """The events queued on a non-blocking inotify instance, with one read()
+    (``INotify.read`` asks FIONREAD first: another system call per wake-up)."""
+    try:
+        return parse_events(os.read(inotify.fileno(), 1 << 16))
+    except BlockingIOError:
+        return []
 
 
 @dataclass(frozen=True)

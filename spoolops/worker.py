@@ -58,6 +58,11 @@ log = logging.getLogger("spoolops.worker")
 
 WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 PUBLISH_RETRY_S = 1.0
+# After a request, look for the next one this long before sleeping in select(),
+# but only while requests have been arriving that quickly (a caller running
+# requests one after another, e.g. a QA tool marking files in turn): a sleeping
+# thread wakes on a cold core.  Sporadic traffic never spins.
+POLL_BEFORE_SLEEP_S = 0.0003
 
 
 class Worker:
@@ -133,6 +138,8 @@ class Worker:
 
     def _loop(self, inotify: INotify) -> None:
         next_rescan = time.monotonic() + self.config.rescan_interval
+        fds = [inotify.fileno(), self._wake_r]
+        back_to_back = False   # did the last request come within POLL_BEFORE_SLEEP_S?
         while True:
             self._finish_done()
             if not self._stop:
@@ -147,7 +154,16 @@ class Worker:
                 timeout = min(timeout, save_in)
             if self._done:  # a pool job finished meanwhile: reap it now
                 timeout = 0.0
-            readable, _, _ = select.select([inotify.fileno(), self._wake_r], [], [], timeout)
+            idle_since = time.perf_counter()
+            readable: list[int] = []
+            if timeout > 0 and back_to_back and self.running == 0:
+                end = idle_since + POLL_BEFORE_SLEEP_S
+                while not readable and time.perf_counter() < end:
+                    readable, _, _ = select.select(fds, [], [], 0)
+            if not readable:
+                readable, _, _ = select.select(fds, [], [], timeout)
+            if timeout > 0:
+                back_to_back = time.perf_counter() - idle_since < POLL_BEFORE_SLEEP_S
             if self._wake_r in readable:
                 try:
                     while os.read(self._wake_r, 4096):
