@@ -267,3 +267,27 @@ def test_worker_memory_flat(running: SpoolEnv) -> None:
     burst(3000)
     second = rss_kb()
     assert second - first < 4096, f"worker RSS grew {second - first} kB over 3,000 requests"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_worker_sleeps_when_requests_stop(running: SpoolEnv) -> None:
+    """Back-to-back requests make the worker poll briefly before sleeping
+    (POLL_BEFORE_SLEEP_S); once they stop it sleeps, and spaced-out requests
+    never make it poll: an idle worker costs no CPU."""
+    client = running.client()
+    pid = running.workers[0].pid
+    for i in range(300):                        # back to back: polling switches on
+        client.call("echo", {"i": i}, timeout=30)
+    time.sleep(0.3)
+    before = _cpu_seconds(pid)
+    time.sleep(2.0)                             # idle: only the periodic stats save
+    assert _cpu_seconds(pid) - before < 0.1
+    before = _cpu_seconds(pid)
+    for i in range(20):                         # spaced out: each wake-up is a sleep
+        client.call("echo", {"i": i}, timeout=30)
+        time.sleep(0.05)
+    assert _cpu_seconds(pid) - before < 0.2
