@@ -132,6 +132,9 @@ def requeue(spool: Spool, rid: str) -> str:
         except BlockingIOError:
             raise SpoolSetupError(f"{rid} is running under a live worker; it recovers"
                                   " its own orphans when restarted") from None
+        if spool.staged_reply(rid) is not None:
+            raise SpoolSetupError(f"{rid} finished: its reply waits in work/ and the"
+                                  " worker publishes it when it starts") from None
         spool.unclaim_request(name)
         return "active"
     finally:
@@ -161,7 +164,7 @@ def cancel_request(config: Config, rid: str) -> bool:
             reply = Dispatcher(Registry(), config, spool.work).reply(
                 request, op=None, error=Cancelled(
                     f"withdrawn by {user_name(os.geteuid())} with 'spoolops cancel'"))
-            spool.stage_reply(rid, reply)
+            spool.stage_reply(rid, reply, in_place=False)
             if os.geteuid() == 0:
                 os.chown(spool.work / (rid + ".reply"), worker_uid, -1)
             spool.publish_reply(rid)

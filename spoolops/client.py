@@ -294,7 +294,7 @@ class Client:
             f = self.spool.read_reply(rid)
         except FileNotFoundError:
             return None
-        except (UnsafeEntry, PermissionError) as exc:
+        except (UnsafeEntry, PermissionError, BlockingIOError) as exc:  # a lease, say
             log.warning("ignoring untrustworthy reply file for %s: %s", rid, exc)
             return None
         if f.st.st_uid != self.worker_uid:

@@ -149,7 +149,7 @@ def decode_json_object(data: bytes, what: str = "request") -> dict[str, Any]:
         raise BadRequest(f"{what} must be a JSON object, not {type(obj).__name__}")
     # each level of nesting needs a bracket: with few of them (brackets in
     # strings count too) the walk is not needed
-    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and not _depth_ok(obj, MAX_DEPTH):
+    if data.count(b"[") + data.count(b"{") >= MAX_DEPTH and not _depth_ok(obj, MAX_DEPTH):
         raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return obj
 

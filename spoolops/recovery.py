@@ -139,7 +139,7 @@ def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, na
         f"the worker stopped while running {op_name!r}; it may or may not have completed."
         " Check the target before retrying (see 'spoolops show ID'); the request is in"
         f" failed/{name}"))
-    spool.stage_reply(rid, reply)
+    spool.stage_reply(rid, reply, in_place=False)
     spool.quarantine(spool.active, name, _interrupted_reason(op_name))
     spool.publish_reply(rid)
     log.warning("event=recovered action=interrupted id=%s op=%s", rid, op_name)
@@ -158,13 +158,17 @@ def _staged_cut_off(spool: Spool, dispatcher: Dispatcher, rid: str) -> bool:
     cut with ``durable = no`` can leave one without its request: then its
     outcome is unknown, and the client is told so.  True if a replacement
     reply was staged (to be published)."""
-    _unlink(spool.work / (rid + STAGED_REPLY_SUFFIX))
-    if os.path.lexists(spool.active / (rid + ".json")):
+    name = rid + ".json"
+    if any(os.path.lexists(folder / name) for folder in (spool.active, spool.new,
+                                                          spool.failed)):
+        # the request will be answered from there (``spoolops requeue`` may
+        # have put it back in new/ while no worker ran)
+        _unlink(spool.work / (rid + STAGED_REPLY_SUFFIX))
         log.warning("event=recovered action=dropped_partial_reply id=%s", rid)
         return False
     spool.stage_reply(rid, dispatcher.reply(None, rid=rid, error=Interrupted(
         "the worker stopped while writing this request's reply; whether the operation"
-        " completed is unknown. Check the target before retrying")))
+        " completed is unknown. Check the target before retrying")), in_place=False)
     return True
 
 

@@ -120,8 +120,11 @@ def encode_json(obj: Any) -> bytes:
     line, so the C encoder does all the work: ``indent`` would not use it.)"""
     if isinstance(obj, dict) and obj and all(type(k) is str for k in obj):
         body = ",\n".join([_key_line_start(k) + _encode(v) for k, v in obj.items()])
-        return f"{{\n{body}\n}}\n".encode()
-    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+        # a lone surrogate (from a "\\udc80" escape in a request) becomes that
+        # escape again: still valid JSON, decoded to the same string
+        return f"{{\n{body}\n}}\n".encode("utf-8", "backslashreplace")
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+            ).encode("utf-8", "backslashreplace")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -196,9 +199,17 @@ def rename_noreplace(src: str, dst: str) -> None:
                       _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):
+        # EINVAL/ENOSYS: this filesystem or kernel lacks it; EPERM: a seccomp
+        # filter (systemd SystemCallFilter=) may refuse the call itself
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
             raise OSError(err, os.strerror(err), src, None, dst)
-        _noreplace_supported[0] = False  # this filesystem or kernel lacks it
+        _rename_checked(src, dst)
+        _noreplace_supported[0] = False  # the plain rename worked: use it from now on
+        return
+    _rename_checked(src, dst)
+
+
+def _rename_checked(src: str, dst: str) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
     os.rename(src, dst)
@@ -407,17 +418,25 @@ class Spool:
         write_atomic(staging, self.active / (rid + RUN_SUFFIX), encode_json(info),
                      durable, mode=0o644, own_staging=True)
 
-    def stage_reply(self, rid: str, reply: dict[str, Any]) -> None:
+    def stage_reply(self, rid: str, reply: dict[str, Any], in_place: bool = True) -> None:
         """Write the finished reply to ``work/ID.reply``: from here on the
         request counts as done, even if the worker dies before publishing.
-        (Written in place: see the module docstring for why that is safe.)"""
+
+        Written in place (see the module docstring for why that is safe) by
+        the worker while ``active/ID.json`` exists.  A staged reply already
+        there, and every caller that may run beside a worker or after its
+        request left ``active/`` (``in_place=False``: recovery, ``spoolops
+        cancel``), go through a temporary file and a rename: a whole staged
+        reply is never removed or cut."""
         path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
         data = encode_json(reply)
-        try:
-            write_new_file(path, data, self.durable)
-        except FileExistsError:  # left by an earlier failed publish: ours to replace
-            self._remove_quietly(path)
-            write_new_file(path, data, self.durable)
+        if in_place:
+            try:
+                write_new_file(path, data, self.durable)
+                return
+            except FileExistsError:
+                pass
+        write_atomic(f"{path}.tmp", path, data, self.durable, own_staging=True)
 
     def staged_reply(self, rid: str) -> dict[str, Any] | None:
         """The staged reply of ``rid`` if it is whole (parses, names ``rid``);

@@ -48,6 +48,7 @@ from .spool import (
     Spool,
     UnsafeEntry,
     id_from_name,
+    pending_events,
     utc_iso,
     write_atomic,
 )
@@ -120,7 +121,7 @@ class Worker:
             log.info("event=worker_start pid=%d root=%s concurrency=%d ops=%s", os.getpid(),
                      self.config.root, self.config.concurrency, ",".join(self.registry.names()))
             # watch before the first scan, so nothing arrives unseen in between
-            inotify = INotify()
+            inotify = INotify(nonblocking=True)
             inotify.add_watch(self.spool.new, WATCH_FLAGS)
             recovery.recover(self.spool, self.registry, self.dispatcher)
             self._pool = ThreadPoolExecutor(self.config.concurrency,
@@ -204,7 +205,7 @@ class Worker:
     # -- intake -------------------------------------------------------------
 
     def _take_events(self, inotify: INotify) -> None:
-        for event in inotify.read(timeout=0):
+        for event in pending_events(inotify):
             if event.mask & flags.Q_OVERFLOW:
                 log.warning("event=inotify_overflow action=rescan")
                 self._rescan()
@@ -408,7 +409,8 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         request = job.request
-        inline = job.operation.inline
+        # instant and idempotent: no run file (recovery re-runs what has none)
+        inline = job.operation.inline and job.operation.idempotent
         try:
             started = time.time()
             info = {"id": request.id, "op": request.op, "pid": self._pid,
@@ -469,7 +471,8 @@ class Worker:
     def _retry_unpublished(self) -> None:
         for rid, reply in list(self.unpublished.items()):
             try:
-                self.spool.stage_reply(rid, reply)
+                if self.spool.staged_reply(rid) is None:   # not even staged yet
+                    self.spool.stage_reply(rid, reply)
                 self.spool.publish_reply(rid)
             except OSError:
                 return

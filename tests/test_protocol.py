@@ -147,3 +147,21 @@ def test_write_atomic_readers_never_see_a_part(tmp_path: Path) -> None:
         t.join()
     assert torn == [] and len(seen) >= 2
     assert not (tmp_path / "stage").exists()
+
+
+def test_nesting_limit_is_exact() -> None:
+    """32 levels are allowed, 33 are not (the bracket count shortcut must agree)."""
+    from spoolops.dispatch import MAX_DEPTH, decode_json_object
+    from spoolops.errors import BadRequest
+    ok = b'{"a": ' + b"[" * (MAX_DEPTH - 2) + b"1" + b"]" * (MAX_DEPTH - 2) + b"}"
+    assert decode_json_object(ok)
+    deep = b'{"a": ' + b"[" * (MAX_DEPTH - 1) + b"1" + b"]" * (MAX_DEPTH - 1) + b"}"
+    with pytest.raises(BadRequest):
+        decode_json_object(deep)
+
+
+def test_lone_surrogate_round_trips(running: SpoolEnv) -> None:
+    """A "\\udc80" escape decodes to a lone surrogate, which UTF-8 cannot
+    carry: files hold the escape again, and the request gets its reply."""
+    client = running.client()
+    assert client.call("echo", {"s": "\udc80x"}, timeout=30) == {"s": "\udc80x"}

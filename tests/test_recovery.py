@@ -142,15 +142,43 @@ def test_staged_reply_cut_off_mid_write_is_dropped_not_published(spool_env: Spoo
     (sp.active / "cut.json").write_bytes(encode_json(request))
     (sp.work / "cut.reply").write_bytes(b'{\n  "version": 1,\n  "id": "cut",\n  "op": "ec')
     (sp.work / "lost.reply").write_bytes(b'{\n  "version": 1,\n  "id": "lo')
+    # requeued by an operator while no worker ran: answered by running it
+    request = {"version": 1, "id": "requeued", "op": "echo", "args": {"x": "again"}}
+    (sp.new / "requeued.json").write_bytes(encode_json(request))
+    (sp.work / "requeued.reply").write_bytes(b'{\n  "version": 1,\n  "id": "req')
     spool_env.start_worker()
     client = spool_env.client()
     assert client.wait("cut", timeout=30).result == {"x": "rerun"}
+    assert client.wait("requeued", timeout=30).result == {"x": "again"}
     lost = client.wait("lost", timeout=30)
     assert not lost.ok and lost.error["type"] == "Interrupted"
     assert "unknown" in lost.error["message"]
     assert not [n for n in os.listdir(sp.work) if n.endswith(".reply")]
     time.sleep(0.3)
     assert os.listdir(sp.replies) == [] and os.listdir(sp.active) == []
+
+
+def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
+        spool_env: SpoolEnv):
+    """An orphan whose reply is staged finished: requeueing it would answer it
+    twice.  Staging again over a staged reply replaces it whole."""
+    sp = spool_env.spool
+    from spoolops.dispatch import Dispatcher, Request
+    from spoolops.ops import Registry
+    from spoolops.spool import encode_json
+    disp = Dispatcher(Registry(), spool_env.config, sp.work)
+    request = Request(id="done", op="echo", args={}, uid=0, user="root", queued_at=0.0)
+    (sp.active / "done.json").write_bytes(encode_json({"version": 1, "id": "done",
+                                                       "op": "echo", "args": {}}))
+    sp.stage_reply("done", disp.reply(request, result={"n": 1}))
+    sp.stage_reply("done", disp.reply(request, result={"n": 2}))
+    assert sp.staged_reply("done")["result"] == {"n": 2}
+    proc = spool_env.spoolops("requeue", "done")
+    assert proc.returncode == 1 and "finished" in proc.stdout + proc.stderr
+    spool_env.start_worker()
+    assert spool_env.client().wait("done", timeout=30).result == {"n": 2}
+    time.sleep(0.3)
+    assert os.listdir(sp.replies) == [] and os.listdir(sp.new) == []
 
 
 def test_request_id_already_running_is_quarantined_never_replaced(running: SpoolEnv):

@@ -10,7 +10,7 @@ Two layouts, chosen by ``[storage] compressed_layout``:
 ``streams``
     a sequence of independent streams: the first holds every byte up to the
     end of the edited HDU's header, the rest ``CHUNK``-sized pieces compressed
-    on two low-priority threads at once (zlib and bz2 release the GIL).  gzip, bzip2,
+    on two threads at nice 10 (zlib and bz2 release the GIL).  gzip, bzip2,
     Python and astropy read such files as one; cfitsio does not.  A later
     edit of the same HDU recompresses only the first stream and copies the
     others byte for byte (``first_stream`` finds where it ends).
@@ -79,20 +79,21 @@ _niced = threading.local()
 
 
 def lower_priority() -> None:
-    """Run the calling thread under SCHED_IDLE, once (threads made per call
-    die with it): the kernel then preempts it the moment any normal task
-    wakes (the dispatch thread, a client), so a long edit never delays a
-    fast request.  Where SCHED_IDLE is refused, nice 19."""
+    """Run the calling thread at nice 10, once (threads made per call die with it):
+    a long edit must not starve the worker's dispatch thread of a core.
+
+    Not lower: a thread of this process may hold the GIL when it is
+    preempted, and the dispatch thread then waits until it runs again.
+    SCHED_IDLE (or nice 19) made echo p99 during an edit 15-20 % better on an
+    idle machine, but on a machine kept busy by other processes such a
+    thread gets 0.3 % (1.5 %) of a core, and the whole worker could stall
+    behind it for a second."""
     if not getattr(_niced, "done", False):
         _niced.done = True
-        tid = threading.get_native_id()
         try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except (OSError, AttributeError):
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, 19)
-            except OSError:
-                pass
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
 
 
 def _compress_in_background(kind: str, data: bytes) -> bytes:
@@ -101,7 +102,7 @@ def _compress_in_background(kind: str, data: bytes) -> bytes:
 
 
 def in_background(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on a fresh low-priority thread (its result or exception)."""
+    """``fn(*args)`` on a fresh thread at nice 10 (its result or exception)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(_niced_call, fn, *args).result()
 
