@@ -3,9 +3,11 @@
 Two client processes queue N echo requests with ``Client.submit``; then
 ``spoolops worker --once`` starts, drains and exits.  From the reply files'
 mtimes: time to first reply (from the worker's launch, Python start-up
-included); the drain rate with N queued (replies 1 to 1,000) and with at
-most 100 queued (the last 100 replies of the same run: same warm process, so
-the comparison is of queue depth alone).  A separate cold run of 100 gives
+included).  From the replies' ``finished_at`` (milliseconds; ext4 mtimes move
+in 4 ms steps here, too coarse for the 100 replies of ~15 ms below): the
+drain rate with N queued (replies 1 to 1,000) and with at most 100 queued
+(the last 100 replies of the same run: same warm process, so the comparison
+is of queue depth alone).  A separate cold run of 100 gives
 the time to first reply of a small backlog.  Peak RSS is the worker's
 ``VmHWM`` from ``/proc/PID/status``, read every 20 ms until it exits (not
 ``wait4``'s ``ru_maxrss``: Linux carries the high-water mark of the forking
@@ -18,6 +20,7 @@ Trusts: the bench's temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -25,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from spoolops.spool import parse_iso
 
 from .common import child_env, median, spawn
 from .tree import SpoolopsTree
@@ -69,17 +74,30 @@ def _drain(tree: SpoolopsTree, count: int, limit_s: float) -> dict[str, Any]:
                 break
     end = time.time()
     with os.scandir(tree.root / "replies") as it:
-        times = sorted(e.stat().st_mtime_ns / 1e9 for e in it)
-    done = len(times)
+        by_mtime = sorted((e.stat().st_mtime_ns, e.path) for e in it)
+    done = len(by_mtime)
     if done < 2:
         raise RuntimeError(f"{done} replies for {count} requests in {end - start:.0f} s")
-    w = min(WINDOW, done) - 1
-    span = times[w] - times[0]
-    tail = times[-1] - times[-min(100, done)] if done == count else 0.0
+    times = [t / 1e9 for t, _ in by_mtime]
+    # a margin of replies beyond each window: mtimes tie within 4 ms
+    head = _finished(by_mtime[:WINDOW + 200])[:min(WINDOW, done)]
+    tail_ts = _finished(by_mtime[-300:])[-min(100, done):]
+    w = len(head) - 1
+    span = head[-1] - head[0]
+    tail = tail_ts[-1] - tail_ts[0] if done == count else 0.0
     return {"first_reply_s": times[0] - start, "total_s": end - start, "replied": done,
             "complete": done == count, "rate": w / span if span > 0 else float("nan"),
-            "tail_rate": (min(100, done) - 1) / tail if tail > 0 else float("nan"),
+            "tail_rate": (len(tail_ts) - 1) / tail if tail > 0 else float("nan"),
             "peak_rss_mb": hwm_kb / 1024, "exit": proc.returncode}
+
+
+def _finished(entries: list[tuple[int, str]]) -> list[float]:
+    """Sorted ``finished_at`` of the reply files in ``entries``."""
+    out = []
+    for _, path in entries:
+        with open(path, "rb") as f:
+            out.append(parse_iso(json.loads(f.read())["finished_at"]))
+    return sorted(out)
 
 
 def _clear(tree: SpoolopsTree) -> None:
