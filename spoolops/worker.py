@@ -341,7 +341,8 @@ class Worker:
         except OSError as exc:
             self._quarantine(name, f"Could not read it: {exc.strerror or exc}")
             return None
-        queued_at = min(f.st.st_mtime_ns, time.time_ns()) / 1e9  # future mtime: now
+        queued_ns = min(f.st.st_mtime_ns, time.time_ns())  # future mtime: now
+        queued_at = queued_ns / 1e9
         try:
             request = self.dispatcher.parse(f.data, rid, f.st.st_uid, queued_at)
         except OpError as exc:
@@ -350,7 +351,11 @@ class Worker:
             self._answer(request, exc, op=_peek_op(f.data))
             return None
         try:
-            return self.dispatcher.prepare(request)
+            job = self.dispatcher.prepare(request)
+            # the exact nanoseconds: keys made by _prekey use them, and a
+            # float round trip can move a time by ~100 ns and swap two requests
+            job.extra["queued_ns"] = queued_ns
+            return job
         except OpError as exc:
             self._answer(request, exc)
         except Exception as exc:
@@ -496,7 +501,7 @@ class Worker:
 
 
 def _job_key(job: Job) -> tuple[int, int, str]:
-    return request_key(job.request.priority, int(job.request.queued_at * 1e9), job.request.id)
+    return request_key(job.request.priority, job.extra["queued_ns"], job.request.id)
 
 
 class _ProgressWriter:

@@ -291,3 +291,20 @@ def test_worker_sleeps_when_requests_stop(running: SpoolEnv) -> None:
         client.call("echo", {"i": i}, timeout=30)
         time.sleep(0.05)
     assert _cpu_seconds(pid) - before < 0.2
+
+
+def test_put_back_key_is_the_exact_mtime(spool_env: SpoolEnv) -> None:
+    """A request put back because its target is busy keeps the key _prekey
+    would give it, to the nanosecond: a float round trip moved mtimes by
+    ~100 ns and let a later same-target request overtake an earlier one
+    (seen as A0, A2, A1 in test_same_target_serialised_other_targets_parallel)."""
+    from spoolops.worker import Worker, _job_key
+    client = spool_env.client()
+    rid = client.submit("echo", {"x": 1})
+    path = spool_env.spool.new / f"{rid}{REQUEST_SUFFIX}"
+    mtime_ns = 1_764_345_600_123_456_789    # not a float's worth of precision
+    assert int(mtime_ns / 1e9 * 1e9) != mtime_ns
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    worker = Worker(spool_env.config)
+    job = worker._claim(path.name)
+    assert job is not None and _job_key(job)[1] == mtime_ns
