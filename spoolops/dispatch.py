@@ -23,7 +23,7 @@ import pwd
 import socket
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,7 @@ class Dispatcher:
             if request.deadline is not None and job.started_at > request.deadline:
                 raise Expired(f"deadline {utc_iso(request.deadline)} passed before the"
                               " worker started the request")
-            if job.targets:
-                with self._target_locks(job.targets):
-                    result = job.operation.run(self.context(request, progress), job.args)
-            else:
+            with self._target_locks(job.targets):
                 result = job.operation.run(self.context(request, progress), job.args)
             if result is None:
                 result = {}
@@ -260,7 +257,9 @@ class Dispatcher:
                               started_at=job.started_at)
         return self.reply(request, result=result, started_at=job.started_at)
 
-    def _target_locks(self, targets: Sequence[str]) -> ExitStack:
+    def _target_locks(self, targets: Sequence[str]) -> AbstractContextManager:
+        if not targets:
+            return nullcontext()   # echo and the like: nothing to lock, nothing to build
         stack = ExitStack()
         (self.work_dir / "locks").mkdir(mode=0o700, exist_ok=True)
         try:

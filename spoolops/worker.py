@@ -89,7 +89,6 @@ class Worker:
         self._lock = WorkerLock(self.spool.lock_path)
         self._pool: ThreadPoolExecutor | None = None
         self._loop_thread = threading.current_thread()
-        self._pid = os.getpid()
 
     # -- signals: flags only ------------------------------------------------
 
@@ -402,8 +401,7 @@ class Worker:
 
     def _start(self, job: Job, alone: bool) -> None:
         self.running += 1
-        if job.operation.inline and job.operation.idempotent and \
-                (not self.config.durable or (alone and not self.queue)):
+        if _instant(job) and (not self.config.durable or (alone and not self.queue)):
             # declared instant (echo): a thread hand-off would cost more than
             # the job.  Durable replies of several waiting requests go to the
             # pool instead, where their fsyncs share one journal commit.
@@ -414,18 +412,18 @@ class Worker:
 
     def _run_job(self, job: Job) -> None:
         request = job.request
-        # instant and idempotent: no run file (recovery re-runs what has none)
-        inline = job.operation.inline and job.operation.idempotent
+        # a non-idempotent op must be known to have started, even after a power
+        # cut; an instant one needs no run file (recovery re-runs what has
+        # none), no progress and no start line in the log: its end line says all
+        inline = _instant(job)
         try:
             started = time.time()
-            info = {"id": request.id, "op": request.op, "pid": self._pid,
-                    "host": self.dispatcher.worker_info["host"], "user": request.user,
-                    "targets": list(job.targets), "started_at": utc_iso(started)}
-            # a non-idempotent op must be known to have started, even after a power
-            # cut; an inline op (idempotent, over in microseconds) needs no run file,
-            # and no start line in the log: its end line says all
+            info = None if inline else {
+                "id": request.id, "op": request.op, "pid": self.dispatcher.worker_info["pid"],
+                "host": self.dispatcher.worker_info["host"], "user": request.user,
+                "targets": list(job.targets), "started_at": utc_iso(started)}
             try:
-                if not inline:
+                if info is not None:
                     self.spool.write_run_info(request.id, info,
                                               durable=self.config.durable and
                                               not job.operation.idempotent)
@@ -445,7 +443,7 @@ class Worker:
                          request.user, ",".join(job.targets) or "-")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("event=args id=%s args=%r", request.id, job.args)
-            progress = None if inline else _ProgressWriter(self.spool, request.id, info)
+            progress = None if info is None else _ProgressWriter(self.spool, request.id, info)
             reply = self.dispatcher.execute(job, progress)
             duration = time.time() - started
             job.extra["reply"] = reply
@@ -498,6 +496,11 @@ class Worker:
                 self.stats.count(job.request.op, "ok" if reply["ok"] else
                                  reply["error"]["type"], job.extra.get("duration", 0.0))
             self.gate.release(job.targets)
+
+
+def _instant(job: Job) -> bool:
+    """Declared ``inline`` (no I/O, over in microseconds) and idempotent."""
+    return job.operation.inline and job.operation.idempotent
 
 
 def _job_key(job: Job) -> tuple[int, int, str]:
