@@ -1,10 +1,17 @@
-"""Operator actions on the tree: create or repair it, requeue, cancel.
+"""Operator actions on the tree: create or repair it, requeue, cancel; and
+the identity they run under.
 
-``init_tree`` gives every spool folder the owner, group and mode of DESIGN.md
-(setgid everywhere, so files take the submit group).  Run as root it may
-hand the tree to any worker user; run as anyone else it only proceeds when
-it can do everything itself (the worker user is the caller), and otherwise
-refuses with a message saying so.
+``init_tree`` gives every spool folder the owner, group and mode of the
+design (setgid everywhere, so files take the submit group).  Run as root it
+may hand the tree to any worker user; run as anyone else it only proceeds
+when it can do everything itself (the worker user is the caller), and
+otherwise refuses with a message saying so.
+
+``become_worker_user``: a command that writes into the spool (worker,
+janitor, cancel, requeue) and is started as root switches to the worker
+user first, so that every file it creates has the owner, group and mode the
+worker would give it (a root-owned ``work/worker.lock`` or a reply in group
+root would lock the worker or the client out).
 
 Trusts: the configuration and the caller's privileges.  Never follows a
 symbolic link when changing owners or modes.
@@ -28,6 +35,7 @@ from .ops import Registry
 from .spool import DIR_MODES, REQUEST_SUFFIX, Spool, valid_id
 
 ROOT_MODE = 0o2755
+invoked_by: str | None = None   # the account this process was started as, once it switched
 STORAGE_MODE = 0o2755
 STAGING_MODE = 0o2770
 
@@ -61,6 +69,28 @@ def resolve_accounts(config: Config, worker_user: str | None = None,
     return Accounts(user, pw.pw_uid, group_name, gr.gr_gid)
 
 
+def become_worker_user(config: Config) -> str | None:
+    """Run the rest of this process as the worker user, if started as root.
+
+    Returns the user switched to, or None (not root, or the worker user is
+    root).  Irreversible: supplementary groups, gid and uid all change, as
+    systemd's ``User=`` or ``runuser`` would set them.
+    """
+    if os.geteuid() != 0:
+        return None
+    uid = Spool(config.root).worker_uid(config.worker_user)
+    if uid == 0:
+        return None
+    pw = pwd.getpwuid(uid)
+    global invoked_by
+    invoked_by = invoked_by or user_name(os.getuid())
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+    os.setresuid(uid, uid, uid)
+    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    return pw.pw_name
+
+
 def init_tree(config: Config, accounts: Accounts) -> list[str]:
     """Create or repair the spool tree; returns one line per change made."""
     is_root = os.geteuid() == 0
@@ -76,7 +106,8 @@ def init_tree(config: Config, accounts: Accounts) -> list[str]:
     _ensure_dir(config.root, ROOT_MODE, accounts.worker_uid, accounts.gid, changes)
     for name, mode in DIR_MODES.items():
         _ensure_dir(config.root / name, mode, accounts.worker_uid, accounts.gid, changes)
-    _ensure_dir(config.root / "work" / "locks", 0o700, accounts.worker_uid, accounts.gid,
+    _ensure_dir(config.root / "work" / "locks", DIR_MODES["work"], accounts.worker_uid,
+                accounts.gid,
                 changes)
     for path, mode in ((config.storage_root, STORAGE_MODE),
                        (config.upload_staging_dir, STAGING_MODE),
@@ -156,18 +187,23 @@ def cancel_request(config: Config, rid: str) -> bool:
     if not spool.withdraw_request(rid):
         return False
     try:
-        worker_uid = os.stat(spool.active).st_uid
-        if os.geteuid() in (0, worker_uid) and os.access(spool.work, os.W_OK):
+        # only the worker user writes replies a client trusts (root switched
+        # to it before calling this: see become_worker_user)
+        if os.geteuid() == spool.worker_uid(config.worker_user):
             request = Request(id=rid, op="", args=None, uid=st.st_uid if st else -1,
                               user=user_name(st.st_uid) if st else "unknown",
                               queued_at=st.st_mtime if st else time.time())
             reply = Dispatcher(Registry(), config, spool.work).reply(
                 request, op=None, error=Cancelled(
-                    f"withdrawn by {user_name(os.geteuid())} with 'spoolops cancel'"))
+                    f"withdrawn by {_invoker()} with 'spoolops cancel'"))
             spool.stage_reply(rid, reply, in_place=False)
-            if os.geteuid() == 0:
-                os.chown(spool.work / (rid + ".reply"), worker_uid, -1)
             spool.publish_reply(rid)
     except OSError:
         pass  # the cancel itself succeeded; the courtesy reply is best effort
     return True
+
+
+def _invoker() -> str:
+    """Who ran the command: the account behind sudo, the one that started this
+    process (before become_worker_user), else this one."""
+    return os.environ.get("SUDO_USER") or invoked_by or user_name(os.geteuid())

@@ -15,10 +15,8 @@ watcher (gunicorn and friends fork after import).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pwd
 import select
 import socket
 import threading
@@ -35,7 +33,6 @@ from .errors import SpoolSetupError, Timeout, error_for
 from .spool import (
     REQUEST_SUFFIX,
     Spool,
-    UnsafeEntry,
     new_request_id,
     pending_events,
     utc_iso,
@@ -78,16 +75,31 @@ class Reply:
             raise error_for(str(error.get("type")))(str(error.get("message", "")), reply=self)
 
 
+class _Waiter:
+    """One caller waiting for one reply: woken when its reply may have come
+    (``arrived``), or when it is handed the reading of inotify."""
+
+    __slots__ = ("arrived", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.arrived = False
+
+
 class _ReplyWatcher:
     """The process's one inotify instance, and the threads waiting on it.
 
-    No thread of its own: whichever waiting thread finds nobody reading the
-    instance reads it (the leader) and wakes the others whose replies came,
-    so a lone caller sleeps on inotify itself, with no thread hand-off.  A
-    leader that leaves wakes one other waiter, which takes over.  While
-    nobody waits, nobody reads: an idle process is not woken by the replies
-    to others (the kernel queues their events, read and dropped by the next
+    No thread of its own: one waiting thread at a time reads the instance
+    (the leader) and wakes the others whose replies came, so a lone caller
+    sleeps on inotify itself, with no thread hand-off.  A leader that leaves
+    hands the reading to a waiter whose reply has NOT come (one whose reply
+    came in the same batch would return without reading, and nobody would
+    read again until the backstop poll); a waiter handed the reading that
+    leaves without taking it up hands it on (``forget``).  While nobody
+    waits, nobody reads: an idle process is not woken by the replies to
+    others (the kernel queues their events, read and dropped by the next
     leader; an overflow only wakes every waiter to look for its file).
+    All state changes happen under ``lock``.
     """
 
     def __init__(self) -> None:
@@ -95,70 +107,78 @@ class _ReplyWatcher:
         self.lock = threading.Lock()
         self.dirs: dict[int, str] = {}            # wd -> replies dir
         self.watched: dict[str, int] = {}         # replies dir -> wd
-        self.waiters: dict[tuple[str, str], list[threading.Event]] = {}
-        self.leader: threading.Event | None = None
+        self.waiters: dict[tuple[str, str], list[_Waiter]] = {}
+        self.leader: _Waiter | None = None
 
-    def expect(self, directory: Path, name: str) -> threading.Event:
+    def expect(self, directory: Path, name: str) -> _Waiter:
         """Register a waiter (watching the folder from the first on: adding and
         removing a watch per wait costs milliseconds in the kernel)."""
         key = str(directory)
-        event = threading.Event()
+        waiter = _Waiter()
         with self.lock:
             if key not in self.watched:
                 wd = self.inotify.add_watch(key, flags.MOVED_TO | flags.CLOSE_WRITE)
                 self.watched[key] = wd
                 self.dirs[wd] = key
-            self.waiters.setdefault((key, name), []).append(event)
-        return event
+            self.waiters.setdefault((key, name), []).append(waiter)
+        return waiter
 
-    def forget(self, directory: Path, name: str, event: threading.Event) -> None:
+    def forget(self, directory: Path, name: str, waiter: _Waiter) -> None:
         key = (str(directory), name)
         with self.lock:
-            events = self.waiters.get(key)
-            if events and event in events:
-                events.remove(event)
-                if not events:
+            waiting = self.waiters.get(key)
+            if waiting and waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
                     del self.waiters[key]
+            if self.leader is waiter:
+                self._hand_over()
 
-    def wait(self, event: threading.Event, timeout: float) -> None:
-        """Return when ``event`` is set (maybe spuriously) or ``timeout`` passed."""
+    def wait(self, waiter: _Waiter, timeout: float) -> None:
+        """Return when the waiter's reply may have come, or ``timeout`` passed.
+        (It returns re-armed: the caller looks for its file after this.)"""
         end = time.monotonic() + timeout
-        leading = False
         try:
-            while not event.is_set():
+            while True:
+                with self.lock:
+                    waiter.event.clear()   # setters hold the lock: no wake-up is lost
+                    if waiter.arrived:
+                        return
+                    if self.leader is None:
+                        self.leader = waiter
+                    leading = self.leader is waiter
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return
                 if not leading:
-                    with self.lock:
-                        if self.leader is None:
-                            self.leader, leading = event, True
-                if not leading:
-                    event.wait(remaining)
+                    waiter.event.wait(remaining)
                     continue
                 ready, _, _ = select.select([self.inotify.fileno()], [], [], remaining)
                 if ready:
                     self._dispatch(pending_events(self.inotify))
         finally:
-            if leading:
-                with self.lock:
-                    self.leader = None
-                    # hand the reading over: wake one other waiter, it will lead
-                    other = next((e for evs in self.waiters.values() for e in evs
-                                  if e is not event), None)
-                    if other is not None:
-                        other.set()
+            with self.lock:
+                waiter.arrived = False
+                if self.leader is waiter:
+                    self._hand_over(but=waiter)
+
+    def _hand_over(self, but: _Waiter | None = None) -> None:
+        """Give the reading to a waiter still waiting (called under ``lock``)."""
+        self.leader = next((w for waiting in self.waiters.values() for w in waiting
+                            if not w.arrived and w is not but), None)
+        if self.leader is not None:
+            self.leader.event.set()
 
     def _dispatch(self, events: list) -> None:
         with self.lock:
             for ev in events:
                 if ev.mask & flags.Q_OVERFLOW:
-                    for waiting in self.waiters.values():
-                        for e in waiting:
-                            e.set()
-                    continue
-                for e in self.waiters.get((self.dirs.get(ev.wd), ev.name), ()):
-                    e.set()
+                    woken = [w for waiting in self.waiters.values() for w in waiting]
+                else:
+                    woken = self.waiters.get((self.dirs.get(ev.wd), ev.name), ())
+                for w in woken:
+                    w.arrived = True
+                    w.event.set()
 
 
 _watcher: _ReplyWatcher | None = None
@@ -210,26 +230,16 @@ class Client:
         self.spool = Spool(config.root, config.durable, config.max_request_bytes)
         self._worker_uid: int | None = None
         self._host = socket.gethostname()
+        self._reader = f"this client (uid {os.geteuid()})"
 
     @property
     def worker_uid(self) -> int:
         """The uid a genuine reply is owned by."""
         if self._worker_uid is None:
-            if self.config.worker_user:
-                try:
-                    self._worker_uid = pwd.getpwnam(self.config.worker_user).pw_uid
-                except KeyError:
-                    raise SpoolSetupError(f"[spool] worker_user {self.config.worker_user!r}"
-                                          " is not a user on this machine") from None
-            else:
-                try:
-                    self._worker_uid = os.stat(self.spool.active).st_uid
-                except FileNotFoundError:
-                    raise SpoolSetupError(f"no spool at {self.config.root}:"
-                                          " run 'spoolops init'") from None
+            self._worker_uid = self.spool.worker_uid(self.config.worker_user)
         return self._worker_uid
 
-    def _expect(self, rid: str) -> tuple[_ReplyWatcher, threading.Event]:
+    def _expect(self, rid: str) -> tuple[_ReplyWatcher, _Waiter]:
         """Register as waiting for ``rid``'s reply (watching ``replies/``)."""
         watcher = _shared_watcher()
         try:
@@ -265,13 +275,13 @@ class Client:
 
     def wait(self, rid: str, timeout: float | None = 30.0) -> Reply:
         """The reply to ``rid`` (collected: the file is removed), or ``Timeout``."""
-        watcher, event = self._expect(rid)
+        watcher, waiter = self._expect(rid)
         try:
-            return self._wait_registered(rid, event, timeout, watcher)
+            return self._wait_registered(rid, waiter, timeout, watcher)
         finally:
-            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, event)
+            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, waiter)
 
-    def _wait_registered(self, rid: str, event: threading.Event, timeout: float | None,
+    def _wait_registered(self, rid: str, waiter: _Waiter, timeout: float | None,
                          watcher: _ReplyWatcher, look_first: bool = True) -> Reply:
         """``look_first=False``: registered before the request was published,
         so the reply cannot be there before its event."""
@@ -285,29 +295,12 @@ class Client:
             if remaining is not None and remaining <= 0:
                 raise Timeout(f"no reply to {rid} within {timeout:g} s"
                               f" (is a worker running on {self.config.root}?)")
-            watcher.wait(event, BACKSTOP_POLL_S if remaining is None else
+            watcher.wait(waiter, BACKSTOP_POLL_S if remaining is None else
                          min(remaining, BACKSTOP_POLL_S))
-            event.clear()
 
     def _collect(self, rid: str) -> Reply | None:
-        try:
-            f = self.spool.read_reply(rid)
-        except FileNotFoundError:
-            return None
-        except (UnsafeEntry, PermissionError, BlockingIOError) as exc:  # a lease, say
-            log.warning("ignoring untrustworthy reply file for %s: %s", rid, exc)
-            return None
-        if f.st.st_uid != self.worker_uid:
-            log.warning("ignoring reply for %s owned by uid %d, not the worker's (%d)",
-                        rid, f.st.st_uid, self.worker_uid)
-            return None
-        try:
-            obj = json.loads(f.data)
-        except ValueError:
-            log.warning("ignoring reply for %s that is not valid JSON", rid)
-            return None
-        if not isinstance(obj, dict) or obj.get("id") != rid:
-            log.warning("ignoring reply for %s whose id does not match", rid)
+        obj = self.spool.published_reply(rid, self.worker_uid, self._reader)
+        if obj is None:
             return None
         self.spool.remove_reply(rid)
         return Reply.from_dict(obj)
@@ -325,16 +318,16 @@ class Client:
             deadline = time.time() + timeout
         request = self._request(op, args, priority, deadline)
         rid = request["id"]
-        watcher, event = self._expect(rid)  # watching before the request exists
+        watcher, waiter = self._expect(rid)  # watching before the request exists
         try:
             self._publish(request)
             try:
-                reply = self._wait_registered(rid, event, timeout, watcher, look_first=False)
+                reply = self._wait_registered(rid, waiter, timeout, watcher, look_first=False)
             except Timeout:
                 self.cancel(rid)
                 raise
         finally:
-            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, event)
+            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, waiter)
         reply.raise_for_error()
         return reply.result
 

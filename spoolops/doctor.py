@@ -23,13 +23,19 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import ALL_USERS, Config, load_config
 from .errors import ConfigError
+from .lock import worker_alive
 from .spool import DIR_MODES
 
 ROOT_MODE = 0o2755
-# work/ is the worker's own: 0700 (DESIGN.md) or 2700 both do
-WORK_MODES = (0o700, 0o2700)
+# work/ is the worker's own: 2700 (replies staged there take the submit
+# group); 0700 in older trees, which only works when the worker user's
+# primary group is the submit group (check_groups says so)
+WORK_MODES = (0o2700, 0o700)
+# where the durable submit and cancel are known to be durable without
+# reading new/ (an fsync of a renamed file commits the rename's transaction)
+ORDERED_FS = frozenset({"ext4", "xfs"})
 # filesystems whose changes made on another host inotify never reports
 NETWORK_FS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs",
@@ -67,6 +73,7 @@ def run_checks(config_path: str | os.PathLike | None = None,
     findings = [Finding("config", True, f"parsed {source}")]
     findings += check_accounts(config)
     findings += check_tree(config)
+    findings += check_groups(config)
     findings += check_filesystems(config)
     findings += check_inotify()
     return findings
@@ -198,6 +205,85 @@ def check_tree(config: Config) -> list[Finding]:
     return out
 
 
+def check_groups(config: Config) -> list[Finding]:
+    """Can each side read what the other writes?  Requests are read by the
+    worker through the submit group; replies by the clients through it."""
+    user, group = _names(config)
+    try:
+        pw = pwd.getpwnam(user) if user else None
+        gr = grp.getgrnam(group) if group else None
+    except KeyError:
+        return []          # check_accounts has said so
+    if pw is None or gr is None:
+        return []
+    out: list[Finding] = []
+    try:
+        work = os.lstat(config.root / "work")
+    except OSError:
+        work = None
+    if work is not None:
+        reply_gid = work.st_gid if work.st_mode & stat.S_ISGID else pw.pw_gid
+        if reply_gid != gr.gr_gid:
+            out.append(Finding(
+                "reply group", False, f"replies staged in {config.root / 'work'} would take"
+                f" group {_group_name(reply_gid)}, not the submit group {group}: clients"
+                " could not read them (the worker then sets each reply's group itself)",
+                "run 'spoolops init' as root (work/ becomes 2700, group "
+                f"{group})"))
+        else:
+            out.append(Finding("reply group", True, f"replies take group {group}"))
+    out += _check_running_worker(config, pw, gr)
+    for op, users in sorted(config.access.items()) + [("default", config.access_default)]:
+        for name in users:
+            if name == ALL_USERS:
+                continue
+            try:
+                member = pwd.getpwnam(name)
+            except KeyError:
+                out.append(Finding("access", False, f"[access] {op} names {name!r}, who is"
+                                   " not a user here", f"useradd {name}, or correct [access]"))
+                continue
+            if member.pw_gid != gr.gr_gid and name not in gr.gr_mem:
+                out.append(Finding("access", False, f"[access] {op} allows {name!r}, who is"
+                                   f" not in the submit group {group}: they cannot submit",
+                                   f"usermod -aG {group} {name}"))
+    return out
+
+
+def _check_running_worker(config: Config, pw: pwd.struct_passwd, gr: grp.struct_group
+                          ) -> list[Finding]:
+    """The running worker's process must carry the submit group: a membership
+    added after it started (usermod -aG) takes effect only on restart."""
+    alive, pid = worker_alive(config.root / "work" / "worker.lock")
+    if not alive or pid is None:
+        return []
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return []
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uid = int(fields.get("Uid", "-1").split()[1])
+    gids = {int(g) for g in fields.get("Groups", "").split()} | {
+        int(fields.get("Gid", "-1").split()[1])}
+    if uid != pw.pw_uid and uid != 0:
+        return [Finding("worker process", False, f"the running worker (pid {pid}) runs as uid"
+                        f" {uid}, not the worker user {pw.pw_name}: clients will not trust"
+                        " its replies", "restart it as the worker user")]
+    if uid != 0 and gr.gr_gid not in gids:
+        return [Finding("worker process", False, f"the running worker (pid {pid}) is not in"
+                        f" the submit group {gr.gr_name} (its groups: {sorted(gids)}): it"
+                        " started without that membership", "restart the worker"
+                        " (systemctl restart spoolops-worker)")]
+    return [Finding("worker process", True, f"pid {pid}, uid {uid}, in group {gr.gr_name}")]
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def mount_of(path: Path, mountinfo: str | None = None) -> tuple[str, str]:
     """(mount point, filesystem type) of the mount holding ``path``."""
     if mountinfo is None:
@@ -232,6 +318,12 @@ def check_filesystems(config: Config) -> list[Finding]:
                                " changes made by other hosts",
                                "use a local filesystem on the data host (clients on other"
                                " hosts need the PostgreSQL transport)"))
+        elif label == "spool" and config.durable and fstype not in ORDERED_FS:
+            out.append(Finding(f"{label} filesystem", False,
+                               f"{path} is on {fstype} ({point}): with durable = yes, a"
+                               " submit or cancel is known to survive a power cut only on"
+                               f" {' or '.join(sorted(ORDERED_FS))}",
+                               "put the spool on ext4 or xfs (or accept the risk)"))
         else:
             out.append(Finding(f"{label} filesystem", True, f"{path} on {fstype} ({point})"))
     return out

@@ -1,8 +1,13 @@
 """The one error hierarchy of spoolops.
 
-Every exception spoolops raises on purpose is a ``SpoolError``.  Each class
-also inherits the built-in exception it resembles (as filelock's
-``Timeout(TimeoutError)`` does), so callers may catch either.
+Every exception spoolops raises on purpose is a ``SpoolError``.  Some classes
+also inherit a built-in exception they resemble (as filelock's
+``Timeout(TimeoutError)`` does), so callers may catch either -- but an
+operation's error is never an ``OSError`` (nor ``FileNotFoundError``,
+``PermissionError`` or ``TimeoutError``, which are ``OSError``s): code that
+catches a vanished spool file must never swallow a request's ``NotFound``,
+and a caller's ``except OSError`` must never mistake a refused request for a
+system condition.  Fail closed.
 
 ``OpError`` and its subclasses are the error *types* of the reply format
 (DESIGN.md): an operation raises e.g. ``Conflict("...")`` in the worker, the
@@ -66,13 +71,13 @@ class UnknownOp(OpError, LookupError):
     type = "UnknownOp"
 
 
-class PermissionDenied(OpError, PermissionError):
+class PermissionDenied(OpError):
     """The submitting user may not call this operation."""
 
     type = "PermissionDenied"
 
 
-class NotFound(OpError, FileNotFoundError):
+class NotFound(OpError, LookupError):
     """A file the request names does not exist."""
 
     type = "NotFound"
@@ -84,7 +89,7 @@ class Conflict(OpError):
     type = "Conflict"
 
 
-class Expired(OpError, TimeoutError):
+class Expired(OpError):
     """The request's deadline passed before the worker started it."""
 
     type = "Expired"

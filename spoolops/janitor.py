@@ -293,6 +293,7 @@ class _Janitor:
             return False  # cannot tell: never recover without the lock
         if self.dry_run:
             self._plan(orphans)  # read-only: not even the lock file is touched
+            self._plan_work_leftovers()
             return True
         lock = WorkerLock(self.spool.lock_path)
         try:
@@ -311,14 +312,15 @@ class _Janitor:
             registry, dispatcher, staged = self._plan(orphans)
             if self._unknown_ops:
                 # the worker may know ops this janitor does not (a site package
-                # missing from its path): interrupting them could be wrong
-                self.report.findings.append(Finding(
-                    "orphan", str(self.spool.active), "orphans of operations this janitor"
-                    f" does not know ({', '.join(sorted(self._unknown_ops))}): left for the"
-                    " worker's own recovery"))
+                # missing from its path): interrupting them could be wrong, so
+                # nothing is recovered and the report says so
                 return True
             if orphans or staged or self._recovery_pending():
-                self.report.recovered = recovery.recover(self.spool, registry, dispatcher)
+                done = recovery.recover(self.spool, registry, dispatcher)
+                self.report.recovered = done.counts
+                self.report.actions += [Action(step.action, step.path, step.why, None,
+                                               done=step.error is None, error=step.error)
+                                        for step in done.steps]
             self.stale_run_files()
         finally:
             lock.release()
@@ -326,34 +328,44 @@ class _Janitor:
 
     def _plan(self, orphans: list[tuple[str, os.stat_result]]
               ) -> tuple[Registry, Dispatcher, list[str]]:
-        """Report each orphan and staged reply with what recovery does to it."""
+        """Report each orphan and staged reply with what recovery does (or,
+        in a dry run, would do) to it."""
         registry = self.registry if self.registry is not None else default_registry()
         dispatcher = Dispatcher(registry, self.config, self.spool.work)
+        plans = []
         for name, st in sorted(orphans):
             what, op_name, _ = recovery.plan_orphan(self.spool, registry, dispatcher, name)
             if op_name is not None and op_name not in registry:
                 self._unknown_ops.add(op_name)
-                what = "leave (unknown op)"
+            plans.append((name, st, what, op_name))
+        for name, st, what, op_name in plans:
             age = round(self._age(st, ctime=True), 1)
-            self.report.findings.append(Finding(
-                "orphan", str(self.spool.active / name), "in active/ with no worker"
-                f" (op {op_name or '?'}): recovery will {what} it", age))
-            self.report.actions.append(Action(what, str(self.spool.active / name),
-                                              "worker recovery of an orphan", age,
-                                              done=not self.dry_run))
+            path = str(self.spool.active / name)
+            if self._unknown_ops:
+                why = (f"in active/ with no worker (op {op_name or '?'}): left for the"
+                       " worker's own recovery, because this janitor does not know"
+                       f" {', '.join(sorted(self._unknown_ops))}")
+            elif self.dry_run:
+                why = f"in active/ with no worker (op {op_name or '?'}): recovery would {what} it"
+                self.report.actions.append(Action(what, path, "worker recovery of an orphan",
+                                                  age))
+            else:
+                why = f"in active/ with no worker (op {op_name or '?'}): recovered ({what})"
+            self.report.findings.append(Finding("orphan", path, why, age))
         staged = self.spool.staged_replies()
-        for rid in staged:
-            self.report.actions.append(Action(
-                "publish", str(self.spool.work / (rid + STAGED_REPLY_SUFFIX)),
-                "a finished reply the dead worker had not published", None,
-                done=not self.dry_run))
+        if self.dry_run:
+            for rid in staged:
+                self.report.actions.append(Action(
+                    "publish", str(self.spool.work / (rid + STAGED_REPLY_SUFFIX)),
+                    "a finished reply the dead worker had not published", None))
+        return registry, dispatcher, staged
+
+    def _plan_work_leftovers(self) -> None:
         for name, st in sorted(self._entries(self.spool.work)):
             if name.endswith(".tmp") and stat.S_ISREG(st.st_mode):
                 self.report.actions.append(Action(
                     "remove", str(self.spool.work / name), "staging leftover of a dead"
-                    " worker (removed by recovery)", round(self._age(st), 1),
-                    done=not self.dry_run))
-        return registry, dispatcher, staged
+                    " worker (removed by recovery)", round(self._age(st), 1)))
 
     def _recovery_pending(self) -> bool:
         """Leftovers only recovery may touch: journals, temp records, staging files."""

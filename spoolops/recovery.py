@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 from .dispatch import Dispatcher, Request, user_name
 from .errors import Interrupted, OpError
@@ -42,10 +43,34 @@ from .tempfiles import cleanup_temps
 log = logging.getLogger("spoolops.recovery")
 
 
-def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[str, int]:
-    """Bring the spool to a clean state; returns counts of what was done."""
-    done = {"hooks": 0, "temps": 0, "published": 0, "cleared": 0, "requeued": 0,
-            "interrupted": 0}
+@dataclass
+class Recovery:
+    """What ``recover`` did: counts by kind, and one step per thing done or failed."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("hooks", "temps", "published", "cleared", "requeued", "interrupted", "errors"), 0))
+    steps: list[Step] = field(default_factory=list)
+
+    def did(self, kind: str, action: str, path: object, why: str) -> None:
+        self.counts[kind] += 1
+        self.steps.append(Step(action, str(path), why))
+
+    def failed(self, action: str, path: object, why: str, error: str) -> None:
+        self.counts["errors"] += 1
+        self.steps.append(Step(action, str(path), why, error))
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str
+    path: str
+    why: str
+    error: str | None = None
+
+
+def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> Recovery:
+    """Bring the spool to a clean state; returns what was done."""
+    done = Recovery()
     for name in registry.names():
         operation = registry.get(name)
         if operation is None or operation.recover is None:
@@ -53,15 +78,23 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
         try:
             for line in operation.recover(dispatcher.context(_nobody())):
                 log.warning("event=recovered op=%s action=%r", name, line)
-                done["hooks"] += 1
-        except Exception:
+                done.did("hooks", "recover", name, line)
+        except Exception as exc:
             log.exception("event=recover_hook_failed op=%s", name)
-    for path in cleanup_temps(spool.work):
+            done.failed("recover", name, f"{name}'s recovery hook", repr(exc))
+    removed, errors = cleanup_temps(spool.work)
+    for path in removed:
         log.warning("event=recovered action=removed_temp path=%s", path)
-        done["temps"] += 1
-    for entry in os.listdir(spool.work):
+        done.did("temps", "remove", path, "temporary file of an operation cut off by a crash")
+    for path, error in errors:
+        log.error("event=temp_not_removed path=%s error=%r", path, error)
+        done.failed("remove", path, "temporary file of an operation cut off by a crash",
+                    error)
+    for entry in sorted(os.listdir(spool.work)):
         if entry.endswith(".tmp"):
             _unlink(spool.work / entry)
+            done.steps.append(Step("remove", str(spool.work / entry),
+                                   "staging leftover of a dead worker"))
     for rid in spool.staged_replies():
         staged = spool.staged_reply(rid)
         if staged is None and not _staged_cut_off(spool, dispatcher, rid):
@@ -73,7 +106,8 @@ def recover(spool: Spool, registry: Registry, dispatcher: Dispatcher) -> dict[st
             spool.quarantine(spool.active, rid + ".json", _interrupted_reason(op_name))
         spool.publish_reply(rid)
         log.warning("event=recovered action=published_staged_reply id=%s", rid)
-        done["published"] += 1
+        done.did("published", "publish", spool.work / (rid + STAGED_REPLY_SUFFIX),
+                 "a finished reply the dead worker had not published")
     for name in sorted(os.listdir(spool.active)):
         if name.endswith(RUN_SUFFIX):
             if not os.path.lexists(spool.active / name[: -len(".run")]):
@@ -98,7 +132,10 @@ def plan_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: 
     rid = id_from_name(name)
     if rid is None:
         return QUARANTINE, None, None
-    if spool.reply_path(rid).exists():
+    # the reply a client would trust, not merely a file by that name: replies/
+    # is group-writable, and a planted one must not make an orphan vanish
+    worker_uid = spool.worker_uid(dispatcher.config.worker_user)
+    if spool.published_reply(rid, worker_uid, reader="recovery") is not None:
         return CLEAR, None, None
     started = os.path.lexists(spool.active / (rid + RUN_SUFFIX))
     op_name, idempotent, request = None, False, None
@@ -116,23 +153,26 @@ def plan_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: 
 
 
 def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, name: str,
-                    done: dict[str, int]) -> None:
+                    done: Recovery) -> None:
     action, op_name, request = plan_orphan(spool, registry, dispatcher, name)
     rid = id_from_name(name)
+    path = spool.active / name
     if action == QUARANTINE:
         spool.quarantine(spool.active, name, "Found in active/ at start-up with a name that"
                          " is not <id>.json")
+        done.steps.append(Step("quarantine", str(path), "in active/ with no request id"))
         return
     if action == CLEAR:
         _unlink(spool.active / (name[: -len(".json")] + RUN_SUFFIX))
         _unlink(spool.active / name)
         log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
-        done["cleared"] += 1
+        done.did("cleared", "clear", path, "an orphan whose reply was already published")
         return
     if action == REQUEUE:
         spool.unclaim_request(name)
         log.warning("event=recovered action=requeued id=%s op=%s", rid, op_name)
-        done["requeued"] += 1
+        done.did("requeued", "requeue", path, f"an orphan of {op_name or '?'} that may run"
+                 " again (idempotent, or never started)")
         return
     assert isinstance(request, Request) and rid is not None
     reply = dispatcher.reply(request, error=Interrupted(
@@ -143,7 +183,8 @@ def _recover_orphan(spool: Spool, registry: Registry, dispatcher: Dispatcher, na
     spool.quarantine(spool.active, name, _interrupted_reason(op_name))
     spool.publish_reply(rid)
     log.warning("event=recovered action=interrupted id=%s op=%s", rid, op_name)
-    done["interrupted"] += 1
+    done.did("interrupted", "interrupt", path, f"an orphan of {op_name!r}, not idempotent:"
+             " answered Interrupted, moved to failed/")
 
 
 def _interrupted_reason(op_name: str | None) -> str:

@@ -30,20 +30,24 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
+import pwd
 import re
 import secrets
 import socket
 import stat
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from inotify_simple import INotify, parse_events
 
 from .errors import BadRequest, SpoolSetupError
+
+log = logging.getLogger("spoolops.spool")
 
 # name -> mode (owner: worker user, group: submit group)
 DIR_MODES: dict[str, int] = {
@@ -52,7 +56,9 @@ DIR_MODES: dict[str, int] = {
     "active": 0o2750,
     "failed": 0o2750,
     "replies": 0o2770,
-    "work": 0o700,
+    # setgid like the rest, so that staged replies take the submit group
+    # whatever the worker user's primary group (older trees: 0700)
+    "work": 0o2700,
 }
 FILE_MODE = 0o640
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -60,7 +66,10 @@ REQUEST_SUFFIX = ".json"
 RUN_SUFFIX = ".json.run"
 REASON_SUFFIX = ".reason"
 STAGED_REPLY_SUFFIX = ".reply"
+WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its way out
 LOCK_NAME = "worker.lock"
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+_UNKNOWN = object()
 
 
 def valid_id(rid: object) -> bool:
@@ -102,7 +111,7 @@ def parse_iso(text: str) -> float:
     """Seconds since the epoch from an ISO 8601 time; naive times are UTC."""
     dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
+        dt = dt.replace(tzinfo=timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+
     return dt.timestamp()
 
 
@@ -135,29 +144,54 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_new_file(path: str | os.PathLike, data: bytes, durable: bool,
-                   mode: int = FILE_MODE) -> None:
-    """Create ``path`` exclusively (never through a link) and write ``data``."""
+def create_file(path: str | os.PathLike, mode: int = FILE_MODE, gid: int | None = None
+                ) -> int:
+    """Create ``path`` exclusively (never through a link) with exactly ``mode``
+    whatever the umask (a web server's umask of 077 must not hide a request
+    from the worker), and group ``gid`` if given.  Returns the descriptor."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+    except BaseException:
+        _discard(fd, path)
+        raise
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _discard(fd: int, path: str | os.PathLike) -> None:
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_new_file(path: str | os.PathLike, data: bytes, durable: bool,
+                   mode: int = FILE_MODE, gid: int | None = None) -> None:
+    """Create ``path`` exclusively (never through a link) and write ``data``."""
+    fd = create_file(path, mode, gid)
+    try:
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _discard(fd, path)
         raise
     os.close(fd)
 
 
 def write_atomic(staging: str | os.PathLike, final: str | os.PathLike, data: bytes,
-                 durable: bool, mode: int = FILE_MODE, own_staging: bool = False) -> None:
+                 durable: bool, mode: int = FILE_MODE, own_staging: bool = False,
+                 gid: int | None = None) -> None:
     """Write ``staging``, then rename it to ``final`` (same filesystem): readers
     of ``final`` see the old file or the whole new one, never a part.
 
@@ -169,7 +203,7 @@ def write_atomic(staging: str | os.PathLike, final: str | os.PathLike, data: byt
             os.unlink(staging)
         except FileNotFoundError:
             pass
-    write_new_file(staging, data, durable, mode)
+    write_new_file(staging, data, durable, mode, gid)
     try:
         os.rename(staging, final)
     except BaseException:
@@ -240,13 +274,14 @@ class UnsafeEntry(Exception):
         self.reason = reason
 
 
-def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = True
-                   ) -> SpoolFile:
+def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = True,
+                   reader: str = "this process") -> SpoolFile:
     """Read a file a group member may have planted, as Postfix's safe_open does:
     open with ``O_NOFOLLOW``, then ``fstat``: a regular file with one link
     whose (dev, ino) agree with an ``lstat`` of the name.  ``check_name=False``
     skips that last check for a file in a folder only the caller can rename
-    into (``active/``), where nobody can swap it.
+    into (``active/``), where nobody can swap it.  ``reader`` names the
+    party that cannot read a file it has no permission for.
 
     Raises ``UnsafeEntry`` (symlink, FIFO, socket, directory, hard link,
     swapped while being opened, too large) or ``FileNotFoundError``.
@@ -269,7 +304,7 @@ def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = T
                 raise UnsafeEntry(f"it is not a regular file but a {_kind_name(kind)}") from None
             raise UnsafeEntry(f"it cannot be opened as a regular file ({exc.strerror})") from None
         if exc.errno == errno.EACCES:
-            raise UnsafeEntry("the worker may not read it (permission denied)") from None
+            raise UnsafeEntry(f"{reader} may not read it (permission denied)") from None
         raise
     try:
         st = os.fstat(fd)
@@ -331,6 +366,21 @@ class Spool:
         # plain strings for the per-request path work (pathlib costs microseconds)
         self._new, self._active, self._work, self._replies, self._tmp = (
             str(self.new), str(self.active), str(self.work), str(self.replies), str(self.tmp))
+        self._reply_gid: Any = _UNKNOWN
+
+    def worker_uid(self, worker_user: str = "") -> int:
+        """The uid the worker runs as: ``[spool] worker_user``, else the owner
+        of ``active/``.  Replies are trusted only when owned by it."""
+        if worker_user:
+            try:
+                return pwd.getpwnam(worker_user).pw_uid
+            except KeyError:
+                raise SpoolSetupError(f"[spool] worker_user {worker_user!r} is not a user"
+                                      " on this machine") from None
+        try:
+            return os.stat(self.active).st_uid
+        except FileNotFoundError:
+            raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'") from None
 
     def check_exists(self) -> None:
         for name in DIR_MODES:
@@ -343,7 +393,15 @@ class Spool:
 
     def publish_request(self, request: dict[str, Any]) -> str:
         """Write ``tmp/ID.json`` and rename it into ``new/``: the one rename
-        that publishes a request.  Returns the id."""
+        that publishes a request.  Returns the id once the request is queued
+        (and, with ``durable``, on disk); raises if nothing was queued.
+
+        Durable without reading ``new/`` (mode 2730: members may not open it
+        to fsync it): the file is fsynced before the rename (its bytes), and
+        again after it.  A rename changes the renamed inode (its ctime), so
+        on ext4 and xfs that second fsync commits the journal transaction
+        that holds the rename itself.
+        """
         rid = request["id"]
         if not valid_id(rid):
             raise BadRequest(f"invalid request id {rid!r}")
@@ -352,28 +410,122 @@ class Spool:
             raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
                              f" ({self.max_request_bytes})")
         name = rid + REQUEST_SUFFIX
-        write_atomic(f"{self._tmp}/{name}", f"{self._new}/{name}", data, self.durable)
+        staging, queued = f"{self._tmp}/{name}", f"{self._new}/{name}"
+        fd = create_file(staging)
+        try:
+            write_all(fd, data)
+            if self.durable:
+                os.fsync(fd)
+                # kept for the fsync after the rename: read-only, so that its
+                # close is no IN_CLOSE_WRITE in new/ (a second wake-up per request)
+                check = os.open(staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            _discard(fd, staging)
+            raise
+        os.close(fd)   # before the rename: its IN_CLOSE_WRITE is in tmp/, unwatched
+        try:
+            os.rename(staging, queued)
+        except BaseException:
+            if self.durable:
+                os.close(check)
+            self._remove_quietly(staging)
+            raise
+        if not self.durable:
+            return rid
+        try:
+            os.fsync(check)
+        except OSError:
+            # queued but perhaps not on disk: take it back so that the caller's
+            # error is true ("nothing queued"); if the worker has claimed it
+            # already it is accepted, and runs
+            try:
+                os.unlink(queued)
+            except FileNotFoundError:
+                return rid
+            raise
+        finally:
+            os.close(check)
         return rid
 
     def withdraw_request(self, rid: str) -> bool:
-        """Cancel: unlink ``new/ID.json``.  Atomic against ``claim_request``'s
-        rename, so either the worker has it or nobody ever will."""
+        """Cancel: take ``new/ID.json`` out of the queue.  Atomic against
+        ``claim_request``'s rename, so either the worker has it or nobody
+        ever will.  With ``durable`` the removal is moved aside to ``tmp/``
+        first and that file fsynced (which commits the rename, as in
+        ``publish_request``): a cancel reported done survives a power cut."""
         if not valid_id(rid):
             return False
+        queued = f"{self._new}/{rid}{REQUEST_SUFFIX}"
+        if not self.durable:
+            try:
+                os.unlink(queued)
+            except FileNotFoundError:
+                return False
+            return True
+        aside = f"{self._tmp}/{rid}{WITHDRAWN_SUFFIX}"
         try:
-            os.unlink(self.new / (rid + REQUEST_SUFFIX))
+            os.rename(queued, aside)
         except FileNotFoundError:
             return False
-        if self.durable:
-            fsync_dir(self.new)
+        try:
+            fd = os.open(aside, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except PermissionError:
+            # not the submitter's own file: root or the worker user, who own tmp/
+            fsync_dir(self._tmp)
+        else:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._remove_quietly(aside)
         return True
 
     def reply_path(self, rid: str) -> Path:
         return self.replies / (rid + REQUEST_SUFFIX)
 
-    def read_reply(self, rid: str) -> SpoolFile:
+    def read_reply(self, rid: str, reader: str = "this process") -> SpoolFile:
         """The reply's bytes and fstat (FileNotFoundError if not there yet)."""
-        return read_untrusted(f"{self._replies}/{rid}{REQUEST_SUFFIX}", 16 * 1024 * 1024)
+        return read_untrusted(f"{self._replies}/{rid}{REQUEST_SUFFIX}", MAX_REPLY_BYTES,
+                              reader=reader)
+
+    def published_reply(self, rid: str, worker_uid: int, reader: str = "this process"
+                        ) -> dict[str, Any] | None:
+        """The reply published for ``rid`` if it is one to trust: a plain file
+        owned by the worker user, a JSON object whose ``id`` is ``rid``.
+        None when there is none yet, or only something else under its name
+        (``replies/`` is group-writable: anyone in the group may plant one).
+        Raises ``SpoolSetupError`` when the worker's own reply cannot be read
+        by this process: a deployment fault no retry will mend."""
+        try:
+            f = self.read_reply(rid, reader)
+        except FileNotFoundError:
+            return None
+        except (UnsafeEntry, BlockingIOError) as exc:  # BlockingIOError: a lease on it
+            try:
+                st = os.lstat(self.reply_path(rid))
+            except OSError:
+                st = None
+            if isinstance(exc, UnsafeEntry) and "permission denied" in exc.reason and \
+                    st is not None and st.st_uid == worker_uid:
+                raise SpoolSetupError(
+                    f"the reply {self.reply_path(rid)} from the worker cannot be read by"
+                    f" {reader} (mode {stat.S_IMODE(st.st_mode):04o}, gid {st.st_gid}):"
+                    " replies must carry the submit group; run 'spoolops doctor'") from None
+            log.warning("ignoring untrustworthy reply file for %s: %s", rid, exc)
+            return None
+        if f.st.st_uid != worker_uid:
+            log.warning("ignoring reply for %s owned by uid %d, not the worker's (%d)",
+                        rid, f.st.st_uid, worker_uid)
+            return None
+        try:
+            obj = json.loads(f.data)
+        except ValueError:
+            log.warning("ignoring reply for %s that is not valid JSON", rid)
+            return None
+        if not isinstance(obj, dict) or obj.get("id") != rid:
+            log.warning("ignoring reply for %s whose id does not match", rid)
+            return None
+        return obj
 
     def remove_reply(self, rid: str) -> None:
         """Delete a collected reply.  (Any member of the group may unlink in
@@ -407,10 +559,10 @@ class Spool:
     def read_claimed(self, name: str) -> SpoolFile:
         # only the worker renames into active/: what the name holds cannot be swapped
         return read_untrusted(f"{self._active}/{name}", self.max_request_bytes,
-                              check_name=False)
+                              check_name=False, reader="the worker")
 
     def read_queued(self, name: str) -> SpoolFile:
-        return read_untrusted(self.new / name, self.max_request_bytes)
+        return read_untrusted(self.new / name, self.max_request_bytes, reader="the worker")
 
     def write_run_info(self, rid: str, info: dict[str, Any], durable: bool = False) -> None:
         """``active/ID.json.run``: who runs it since when, replaced atomically."""
@@ -430,13 +582,30 @@ class Spool:
         reply is never removed or cut."""
         path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
         data = encode_json(reply)
+        gid = self.reply_gid()
         if in_place:
             try:
-                write_new_file(path, data, self.durable)
+                write_new_file(path, data, self.durable, gid=gid)
                 return
             except FileExistsError:
                 pass
-        write_atomic(f"{path}.tmp", path, data, self.durable, own_staging=True)
+        write_atomic(f"{path}.tmp", path, data, self.durable, own_staging=True, gid=gid)
+
+    def reply_gid(self) -> int | None:
+        """The group a staged reply must be given explicitly, or None when
+        files made in ``work/`` get the submit group anyway (``work/`` is
+        setgid to it, or it is this process's own group).  Replies keep
+        their group when renamed into ``replies/``, and clients read them
+        through it: a worker whose primary group is its own would otherwise
+        answer in a group no client is in."""
+        if self._reply_gid is _UNKNOWN:
+            work, replies = os.stat(self._work), os.stat(self._replies)
+            if (work.st_mode & stat.S_ISGID and work.st_gid == replies.st_gid) or \
+                    (not work.st_mode & stat.S_ISGID and os.getegid() == replies.st_gid):
+                self._reply_gid = None
+            else:
+                self._reply_gid = replies.st_gid
+        return self._reply_gid
 
     def staged_reply(self, rid: str) -> dict[str, Any] | None:
         """The staged reply of ``rid`` if it is whole (parses, names ``rid``);
@@ -478,9 +647,9 @@ class Spool:
         written all the same, and the scanner skips names that have one.
         Returns True if the entry was moved.
         """
-        moved = True
+        moved, kept_as = True, name
         try:
-            rename_noreplace(str(directory / name), str(self.failed / name))
+            kept_as = self._rename_into_failed(directory, name)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -488,10 +657,25 @@ class Spool:
             reason = (f"{reason.rstrip('.')}; it could not be moved out of"
                       f" {directory.name}/ ({exc.strerror or exc}), so it was left there"
                       " and will be skipped.")
-        self.write_reason(name, reason)
-        if id_from_name(name) is not None:  # only a request can have a run file
+        self.write_reason(kept_as, reason)
+        if directory == self.active and moved:
+            # its run file goes with it; an entry quarantined from new/ (say a
+            # duplicate of a running id) must never touch what runs in active/
             self._remove_quietly(self.active / (name + ".run"))
         return moved
+
+    def _rename_into_failed(self, directory: Path, name: str) -> str:
+        """Move ``directory/NAME`` into ``failed/`` without replacing anything
+        there; the name it got (``NAME``, or ``NAME~2``... when ``NAME`` is
+        taken, e.g. by a quarantined duplicate of the same id)."""
+        for n in range(1, 100):
+            dest = name if n == 1 else f"{name}~{n}"
+            try:
+                rename_noreplace(str(directory / name), str(self.failed / dest))
+                return dest
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free name in failed/", name)
 
     def write_reason(self, name: str, reason: str) -> None:
         line = " ".join(reason.split())

@@ -52,14 +52,18 @@ def forget_temp(work_dir: Path, path: str | os.PathLike) -> None:
         pass
 
 
-def cleanup_temps(work_dir: Path) -> list[str]:
-    """Remove recorded temporary files left by a crash; returns their paths."""
-    removed = []
+def cleanup_temps(work_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Remove recorded temporary files left by a crash.  Returns the paths
+    removed, and (path, error) for those that could not be: a read-only
+    mount or a permission problem is reported, never fatal, and the record
+    stays so that a later run retries."""
+    removed: list[str] = []
+    errors: list[tuple[str, str]] = []
     record_dir = Path(work_dir) / RECORD_DIR
     try:
         records = list(record_dir.iterdir())
     except FileNotFoundError:
-        return removed
+        return removed, errors
     for record in records:
         try:
             path = os.fsdecode(record.read_bytes().rstrip(b"\n"))
@@ -73,5 +77,11 @@ def cleanup_temps(work_dir: Path) -> list[str]:
                     removed.append(path)
             except FileNotFoundError:
                 pass
-        record.unlink(missing_ok=True)
-    return removed
+            except OSError as exc:
+                errors.append((path, exc.strerror or str(exc)))
+                continue
+        try:
+            record.unlink(missing_ok=True)
+        except OSError as exc:
+            errors.append((str(record), exc.strerror or str(exc)))
+    return removed, errors

@@ -83,6 +83,7 @@ class Worker:
         self.running = 0
         self.skipped: set[str] = set()
         self.unpublished: dict[str, dict[str, Any]] = {}
+        self._retries: dict[str, int] = {}      # failed publish retries, for the log
         self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -107,6 +108,7 @@ class Worker:
 
     def run(self) -> int:
         self.spool.check_exists()
+        self._check_groups()
         if self.standby:
             log.info("event=standby lock=%s", self.spool.lock_path)
         self._lock.acquire(wait=self.standby, should_stop=lambda: self._stop)
@@ -127,6 +129,8 @@ class Worker:
                                             thread_name_prefix="spoolops-op")
             self.stats.started()
             self._rescan()
+            # the line operators and tests wait for: from here on requests are served
+            log.info("event=worker_ready pid=%d queued=%d", os.getpid(), len(self.queue))
             self._loop(inotify)
             return 0
         finally:
@@ -179,6 +183,23 @@ class Worker:
                 self._retry_unpublished()
             if self.stats.maybe_save(self.queue, self.running) and self.config.metrics_file:
                 self._write_metrics()
+
+    def _check_groups(self) -> None:
+        """Refuse to serve when requests or replies would be unreadable: the
+        process must be in the submit group (the group of ``tmp/``)."""
+        submit_gid = os.stat(self.spool.tmp).st_gid
+        if os.geteuid() != 0 and submit_gid not in (os.getegid(), *os.getgroups()):
+            raise SpoolSetupError(
+                f"this worker process (uid {os.geteuid()}, groups"
+                f" {sorted({os.getegid(), *os.getgroups()})}) is not in the submit group"
+                f" (gid {submit_gid}, the group of {self.spool.tmp}): it could neither read"
+                " requests nor answer in that group.  Add the worker user to the group"
+                " (usermod -aG) and start the worker with its supplementary groups"
+                " (systemd User=, setpriv --init-groups, runuser)")
+        if self.spool.reply_gid() is not None:
+            log.warning("event=work_dir_group path=%s action=chgrp_each_reply hint=%r",
+                        self.spool.work, "work/ is not setgid to the submit group:"
+                        " run 'spoolops init' to repair it")
 
     def _write_metrics(self) -> None:
         """Rewrite ``[worker] metrics_file`` for node_exporter's textfile collector."""
@@ -242,17 +263,21 @@ class Worker:
             priority, targets, mtime_ns = 0, None, time.time_ns()
             try:
                 f = self.spool.read_queued(name)
-                mtime_ns = min(f.st.st_mtime_ns, time.time_ns())
-                request = self.dispatcher.parse(f.data, rid, f.st.st_uid, mtime_ns / 1e9)
-                priority = request.priority
-                targets = self.dispatcher.prepare(request).targets
-            except FileNotFoundError:
+            except FileNotFoundError:   # the request file itself is gone (cancelled)
                 self.queue.discard(name)
                 continue
-            except (UnsafeEntry, OpError, OSError):
-                pass  # the claim will report it properly
-            except Exception:
-                log.exception("event=prekey_failed name=%s", name)
+            except (UnsafeEntry, OSError):
+                f = None                # the claim will report it properly
+            if f is not None:
+                mtime_ns = min(f.st.st_mtime_ns, time.time_ns())
+                try:
+                    request = self.dispatcher.parse(f.data, rid, f.st.st_uid, mtime_ns / 1e9)
+                    priority = request.priority
+                    targets = self.dispatcher.prepare(request).targets
+                except OpError:
+                    pass                # answered when claimed (NotFound, BadRequest, ...)
+                except Exception:
+                    log.exception("event=prekey_failed name=%s", name)
             self.queue.set_key(name, request_key(priority, mtime_ns, rid), targets)
 
     def _schedule(self) -> None:
@@ -324,18 +349,19 @@ class Worker:
         except FileNotFoundError:
             return None
         except UnsafeEntry as exc:
-            st = _oversize_regular_file(self.spool.active / name,
-                                        self.config.max_request_bytes)
-            if st is None:
+            st = _plain_file(self.spool.active / name)
+            problem = None if st is None else _unreadable_or_oversize(
+                st, exc.reason, self.config.max_request_bytes)
+            if problem is None:
                 self._quarantine(name, f"Not a request: {exc.reason}")
                 return None
-            # the id is trustworthy (a plain file of ours, in our active/):
-            # too large is a bad request, answered like any other
+            # the id is trustworthy (a plain file in our active/, its owner the
+            # submitter): a file too large or unreadable is a bad request,
+            # answered like any other
             queued_at = min(st.st_mtime_ns, time.time_ns()) / 1e9
             self._answer(Request(id=rid, op="", args=None, uid=st.st_uid,
                                  user=user_name(st.st_uid), queued_at=queued_at),
-                         BadRequest(f"request is {st.st_size} bytes, more than"
-                                    f" max_request_bytes ({self.config.max_request_bytes})"))
+                         BadRequest(problem))
             return None
         except OSError as exc:
             self._quarantine(name, f"Could not read it: {exc.strerror or exc}")
@@ -477,10 +503,15 @@ class Worker:
                 if self.spool.staged_reply(rid) is None:   # not even staged yet
                     self.spool.stage_reply(rid, reply)
                 self.spool.publish_reply(rid)
-            except OSError:
+            except OSError as exc:
+                self._retries[rid] = self._retries.get(rid, 0) + 1
+                if self._retries[rid] == 1:       # said once; the late publish says the rest
+                    log.warning("event=reply_retry_failed id=%s error=%r action=retry", rid,
+                                errno.errorcode.get(exc.errno or 0, str(exc)))
                 return
             del self.unpublished[rid]
-            log.info("event=reply_published_late id=%s", rid)
+            log.info("event=reply_published_late id=%s retries=%d", rid,
+                     self._retries.pop(rid, 0))
 
     def _finish_done(self) -> None:
         while self._done:
@@ -527,14 +558,23 @@ class _ProgressWriter:
             pass  # progress is a courtesy; never fail the op for it
 
 
-def _oversize_regular_file(path: Path, limit: int) -> os.stat_result | None:
-    """The lstat of ``path`` if it is a plain single-link file over ``limit``."""
+def _plain_file(path: Path) -> os.stat_result | None:
+    """The lstat of ``path`` if it is a regular file with one link."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > limit:
-        return st
+    return st if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+
+
+def _unreadable_or_oversize(st: os.stat_result, reason: str, limit: int) -> str | None:
+    """What is wrong with a plain request file the worker could not read."""
+    if st.st_size > limit:
+        return f"request is {st.st_size} bytes, more than max_request_bytes ({limit})"
+    if "permission denied" in reason:
+        return (f"the worker may not read the request file (mode"
+                f" {stat.S_IMODE(st.st_mode):04o}, group {st.st_gid}): a request must be"
+                " readable by the submit group (0640)")
     return None
 
 

@@ -3,16 +3,32 @@
 Nothing here mocks the filesystem, inotify or FITS I/O.  The worker always
 runs as a separate process (``python -m spoolops worker``) with the test site
 operations of ``tests/siteops`` on its path, found through the real
-``spoolops.ops`` entry-point group.
+``spoolops.ops`` entry-point group, and logs to a file the tests read
+(readiness is its ``event=worker_ready`` line).
+
+Two ways to deploy:
+
+- ``spool_env`` / ``running``: one tree owned by the user running the tests
+  (quick; ``durable = no``);
+- ``deployment`` (shared, with a worker) / ``fresh_deployment`` (per test,
+  no worker yet): the real thing, as ``tests/accounts.py`` builds it --
+  distinct unix accounts, the config ``spoolops init`` writes.  They need
+  root; elsewhere they skip, saying why.
+
+``unavailable(reason)`` is how a test that cannot run here says so: a skip
+with its reason, except in CI (``CI=true``), where a missing tool or an
+unusable account fails the run instead of passing it silently.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +37,27 @@ import pytest
 from spoolops.admin import init_tree, resolve_accounts
 from spoolops.client import Client
 from spoolops.config import Config, load_config
-from spoolops.lock import worker_alive
 from spoolops.spool import Spool
 
 TESTS = Path(__file__).resolve().parent
 SITEOPS = TESTS / "siteops"
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason`` -- or, in CI, fail: CI must run every test."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: everything must run here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_fitsverify() -> str:
+    """The path of ``fitsverify``, the independent judge of FITS files."""
+    found = shutil.which("fitsverify")
+    if found is None:
+        unavailable("fitsverify is not installed (Debian package fitsverify):"
+                    " no independent verdict on the FITS files")
+    return found
 
 
 def write_config(base: Path, durable: bool = False, extra: str = "", **spool_keys: str) -> Path:
@@ -64,40 +96,38 @@ class SpoolEnv:
         env.update(extra)
         return env
 
-    def spoolops(self, *args: str, timeout: float = 60, user: str | None = None,
-                 **kw) -> subprocess.CompletedProcess:
-        """Run the ``spoolops`` command line (optionally as another user)."""
-        cmd = [sys.executable, "-m", "spoolops", *args]
-        if user is not None:
-            cmd = ["runuser", "-u", user, "--", *cmd]
-        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+    def spoolops(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        """Run the ``spoolops`` command line."""
+        return subprocess.run([sys.executable, "-m", "spoolops", *args], check=False,
+                              capture_output=True, text=True, timeout=timeout,
                               env=self.env(), **kw)
 
-    def start_worker(self, *args: str, wait: bool = True, stderr=None,
-                     user: str | None = None, **env: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "spoolops", "worker", *args]
-        if user is not None:
-            cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
-        proc = subprocess.Popen(cmd, env=self.env(**env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL,
-                                stderr=stderr if stderr is not None else subprocess.DEVNULL)
+    def start_worker(self, *args: str, wait: bool = True, log: Path | None = None,
+                     prefix: Sequence[str] = (), **env: str) -> subprocess.Popen:
+        """``spoolops worker ARGS`` (after ``prefix``, e.g. a setpriv command);
+        its log is ``proc.log_path``."""
+        log = log or self.base / f"worker-{len(self.workers)}.log"
+        cmd = [*prefix, sys.executable, "-m", "spoolops", "worker", *args]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=self.env(**env), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out)
+        proc.log_path = log  # type: ignore[attr-defined]
         self.workers.append(proc)
         if wait:
-            self.wait_worker_up(proc)
+            self.wait_log(proc, f"event=worker_ready pid={proc.pid}")
         return proc
 
-    def wait_worker_up(self, proc: subprocess.Popen, timeout: float = 30) -> None:
+    def wait_log(self, proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
+        """Wait until the worker's log holds ``text``; returns the log."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            alive, pid = worker_alive(self.spool.lock_path)
-            # the lock is taken before recovery and the first scan; the
-            # stats file is written once the loop is about to serve
-            if alive and pid == proc.pid and (self.spool.work / "stats.json").exists():
-                return
+            content = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+            if text in content:
+                return content
             if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode} while starting")
-            time.sleep(0.02)
-        raise AssertionError("worker did not come up")
+                raise AssertionError(f"worker exited with {proc.returncode}: {content}")
+            time.sleep(0.02)   # poll interval of a wait with a deadline (a log line)
+        raise AssertionError(f"no {text!r} in the worker log within {timeout} s")
 
     def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM,
                     timeout: float = 60) -> int:
@@ -140,9 +170,67 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str
         value = predicate()
         if value:
             return value
-        time.sleep(interval)
+        time.sleep(interval)   # poll interval of a wait with a deadline, not a stand-in
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+# -- real accounts ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def accounts():
+    """The test accounts (created once per session, removed at the end)."""
+    from accounts import Accounts, unusable_reason
+    why = unusable_reason()
+    if why is not None:
+        unavailable(why)
+    made = Accounts()
+    try:
+        made.create()
+    except RuntimeError as exc:
+        unavailable(str(exc))
+    yield made
+    made.remove()
+
+
+SHARED_ACCESS = {"restricted": "spt_web", "update_headers": "spt_web",
+                 "ingest_upload": "spt_web"}
+
+
+@pytest.fixture(scope="session")
+def deployment(accounts):
+    """One real deployment with its worker running, shared by many tests
+    (each leaves it as it found it)."""
+    from accounts import Deployment
+    dep = Deployment.create(accounts, access=SHARED_ACCESS)
+    dep.start_worker()
+    yield dep
+    dep.close()
+
+
+@pytest.fixture
+def fresh_deployment(accounts):
+    """A real deployment of this test's own, no worker started yet."""
+    from accounts import Deployment
+    dep = Deployment.create(accounts, access=SHARED_ACCESS)
+    yield dep
+    dep.close()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line saying what did not run here and why (CI turns these into failures)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        parts = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items()))
+        terminalreporter.write_line(f"spoolops: {len(skipped)} test(s) did not run here: {parts}")
+    else:
+        terminalreporter.write_line("spoolops: every test ran (none skipped)")

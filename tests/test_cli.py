@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -100,8 +101,9 @@ def test_status_json_matches_spool(spool_env: SpoolEnv) -> None:
 def test_status_reports_stuck_queue(tmp_path) -> None:
     env = make_env(tmp_path / "t", extra="[janitor]\nstuck_after = 1s\n")
     try:
-        env.client().submit("echo", {})
-        time.sleep(1.2)
+        rid = env.client().submit("echo", {})
+        past = time.time() - 10                     # queued ten seconds ago
+        os.utime(env.spool.new / f"{rid}.json", (past, past))
         status = json.loads(env.spoolops("status", "--json").stdout)
         assert any("queued longer than stuck_after" in p for p in status["problems"])
     finally:

@@ -25,25 +25,33 @@ def _inotify_fds() -> int:
     return count
 
 
-def test_sixty_four_threads_share_one_inotify_instance(running: SpoolEnv) -> None:
+def test_sixty_four_threads_share_one_inotify_instance(running: SpoolEnv, tmp_path) -> None:
+    """64 threads of 4 clients wait at once (their requests are held running
+    until all 64 have been claimed): the process has one inotify instance."""
     before = _inotify_fds()
     clients = [running.client() for _ in range(4)]
+    release = tmp_path / "release"
     results: dict[int, object] = {}
-    during = []
 
     def work(n: int) -> None:
         client = clients[n % 4]
-        results[n] = client.call("sleep", {"seconds": 0.3, "tag": n}, timeout=120)["tag"]
+        results[n] = client.call("hold", {"release": str(release), "tag": n},
+                                 timeout=120)["tag"]
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(64)]
     for t in threads:
         t.start()
-    during.append(_inotify_fds())
+    # every thread is inside wait() once all 64 requests are queued or running
+    queued = lambda: len(os.listdir(running.spool.new)) + len(
+        [n for n in os.listdir(running.spool.active) if n.endswith(".json")])
+    wait_for(lambda: queued() == 64, timeout=120, what="64 requests waiting")
+    during = _inotify_fds()
+    release.touch()
     for t in threads:
         t.join(180)
     assert results == {n: n for n in range(64)}
-    # at most one instance was added for the whole process, however many threads wait
-    assert during[0] - before <= 1 and _inotify_fds() - before <= 1
+    # one instance was added for the whole process, however many threads wait
+    assert during - before <= 1 and _inotify_fds() - before <= 1
 
 
 def test_reply_is_deleted_after_reading(running: SpoolEnv) -> None:

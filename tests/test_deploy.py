@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import grp
+import json
 import os
 import pwd
 import re
@@ -24,7 +25,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, is_root
+from conftest import SpoolEnv, is_root, unavailable
 
 from spoolops.cli import doctor as doctor_cli
 from spoolops.config import Config
@@ -195,3 +196,52 @@ def test_doctor_recognises_network_filesystems() -> None:
     assert mount_of(Path("/var/spool/spoolops"), mountinfo) == ("/var/spool", "nfs4")
     assert mount_of(Path("/var/spoolx"), mountinfo) == ("/", "ext4")
     assert mount_of(Path("/data fits/a"), mountinfo) == ("/data fits", "xfs")
+
+
+def test_units_may_write_every_path_their_program_writes() -> None:
+    """Issue 11 item 8: the janitor runs the worker's recovery, which removes
+    temporary files beside targets in storage_root and rolls journals back
+    there: its sandbox must leave those roots writable, like the worker's."""
+    config = Config.from_text((ETC / "spoolops.conf").read_text(), base_dir=ETC)
+    needed = [config.root, config.storage_root, config.upload_staging_dir]
+    for name in ("spoolops-worker.service", "spoolops-janitor.service"):
+        writable = _unit(name)["Service"]["ReadWritePaths"].split()
+        for path in needed:
+            assert any(str(path) == w or str(path).startswith(w.rstrip("/") + "/")
+                       for w in writable), (name, path)
+
+
+def test_janitor_reports_a_clean_up_it_cannot_do(spool_env: SpoolEnv, tmp_path: Path) -> None:
+    """Issue 11 item 8: a temporary file on a read-only mount (EROFS, as under
+    a unit that does not make storage_root writable) is reported by the
+    janitor as not removed; the run goes on, with no traceback."""
+    if not is_root():
+        unavailable("a read-only bind mount needs root")
+    from spoolops.tempfiles import TEMP_MARK, register_temp
+    storage = spool_env.config.storage_root
+    temp = storage / f".x.fits.1234{TEMP_MARK}"
+    temp.write_bytes(b"partial")
+    register_temp(spool_env.spool.work, temp)
+    mounted = subprocess.run(["mount", "--bind", str(storage), str(storage)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        unavailable(f"cannot bind-mount: {mounted.stderr.strip()}")
+    try:
+        ro = subprocess.run(["mount", "-o", "remount,bind,ro", str(storage)],
+                            capture_output=True, text=True, check=False)
+        assert ro.returncode == 0, ro.stderr
+        done = spool_env.spoolops("janitor", "--json")
+        assert "Traceback" not in done.stderr, done.stderr
+        report = json.loads(done.stdout)
+        failed = [a for a in report["actions"] if a["path"] == str(temp)]
+        assert failed and failed[0]["done"] is False, report
+        assert "read-only" in failed[0]["error"].lower(), failed
+        assert temp.exists()
+        text = spool_env.spoolops("janitor")
+        assert f"FAILED to remove {temp}" in text.stdout, text.stdout
+    finally:
+        subprocess.run(["umount", str(storage)], check=False)
+    # writable again: the next pass removes it
+    again = json.loads(spool_env.spoolops("janitor", "--json").stdout)
+    assert [a["path"] for a in again["actions"] if a["done"]] == [str(temp)]
+    assert not temp.exists()

@@ -35,6 +35,9 @@ from spoolops.lock import worker_alive
 
 fitsfiles = pytest.importorskip("fitsfiles")
 
+# long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten
+pytestmark = pytest.mark.timeout(3600 if os.environ.get("SPOOLOPS_SOAK") else 900)
+
 FITS_NAMES = ("f0.fits", "f1.fits.gz", "f2.fits")
 
 
@@ -259,7 +262,7 @@ def test_kill_and_restart(fault_env: SpoolEnv):
     try:
         for _ in range(kills):
             worker = env.start_worker()
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.5))   # the kill lands at a random moment: the point
             env.stop_worker(worker, signal.SIGKILL)
         records = _final_drain(env, load)
     finally:
@@ -281,7 +284,7 @@ def test_kill_with_standby_takeover(fault_env: SpoolEnv):
     try:
         for _ in range(kills):
             holder = wait_for(lambda: lock_holder(env), timeout=60, what="a worker")
-            time.sleep(rng.uniform(0.05, 0.5))
+            time.sleep(rng.uniform(0.05, 0.5))  # the kill lands at a random moment: the point
             killed_at = time.monotonic()
             os.kill(holder, signal.SIGKILL)
             wait_for(lambda h=holder: lock_holder(env) not in (None, h), timeout=60,

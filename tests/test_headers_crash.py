@@ -24,6 +24,9 @@ from spoolops.fits import edit, parse_values, recover_journals
 from spoolops.fits.journal import JOURNAL_DIR
 from spoolops.tempfiles import TEMP_MARK, cleanup_temps
 
+# long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten
+pytestmark = pytest.mark.timeout(3600 if os.environ.get("SPOOLOPS_SOAK") else 900)
+
 TRIALS = 500 if os.environ.get("SPOOLOPS_SOAK") == "1" else 50
 EDITS = parse_values({"qa_state": "Pass", "generic": {"OBJECT": "crash test"}})
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import astropy.io.fits
 import pytest
+from conftest import require_fitsverify
 
 import spoolops.config
 from spoolops.config import Config
@@ -98,10 +98,9 @@ def test_real_fits_is_stored_owned_by_worker_with_file_mode(env):
     assert not staged.exists()
     assert calls and calls[-1] == (len(data), len(data))
     assert leftovers(env) == []
-    if shutil.which("fitsverify"):
-        run = subprocess.run(["fitsverify", "-q", str(stored)], check=False,
-                             capture_output=True, text=True)
-        assert run.returncode == 0, run.stdout + run.stderr
+    run = subprocess.run([require_fitsverify(), "-q", str(stored)], check=False,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import SpoolEnv, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from spoolops import UnknownOp
 from spoolops.spool import REQUEST_SUFFIX
 
 
@@ -32,10 +37,8 @@ def test_prometheus_numbers_match_the_spool(spool_env: SpoolEnv) -> None:
     spool_env.start_worker()
     for rid in queued:
         client.wait(rid, timeout=30)
-    try:
+    with pytest.raises(UnknownOp):                 # the failure is what is counted
         client.call("no_such_op", {}, timeout=30)
-    except Exception:  # noqa: BLE001, S110 - the failure is what is counted
-        pass
     uncollected = client.submit("echo", {"left": 1})
     wait_for(lambda: (spool_env.spool.replies / (uncollected + REQUEST_SUFFIX)).exists(),
              what="reply")
@@ -53,20 +56,31 @@ def test_prometheus_numbers_match_the_spool(spool_env: SpoolEnv) -> None:
     assert m[("spoolops_operation_seconds_bucket", (("le", "+Inf"), ("op", "echo")))] == 4
 
 
-def test_show_running_request_names_pid_and_progress(running: SpoolEnv) -> None:
+def test_show_running_request_names_pid_and_progress(running: SpoolEnv, tmp_path) -> None:
     client = running.client()
-    rid = client.submit("sleep", {"seconds": 3, "target": "t1", "tag": "x"})
-    wait_for(lambda: (running.spool.active / (rid + ".json.run")).exists(), what="run file")
-    run = json.loads((running.spool.active / (rid + ".json.run")).read_text())
-    assert run["pid"] == running.workers[0].pid and run["op"] == "sleep"
+    release = tmp_path / "release"
+    rid = client.submit("hold", {"release": str(release), "target": "t1", "tag": "x"})
+    run_file = running.spool.active / (rid + ".json.run")
+
+    def progress():
+        try:
+            return json.loads(run_file.read_text()).get("progress")
+        except (OSError, ValueError):
+            return None
+    assert wait_for(progress, what="the op's progress in its run file")["done"] == 1
+    run = json.loads(run_file.read_text())
+    assert run["pid"] == running.workers[0].pid and run["op"] == "hold"
     text = running.spoolops("show", rid[:20]).stdout
     assert "state:    running" in text
     assert f"by worker pid {running.workers[0].pid}" in text and "target t1" in text
+    assert "progress: [###############...............]  50.0%" in text, text
     info = json.loads(running.spoolops("show", rid, "--json").stdout)
     assert info["state"] == "running" and info["run"]["started_at"]
+    assert info["run"]["progress"]["total"] == 2
     listing = running.spoolops("ls", "active").stdout
-    assert rid in listing and "sleep" in listing and "t1" in listing
-    assert client.wait(rid, timeout=30).ok
+    assert rid in listing and "hold" in listing and "t1" in listing
+    release.touch()
+    assert client.wait(rid, timeout=60).ok
 
 
 def test_show_failed_entry_with_reason(running: SpoolEnv) -> None:
@@ -84,8 +98,9 @@ def test_show_failed_entry_with_reason(running: SpoolEnv) -> None:
 def test_ls_oldest_first_with_fields(spool_env: SpoolEnv) -> None:
     client = spool_env.client()
     first = client.submit("update_headers", {"filename": "a.fits", "values": {}}, priority=2)
-    time.sleep(0.02)
     second = client.submit("echo", {})
+    past = time.time() - 60                         # the first is the older, by its mtime
+    os.utime(spool_env.spool.new / f"{first}.json", (past, past))
     lines = spool_env.spoolops("ls", "new").stdout.splitlines()
     assert lines[0].startswith("state")
     assert first in lines[1] and "update_headers" in lines[1] and "a.fits" in lines[1]
@@ -95,24 +110,58 @@ def test_ls_oldest_first_with_fields(spool_env: SpoolEnv) -> None:
     assert rows[0]["priority"] == 2 and rows[0]["user"]
 
 
+def _tail(env: SpoolEnv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
+                            env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _next_event(tail: subprocess.Popen, until: float) -> dict | None:
+    """The next event tail prints, or None if it prints none before ``until``."""
+    ready, _, _ = select.select([tail.stdout], [], [], max(0.0, until - time.monotonic()))
+    return json.loads(tail.stdout.readline()) if ready else None
+
+
+def _tail_ready(env: SpoolEnv, tail: subprocess.Popen, deadline: float) -> None:
+    """tail has set its watches once it reports something: probe until it does."""
+    client = env.client()
+    while _next_event(tail, time.monotonic() + 1.0) is None:
+        assert time.monotonic() < deadline, "tail never reported an event"
+        client.wait(client.submit("echo", {"probe": 1}), timeout=30)
+
+
+def _events_for(tail: subprocess.Popen, key: str, last: str, deadline: float) -> list[dict]:
+    seen: list[dict] = []
+    while not seen or seen[-1]["event"] != last:
+        event = _next_event(tail, deadline)
+        assert event is not None, f"tail printed no more events: {seen}"
+        if event.get("id") == key:
+            seen.append(event)
+    return seen
+
+
 def test_tail_sees_a_full_lifecycle(running: SpoolEnv) -> None:
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json", "--count", "4"],
-                            env=running.env(), stdout=subprocess.PIPE, text=True)
+    tail = _tail(running)
     try:
-        time.sleep(1.0)  # let tail set its watches
+        deadline = time.monotonic() + 60
+        _tail_ready(running, tail, deadline)
         client = running.client()
         rid = client.submit("sleep", {"seconds": 0.3, "tag": "t"})
-        # collect the reply only once tail has seen it published
-        events = [json.loads(tail.stdout.readline()) for _ in range(3)]
-        client.wait(rid, timeout=30)
-        events.append(json.loads(tail.stdout.readline()))
+        events = _events_for(tail, rid, "finished", deadline)
+        client.wait(rid, timeout=30)   # collected only once tail has seen it published
+        events += _events_for(tail, rid, "removed", deadline)
+        # a junk file: tail reports its quarantine ("failed", with the reason)
+        (running.spool.new / "junk.txt").write_text("not a request")
+        failed = _events_for(tail, "junk.txt", "failed", deadline)
+        tail.send_signal(signal.SIGTERM)
         assert tail.wait(30) == 0
     finally:
         tail.kill()
-    kinds = [(e["event"], e.get("id")) for e in events]
-    assert kinds == [("queued", rid), ("started", rid), ("finished", rid), ("removed", rid)]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["queued", "started", "finished", "removed"], events
     assert events[1]["pid"] == running.workers[0].pid
     assert events[2]["ok"] is True and events[2]["duration_s"] >= 0.25
+    assert "no reply can be addressed" in failed[-1]["reason"]
 
 
 def test_worker_keeps_metrics_file(tmp_path) -> None:

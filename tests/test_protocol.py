@@ -25,12 +25,12 @@ from spoolops.spool import (
 
 
 def test_request_ids_match_pattern_and_sort_by_time() -> None:
-    ids = []
-    for _ in range(50):
-        ids.append(new_request_id())
-        time.sleep(0.0005)
+    base = time.time()
+    ids = [new_request_id(base + n * 0.000_01) for n in range(50)]   # 10 us apart
     assert all(ID_RE.match(i) for i in ids)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    same = {new_request_id(base) for _ in range(1000)}                # one microsecond
+    assert len(same) == 1000
     assert id_from_name(ids[0] + REQUEST_SUFFIX) == ids[0]
     for bad in ("x.txt", ".hidden.json", "a/b.json", "-x.json", "x" * 129 + ".json", ".json"):
         assert id_from_name(bad) is None

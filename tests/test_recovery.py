@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,6 +20,13 @@ import pytest
 from conftest import SpoolEnv, is_root, make_env, wait_for
 
 from spoolops.lock import read_lock_pid, worker_alive
+
+
+def _no_second_reply(client, spool) -> None:
+    """Nothing more is published: a round trip through the same worker comes
+    back (it served everything before it), and replies/ is empty."""
+    assert client.call("echo", {"sync": True}, timeout=60) == {"sync": True}
+    assert os.listdir(spool.replies) == [] and os.listdir(spool.active) == []
 
 
 def lock_pid(env: SpoolEnv) -> int | None:
@@ -42,19 +50,16 @@ def test_second_worker_without_standby_exits_with_a_clear_message(running: Spool
 def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
     first = spool_env.start_worker()
     standby = spool_env.start_worker("--standby", wait=False)
+    # it logs this line, then waits for the lock: from here it must take nothing
+    spool_env.wait_log(standby, "event=standby")
     client = spool_env.client()
     assert client.call("echo", {"n": 1}) == {"n": 1}
-    time.sleep(0.5)  # let the standby reach its lock loop; it must not take anything
     assert standby.poll() is None and lock_pid(spool_env) == first.pid
     rid = client.submit("sleep", {"seconds": 1.5, "tag": "cut"})
     wait_for(lambda: started(spool_env, rid), what="sleep to start")
-    t0 = time.monotonic()
     first.send_signal(sig)
-    wait_for(lambda: lock_pid(spool_env) == standby.pid, timeout=30, interval=0.005,
+    wait_for(lambda: lock_pid(spool_env) == standby.pid, timeout=60, interval=0.005,
              what="standby to take the lock")
-    takeover = time.monotonic() - t0
-    print(f"standby took the lock {takeover * 1000:.0f} ms after {sig!r}")
-    assert takeover < 10
     reply = client.wait(rid, timeout=60)    # SIGKILL: re-run (idempotent); TERM: finished
     assert reply.ok and reply.result["tag"] == "cut"
     assert client.call("echo", {"n": 2}, timeout=60) == {"n": 2}
@@ -154,8 +159,7 @@ def test_staged_reply_cut_off_mid_write_is_dropped_not_published(spool_env: Spoo
     assert not lost.ok and lost.error["type"] == "Interrupted"
     assert "unknown" in lost.error["message"]
     assert not [n for n in os.listdir(sp.work) if n.endswith(".reply")]
-    time.sleep(0.3)
-    assert os.listdir(sp.replies) == [] and os.listdir(sp.active) == []
+    _no_second_reply(client, sp)
 
 
 def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
@@ -176,9 +180,10 @@ def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
     proc = spool_env.spoolops("requeue", "done")
     assert proc.returncode == 1 and "finished" in proc.stdout + proc.stderr
     spool_env.start_worker()
-    assert spool_env.client().wait("done", timeout=30).result == {"n": 2}
-    time.sleep(0.3)
-    assert os.listdir(sp.replies) == [] and os.listdir(sp.new) == []
+    client = spool_env.client()
+    assert client.wait("done", timeout=30).result == {"n": 2}
+    _no_second_reply(client, sp)
+    assert os.listdir(sp.new) == []
 
 
 def test_request_id_already_running_is_quarantined_never_replaced(running: SpoolEnv):
@@ -194,8 +199,7 @@ def test_request_id_already_running_is_quarantined_never_replaced(running: Spool
     wait_for(reason.exists, what="duplicate quarantined")
     assert "already running" in reason.read_text()
     assert client.wait(rid, timeout=30).result["tag"] == "first"
-    time.sleep(0.3)
-    assert os.listdir(running.spool.replies) == []
+    _no_second_reply(client, running.spool)
 
 
 # -- requeue ---------------------------------------------------------------------
@@ -265,8 +269,7 @@ def full_disk_env(tmp_path: Path):
     env = None
     try:
         env = make_env(mount / "base")
-        with open(log, "wb") as err:
-            env.start_worker(stderr=err)
+        env.start_worker(log=log)    # outside the full disk
         yield env, mount / "filler", log
     finally:
         if env is not None:
@@ -287,9 +290,8 @@ def test_full_disk_reply_waits_for_space(full_disk_env):
     with pytest.raises(OSError) as full:
         client.submit("echo", {"x": 1})              # clients cannot write either
     assert full.value.errno in (errno.ENOSPC, errno.EDQUOT)
-    wait_for(lambda: f"event=reply_failed id={first}" in log.read_text(), timeout=60,
-             what="the reply to fail on a full disk")
-    time.sleep(1.5)  # at least one retry happens while still full
+    wait_for(lambda: f"event=reply_retry_failed id={first}" in log.read_text(), timeout=60,
+             what="the reply to fail, and fail again when retried, on a full disk")
     assert os.listdir(sp.replies) == []
     # the worker's own saves create and remove a temp file now and then: poll
     # for a moment with none, which a leftover would never give
@@ -298,7 +300,8 @@ def test_full_disk_reply_waits_for_space(full_disk_env):
     assert env.workers[0].poll() is None
     filler.unlink()
     assert client.wait(first, timeout=60).result["tag"] == "first"
-    assert "event=reply_published_late" in log.read_text()
+    late = re.search(rf"event=reply_published_late id={first} retries=(\d+)", log.read_text())
+    assert late and int(late.group(1)) >= 1, "no retry failed while the disk was full"
     assert client.call("echo", {"after": 1}, timeout=60) == {"after": 1}
     assert os.listdir(sp.active) == [] and os.listdir(sp.tmp) == []
     assert read_lock_pid(sp.lock_path) == env.workers[0].pid

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from ..admin import become_worker_user
 from ..config import load_config
 from ..errors import ConfigError, SpoolSetupError
 from ..janitor import JanitorReport, run_janitor
@@ -50,6 +51,7 @@ def render_text(report: JanitorReport) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(getattr(args, "config", None), root=getattr(args, "root", None))
+        become_worker_user(config)
         report = run_janitor(config, dry_run=args.dry_run)
     except (ConfigError, SpoolSetupError) as exc:
         print(f"spoolops janitor: {exc}", file=sys.stderr)

@@ -146,8 +146,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ..admin import become_worker_user
     from ..worker import run_worker
     config = _load(args)
+    become_worker_user(config)
     setup_logging(config, args.verbose)
     return run_worker(config, once=args.once, standby=args.standby)
 
@@ -227,8 +229,10 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from ..admin import cancel_request
-    if cancel_request(_load(args), args.id):
+    from ..admin import become_worker_user, cancel_request
+    config = _load(args)
+    become_worker_user(config)
+    if cancel_request(config, args.id):
         print(f"cancelled {args.id}")
         return EXIT_OK
     print(f"spoolops cancel: {args.id} is not queued (already claimed, done, or unknown)",
@@ -237,9 +241,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from ..admin import requeue
+    from ..admin import become_worker_user, requeue
     from ..spool import Spool
     config = _load(args)
+    become_worker_user(config)
     try:
         origin = requeue(Spool(config.root, config.durable), args.id)
     except SpoolSetupError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
+import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -301,7 +302,7 @@ def seal(header: bytes, datasum: int) -> bytes:
     idx = [i for i, c in enumerate(cards) if _card_key(c) == "CHECKSUM"]
     if not idx:
         return header
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     comment = f"HDU checksum updated {stamp}"
     cards[idx[0]] = make_card("CHECKSUM", cks.ZERO_CHECKSUM, comment)
     for i in reversed(idx[1:]):

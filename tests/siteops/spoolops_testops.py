@@ -5,6 +5,10 @@
 ``whoami``: returns the submitter (access control tests); only user ``nobody-allowed``
 may call ``restricted``.
 ``nonidem``: a non-idempotent op that sleeps (recovery tests).
+``hold``: runs until the file ``release`` exists (or ``timeout`` passes),
+reporting progress 1/2 when it starts: a test holds a request running for
+as long as it needs, then releases it -- no sleep stands in for "still
+running".
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from spoolops.errors import BadRequest
+from spoolops.errors import BadRequest, OpFailed
 from spoolops.ops import Operation
 
 
@@ -42,6 +46,33 @@ def _run_whoami(ctx, args):
     return {"user": ctx.user}
 
 
+def _validate_hold(args, ctx):
+    if not isinstance(args, dict) or not isinstance(args.get("release"), str) or \
+            not os.path.isabs(args["release"]):
+        raise BadRequest("release must be an absolute path")
+    timeout = args.get("timeout", 120)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or \
+            not 0 < timeout <= 600:
+        raise BadRequest("timeout must be a number of seconds up to 600")
+    target = args.get("target")
+    if target is not None and not isinstance(target, str):
+        raise BadRequest("target must be a string")
+    return {"release": args["release"], "timeout": float(timeout), "target": target,
+            "tag": args.get("tag")}
+
+
+def _run_hold(ctx, args):
+    start = time.time()
+    ctx.progress(1, 2)
+    end = time.monotonic() + args["timeout"]
+    while not os.path.exists(args["release"]):
+        if time.monotonic() > end:
+            raise OpFailed(f"hold: {args['release']} never appeared")
+        time.sleep(0.01)
+    ctx.progress(2, 2)
+    return {"start": start, "end": time.time(), "tag": args["tag"], "pid": os.getpid()}
+
+
 def operations():
     targets = lambda args, ctx: [args["target"]] if args["target"] else []
     return [
@@ -49,6 +80,8 @@ def operations():
                   idempotent=True),
         Operation("nonidem", _run_sleep, validate=_validate_sleep, targets=targets,
                   idempotent=False),
+        Operation("hold", _run_hold, validate=_validate_hold, targets=targets,
+                  idempotent=True),
         Operation("crash", _run_crash, idempotent=True),
         Operation("whoami", _run_whoami, idempotent=True),
         Operation("restricted", _run_whoami, idempotent=True,

@@ -1,0 +1,322 @@
+"""Real unix accounts for the tests, and a deployment made the way users make one.
+
+When the tests run as root (CI does), ``Accounts`` creates a submit group
+and four users, named so that they cannot clash with real ones:
+
+- ``WORKER`` (spt_wrk): the worker user.  Its PRIMARY group is its own; it
+  is only a member of the submit group (the design allows that, and a suite
+  where they coincide hid a bug that stopped every reply);
+- ``WEB`` (spt_web): the web application, a member of the submit group;
+- ``MEMBER`` (spt_web2): a second member, not allowed some ops by ``[access]``;
+- ``OUTSIDER`` (spt_out): in no group of ours.
+
+``Deployment`` is a tree made by ``spoolops init --write-config`` run as
+root, with the configuration it writes (``durable = yes`` and all) changed
+only where a test tree must differ (``storage_root``, ``upload_staging_dir``,
+``[access]``); the worker runs as ``WORKER`` under ``setpriv
+--init-groups``; every client action runs in a process of its own account
+(``runuser``).  Nothing is simulated: these are the processes, groups and
+modes of a real host.
+
+The accounts need a Python they can execute and a package tree they can
+read: the venv's own interpreter may live below /root (mode 0700), so a
+system interpreter of the same version runs the same site-packages, copied
+(hard links where possible) to a world-readable place when they are not
+readable as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+PROJECT = TESTS.parent
+SITEOPS = TESTS / "siteops"
+
+GROUP = "spt_sub"
+WORKER = "spt_wrk"
+WEB = "spt_web"
+MEMBER = "spt_web2"
+OUTSIDER = "spt_out"
+USERS = (WORKER, WEB, MEMBER, OUTSIDER)
+PROBE = "import spoolops.worker, spoolops.client, filelock, inotify_simple, astropy.io.fits"
+
+
+def run(*cmd: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+def unusable_reason() -> str | None:
+    """Why real-account tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "real-account tests need root to create users (CI runs them as root)"
+    for tool in ("useradd", "groupadd", "userdel", "setpriv", "runuser"):
+        if shutil.which(tool) is None:
+            return f"real-account tests need {tool}"
+    return None
+
+
+class Accounts:
+    """Creates the group and users; ``remove`` deletes them again."""
+
+    def __init__(self) -> None:
+        self.python: str = ""
+        self.pythonpath: list[str] = []
+        self._runtime: Path | None = None
+
+    def create(self) -> None:
+        self.remove()                          # leftovers of an aborted run
+        steps = [("groupadd", GROUP),
+                 ("useradd", "-M", "-U", "-G", GROUP, "-d", "/nonexistent", "-s",
+                  "/usr/sbin/nologin", WORKER),
+                 ("useradd", "-M", "-U", "-G", GROUP, "-d", "/nonexistent", "-s",
+                  "/usr/sbin/nologin", WEB),
+                 ("useradd", "-M", "-U", "-G", GROUP, "-d", "/nonexistent", "-s",
+                  "/usr/sbin/nologin", MEMBER),
+                 ("useradd", "-M", "-U", "-d", "/nonexistent", "-s", "/usr/sbin/nologin",
+                  OUTSIDER)]
+        for step in steps:
+            done = run(*step)
+            if done.returncode != 0:
+                self.remove()
+                raise RuntimeError(f"{' '.join(step)} failed: {done.stderr.strip()}")
+        why = self._find_python()
+        if why is not None:
+            self.remove()
+            raise RuntimeError(why)
+
+    def remove(self) -> None:
+        for user in USERS:
+            run("userdel", "-f", user)
+        for group in (*USERS, GROUP):
+            run("groupdel", group)
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+            self._runtime = None
+
+    # -- a Python the accounts can run -------------------------------------
+
+    def _find_python(self) -> str | None:
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = dict.fromkeys(c for c in (
+            sys.executable, shutil.which(version) or "", f"/usr/bin/{version}",
+            f"/usr/local/bin/{version}") if c)
+        paths = [str(SITEOPS), str(PROJECT), sysconfig.get_paths()["purelib"],
+                 sysconfig.get_paths()["platlib"]]
+        for pythonpath in (list(dict.fromkeys(paths)), None):
+            if pythonpath is None:
+                pythonpath = self._readable_copy()
+            for exe in candidates:
+                probe = run("runuser", "-u", OUTSIDER, "--", exe, "-c", PROBE,
+                            env=self._base_env(pythonpath), cwd="/", timeout=120)
+                if probe.returncode == 0:
+                    self.python, self.pythonpath = exe, pythonpath
+                    return None
+        return (f"no Python {sys.version_info.major}.{sys.version_info.minor} that the test"
+                f" accounts can execute with this project's packages (tried"
+                f" {', '.join(candidates)})")
+
+    def _readable_copy(self) -> list[str]:
+        """site-packages, the project and the site ops below /tmp, world-readable."""
+        self._runtime = Path(tempfile.mkdtemp(prefix="spoolops-accounts-py-", dir="/tmp"))
+        os.chmod(self._runtime, 0o755)
+        skip = shutil.ignore_patterns("__pycache__", "pip", "pip-*", "ruff", "ruff-*",
+                                      "_pytest", "pytest", "pytest-*", "setuptools",
+                                      ".venv", ".git", "*.egg-info")
+        copied = []
+        for name, src in (("site", Path(sysconfig.get_paths()["purelib"])),
+                          ("project", PROJECT), ("siteops", SITEOPS)):
+            dest = self._runtime / name
+            try:
+                shutil.copytree(src, dest, ignore=skip, copy_function=os.link,
+                                symlinks=True)
+            except (OSError, shutil.Error):
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(src, dest, ignore=skip, symlinks=True)
+            copied.append(str(dest))
+        run("chmod", "-R", "a+rX", str(self._runtime))
+        return [copied[2], copied[1], copied[0]]
+
+    def _base_env(self, pythonpath: Sequence[str]) -> dict[str, str]:
+        return {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
+                "PYTHONPATH": os.pathsep.join(pythonpath), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def env(self, home: Path, **extra: str) -> dict[str, str]:
+        env = self._base_env(self.pythonpath)
+        env["HOME"] = str(home)
+        env.update(extra)
+        return env
+
+
+@dataclass
+class Reply:
+    """What ``spoolops call`` printed and how it exited."""
+
+    code: int
+    reply: dict[str, Any] | None
+    stderr: str
+
+
+@dataclass
+class Deployment:
+    """A spool made by ``spoolops init`` for the test accounts, and its worker."""
+
+    accounts: Accounts
+    base: Path
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    # -- building -----------------------------------------------------------
+
+    @classmethod
+    def create(cls, accounts: Accounts, access: dict[str, str] | None = None,
+               worker: dict[str, str] | None = None) -> Deployment:
+        base = Path(tempfile.mkdtemp(prefix="spoolops-deploy-", dir="/tmp"))
+        os.chmod(base, 0o755)                    # every account must traverse it
+        dep = cls(accounts, base)
+        for user in (None, *USERS):
+            home = dep.home(user)
+            home.mkdir(parents=True, exist_ok=True)
+            if user is not None:
+                shutil.chown(home, user, user)
+        # where the test tree differs from a host's: its folders.  Everything
+        # else is what 'spoolops init --write-config' writes (durable = yes, ...)
+        first = base / "where.conf"
+        first.write_text(f"[spool]\nroot = {base / 'spool'}\n\n[storage]\n"
+                         f"storage_root = {base / 'storage'}\n"
+                         f"upload_staging_dir = {base / 'staging'}\n")
+        done = dep.run_as(None, accounts.python, "-m", "spoolops", "--config", str(first),
+                          "init", "--worker-user", WORKER, "--group", GROUP,
+                          "--write-config", str(dep.config_path),
+                          env=accounts.env(dep.home(None)))
+        if done.returncode != 0:
+            raise RuntimeError(f"spoolops init failed: {done.stderr}")
+        first.unlink()
+        dep._adjust_config(access or {}, worker or {})
+        return dep
+
+    def _adjust_config(self, access: dict[str, str], worker: dict[str, str]) -> None:
+        """Extra [access] rules and [worker] settings a test asks for."""
+        lines = []
+        section = None
+        for line in self.config_path.read_text().splitlines():
+            if line.startswith("["):
+                section = line.strip("[]")
+            key = line.split("=", 1)[0].strip()
+            if section == "worker" and key in worker:
+                line = f"{key} = {worker.pop(key)}"
+            lines.append(line)
+        assert not worker, f"not keys of [worker]: {worker}"
+        lines += [f"{op} = {users}" for op, users in access.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        os.chmod(self.config_path, 0o644)
+
+    @property
+    def config_path(self) -> Path:
+        return self.base / "spoolops.conf"
+
+    @property
+    def root(self) -> Path:
+        return self.base / "spool"
+
+    @property
+    def storage(self) -> Path:
+        return self.base / "storage"
+
+    @property
+    def staging(self) -> Path:
+        return self.base / "staging"
+
+    def home(self, user: str | None) -> Path:
+        return self.base / "home" / (user or "root")
+
+    def env(self, user: str | None, **extra: str) -> dict[str, str]:
+        return self.accounts.env(self.home(user), SPOOLOPS_CONFIG=str(self.config_path),
+                                 **extra)
+
+    # -- running things as an account ---------------------------------------
+
+    def run_as(self, user: str | None, *cmd: str, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """``cmd`` in a process of ``user`` (None: root)."""
+        if user is not None:
+            cmd = ("runuser", "-u", user, "--", *cmd)
+        return run(*cmd, timeout=timeout, env=env or self.env(user), cwd="/")
+
+    def spoolops(self, user: str | None, *args: str, timeout: float = 120
+                 ) -> subprocess.CompletedProcess:
+        return self.run_as(user, self.accounts.python, "-m", "spoolops", *args,
+                           timeout=timeout)
+
+    def py(self, user: str | None, code: str, *args: str, timeout: float = 120
+           ) -> subprocess.CompletedProcess:
+        return self.run_as(user, self.accounts.python, "-c", code, *args, timeout=timeout)
+
+    def py_json(self, user: str | None, code: str, *args: str, timeout: float = 120) -> Any:
+        """Run ``code`` as ``user``; the JSON of its last output line."""
+        done = self.py(user, code, *args, timeout=timeout)
+        assert done.returncode == 0, f"as {user}: {done.stderr}"
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def call(self, user: str | None, op: str, args: dict[str, Any] | None = None,
+             *flags: str, timeout: float = 60) -> Reply:
+        """``spoolops call OP --args-json ARGS`` as ``user``."""
+        done = self.spoolops(user, "call", op, "--args-json", json.dumps(args or {}),
+                             "--timeout", str(timeout), *flags, timeout=timeout + 60)
+        try:
+            reply = json.loads(done.stdout) if done.stdout.strip() else None
+        except ValueError:
+            reply = None
+        return Reply(done.returncode, reply, done.stderr)
+
+    # -- the worker -------------------------------------------------------
+
+    def start_worker(self, *args: str, wait: bool = True, **env: str) -> subprocess.Popen:
+        """``spoolops worker`` as ``WORKER``, with its supplementary groups."""
+        log = self.base / f"worker-{len(self.workers)}.log"
+        cmd = ["setpriv", f"--reuid={WORKER}", f"--regid={WORKER}", "--init-groups", "--",
+               self.accounts.python, "-m", "spoolops", "worker", *args]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=self.env(WORKER, **env), cwd="/",
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc.log_path = log  # type: ignore[attr-defined]
+        self.workers.append(proc)
+        if wait:
+            self.wait_log(proc, f"event=worker_ready pid={proc.pid}")
+        return proc
+
+    def wait_log(self, proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            content = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+            if text in content:
+                return content
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}: {content}")
+            time.sleep(0.02)   # poll interval of a wait with a deadline (a log line)
+        raise AssertionError(f"no {text!r} in the worker log within {timeout} s")
+
+    def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(60)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(30)
+        shutil.rmtree(self.base, ignore_errors=True)
