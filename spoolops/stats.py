@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,30 @@ def load_stats(work_dir: Path) -> dict[str, Any] | None:
         return json.loads((Path(work_dir) / STATS_NAME).read_text())
     except (OSError, ValueError):
         return None
+
+
+def fresh_stats(work_dir: Path, pid: int, wait_s: float = 1.0) -> dict[str, Any] | None:
+    """The running worker's counters as of now.  The worker ``pid`` (the
+    lock holder) is asked with SIGUSR1 to save them, and the save -- a new
+    file renamed into place -- is awaited up to ``wait_s``; whoever may not
+    signal it gets the last saved ones.  Only a process that saved these
+    counters itself is signalled: a janitor holding the lock for recovery
+    would die of a SIGUSR1."""
+    path = Path(work_dir) / STATS_NAME
+    saved = load_stats(work_dir)
+    if saved is None or saved.get("pid") != pid:
+        return saved
+    try:
+        before = os.stat(path).st_ino
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ProcessLookupError):
+        return saved
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        try:
+            if os.stat(path).st_ino != before:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)   # the save takes a millisecond; nothing to block on here
+    return load_stats(work_dir)

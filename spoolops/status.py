@@ -29,7 +29,7 @@ from .spool import (
     reason_file_name,
     utc_iso,
 )
-from .stats import load_stats
+from .stats import fresh_stats, load_stats
 
 STATES = ("queued", "running", "failed", "replies")
 STATE_DIRS = {"queued": "new", "running": "active", "failed": "failed", "replies": "replies"}
@@ -68,8 +68,10 @@ def list_entries(spool: Spool, state: str) -> list[Entry]:
     return entries
 
 
-def spool_status(config: Config, clock: Callable[[], float] = time.time) -> dict[str, Any]:
-    """The ``status --json`` object of DESIGN.md, plus a few extras."""
+def spool_status(config: Config, clock: Callable[[], float] = time.time,
+                 refresh: bool = False) -> dict[str, Any]:
+    """The ``status --json`` object of the design, plus a few extras.
+    ``refresh``: ask the running worker for its counters as of now."""
     spool = Spool(config.root)
     now = clock()
     result: dict[str, Any] = {"root": str(config.root)}
@@ -95,7 +97,9 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time) -> dict
                                 f" ({config.stuck_after:g} s); oldest {stuck[0].name}")
     alive, pid = worker_alive(spool.lock_path)
     result["worker"] = {"pid": pid, "alive": bool(alive)}
-    stats = load_stats(spool.work) if alive else None
+    stats = None
+    if alive:
+        stats = fresh_stats(spool.work, pid) if refresh and pid else load_stats(spool.work)
     if stats is not None:
         result["worker"]["uptime_s"] = round(max(0.0, now - stats.get("started_ts", now)), 1)
         result["worker"]["served"] = stats.get("served")

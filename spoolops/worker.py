@@ -86,6 +86,7 @@ class Worker:
         self._retries: dict[str, int] = {}      # failed publish retries, for the log
         self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
+        self._stats_wanted = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = WorkerLock(self.spool.lock_path)
         self._pool: ThreadPoolExecutor | None = None
@@ -100,9 +101,18 @@ class Worker:
         except OSError:
             pass
 
+    def request_stats(self, *_: Any) -> None:
+        """SIGUSR1 (sent by ``spoolops status``): save the counters now."""
+        self._stats_wanted = True
+        try:
+            os.write(self._wake_w, b"u")
+        except OSError:
+            pass
+
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
+        signal.signal(signal.SIGUSR1, self.request_stats)
 
     # -- life cycle ---------------------------------------------------------
 
@@ -181,6 +191,9 @@ class Worker:
                 next_rescan = time.monotonic() + self.config.rescan_interval
             if self.unpublished:
                 self._retry_unpublished()
+            if self._stats_wanted:
+                self._stats_wanted = False
+                self.stats.save(self.queue, self.running)
             if self.stats.maybe_save(self.queue, self.running) and self.config.metrics_file:
                 self._write_metrics()
 

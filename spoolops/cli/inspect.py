@@ -54,7 +54,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    status = spool_status(config)
+    status = spool_status(config, refresh=True)
     if args.prometheus:
         from ..metrics import render_metrics
         stats = load_stats(Spool(config.root).work) if status["worker"]["alive"] else None

@@ -5,6 +5,8 @@
 ``whoami``: returns the submitter (access control tests); only user ``nobody-allowed``
 may call ``restricted``.
 ``nonidem``: a non-idempotent op that sleeps (recovery tests).
+``single``: an entry point naming one ``Operation`` directly (not a callable
+returning several); answers ``{"single": true}``.
 ``hold``: runs until the file ``release`` exists (or ``timeout`` passes),
 reporting progress 1/2 when it starts: a test holds a request running for
 as long as it needs, then releases it -- no sleep stands in for "still
@@ -87,3 +89,6 @@ def operations():
         Operation("restricted", _run_whoami, idempotent=True,
                   allowed_users=("nobody-allowed",)),
     ]
+
+
+SINGLE = Operation("single", lambda ctx, args: {"single": True}, idempotent=True)
