@@ -19,22 +19,21 @@ symbolic link when changing owners or modes.
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import os
 import pwd
-import stat
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import Config
-from .dispatch import Dispatcher, Request, user_name
+from .dispatch import Dispatcher, Request
 from .errors import Cancelled, SpoolSetupError
+from .formats import parse_iso, valid_id
+from .fsutil import ensure_dir
 from .ops import Registry
-from .spool import DIR_MODES, REQUEST_SUFFIX, Spool, valid_id
+from .transport import open_transport
+from .users import user_name
 
-ROOT_MODE = 0o2755
 invoked_by: str | None = None   # the account this process was started as, once it switched
 STORAGE_MODE = 0o2755
 STAGING_MODE = 0o2770
@@ -78,7 +77,7 @@ def become_worker_user(config: Config) -> str | None:
     """
     if os.geteuid() != 0:
         return None
-    uid = Spool(config.root).worker_uid(config.worker_user)
+    uid = open_transport(config).worker_uid()
     if uid == 0:
         return None
     pw = pwd.getpwuid(uid)
@@ -92,7 +91,8 @@ def become_worker_user(config: Config) -> str | None:
 
 
 def init_tree(config: Config, accounts: Accounts) -> list[str]:
-    """Create or repair the spool tree; returns one line per change made."""
+    """Create or repair the spool (and the data folders, if missing); returns
+    one line per change made."""
     is_root = os.geteuid() == 0
     if not is_root:
         if accounts.worker_uid != os.geteuid():
@@ -102,102 +102,43 @@ def init_tree(config: Config, accounts: Accounts) -> list[str]:
         if accounts.gid not in os.getgroups() and accounts.gid != os.getegid():
             raise SpoolSetupError(f"only root can give the spool to group {accounts.group!r}"
                                   " (you are not a member); run 'spoolops init' as root")
-    changes: list[str] = []
-    _ensure_dir(config.root, ROOT_MODE, accounts.worker_uid, accounts.gid, changes)
-    for name, mode in DIR_MODES.items():
-        _ensure_dir(config.root / name, mode, accounts.worker_uid, accounts.gid, changes)
-    _ensure_dir(config.root / "work" / "locks", DIR_MODES["work"], accounts.worker_uid,
-                accounts.gid,
-                changes)
+    changes = open_transport(config).create(accounts.worker_uid, accounts.gid)
     for path, mode in ((config.storage_root, STORAGE_MODE),
                        (config.upload_staging_dir, STAGING_MODE),
                        (config.upload_staging_dir / "processed_cals", STAGING_MODE)):
         if not os.path.lexists(path):
-            _ensure_dir(path, mode, accounts.worker_uid, accounts.gid, changes)
+            ensure_dir(path, mode, accounts.worker_uid, accounts.gid, changes)
     return changes
 
 
-def _ensure_dir(path: Path, mode: int, uid: int, gid: int, changes: list[str]) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        os.makedirs(path.parent, exist_ok=True)
-        os.mkdir(path, 0o700)  # widened below, after the owner is right
-        st = os.lstat(path)
-        changes.append(f"created {path}")
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise SpoolSetupError(f"{path} exists and is not a directory (or is a link);"
-                              " move it away and run 'spoolops init' again")
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        try:
-            os.chown(path, uid, gid, follow_symlinks=False)
-        except PermissionError:
-            raise SpoolSetupError(f"cannot chown {path} to {user_name(uid)}:{gid}:"
-                                  " run 'spoolops init' as root") from None
-        changes.append(f"owner of {path} set to {user_name(uid)}:{_group_name(gid)}")
-    if stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != (uid, gid):
-        os.chmod(path, mode)  # chown clears setgid: always re-apply the mode
-        if stat.S_IMODE(st.st_mode) != mode:
-            changes.append(f"mode of {path} set to {mode:04o}")
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def requeue(spool: Spool, rid: str) -> str:
-    """Put ``rid`` back in ``new/`` from ``failed/``, or from ``active/`` when no
-    worker holds the lock.  Returns where it came from; raises SpoolSetupError."""
-    name = rid + REQUEST_SUFFIX
-    if spool.requeue_failed(name):
-        return "failed"
-    if not os.path.lexists(spool.active / name):
-        raise SpoolSetupError(f"{rid} is neither in failed/ nor in active/")
-    fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpoolSetupError(f"{rid} is running under a live worker; it recovers"
-                                  " its own orphans when restarted") from None
-        if spool.staged_reply(rid) is not None:
-            raise SpoolSetupError(f"{rid} finished: its reply waits in work/ and the"
-                                  " worker publishes it when it starts") from None
-        spool.unclaim_request(name)
-        return "active"
-    finally:
-        os.close(fd)
+def requeue(config: Config, rid: str) -> str:
+    """Put ``rid`` back in line: from the failed ones, or (when no worker
+    runs) from the orphans.  Where it came from; ``SpoolSetupError`` if not."""
+    return open_transport(config).requeue(rid)
 
 
 def cancel_request(config: Config, rid: str) -> bool:
     """Withdraw a queued request.  Run by root or the worker user, it also
     publishes a ``Cancelled`` reply so that a client waiting for it wakes up
     (``Client.cancel`` writes none: that client knows)."""
-    spool = Spool(config.root, config.durable, config.max_request_bytes)
+    transport = open_transport(config)
     if not valid_id(rid):
         return False
-    path = spool.new / (rid + REQUEST_SUFFIX)
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, PermissionError):
-        st = None
-    if not spool.withdraw_request(rid):
+    info = transport.describe(rid) or {}
+    if not transport.withdraw(rid):
         return False
     try:
         # only the worker user writes replies a client trusts (root switched
         # to it before calling this: see become_worker_user)
-        if os.geteuid() == spool.worker_uid(config.worker_user):
-            request = Request(id=rid, op="", args=None, uid=st.st_uid if st else -1,
-                              user=user_name(st.st_uid) if st else "unknown",
-                              queued_at=st.st_mtime if st else time.time())
-            reply = Dispatcher(Registry(), config, spool.work).reply(
+        if os.geteuid() == transport.worker_uid():
+            since = info.get("since")
+            request = Request(id=rid, op="", args=None, uid=-1,
+                              user=info.get("owner") or "unknown",
+                              queued_at=parse_iso(since) if since else time.time())
+            reply = Dispatcher(Registry(), config, transport.work_dir).reply(
                 request, op=None, error=Cancelled(
                     f"withdrawn by {_invoker()} with 'spoolops cancel'"))
-            spool.stage_reply(rid, reply, in_place=False)
-            spool.publish_reply(rid)
+            transport.reply(rid, reply, started=False)
     except OSError:
         pass  # the cancel itself succeeded; the courtesy reply is best effort
     return True

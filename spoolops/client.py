@@ -1,47 +1,36 @@
 """The Python client: submit a request, wait for its reply, cancel it.
 
-Used by the web application (a member of the submit group).  One process
-shares ONE inotify instance for all its waits, across threads and clients (a
-web server with 64 threads must not use 64 of the user's 128 instances); one
-of the waiting threads reads it and wakes the others.  The watch on
-``replies/`` exists before a request is published, and a waiter looks for
-its reply file after registering, so no wake-up is lost.
+Used by the web application.  It builds the request envelope (id, op, args,
+priority, deadline), hands it to the transport the configuration names, and
+turns the reply into a result or the ``OpError`` it names.  Waiting is the
+transport's business (the spool shares one inotify instance per process
+across threads and clients); the client registers before it publishes, and
+looks for its reply after registering, so no reply is missed.
 
-Trusts: only reply files owned by the worker user (``[spool] worker_user``,
-or else the owner of ``active/``) whose ``id`` matches; anything else in the
-group-writable ``replies/`` is ignored.  After a fork the child gets a fresh
-watcher (gunicorn and friends fork after import).
+Trusts: only replies the transport vouches for (the spool: files owned by
+the worker user whose ``id`` matches).  Thread-safe, and safe across
+``fork()`` (the child waits on a fresh instance).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import select
 import socket
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from inotify_simple import INotify, flags
-
 from .config import Config, load_config, replace_config
-from .errors import SpoolSetupError, Timeout, error_for
-from .spool import (
-    REQUEST_SUFFIX,
-    Spool,
-    new_request_id,
-    pending_events,
-    utc_iso,
-)
+from .errors import Timeout, error_for
+from .formats import PROTOCOL_VERSION, new_request_id, utc_iso
+from .transport import Transport, open_transport
+from .transport.base import Waiter
 
-log = logging.getLogger("spoolops.client")
-
-PROTOCOL_VERSION = 1
-BACKSTOP_POLL_S = 2.0  # inotify is a hint: look anyway this often
+BACKSTOP_POLL_S = 2.0  # a wake-up is a hint: look anyway this often
+PROGRESS_POLL_S = 0.5  # how often call(on_progress=...) looks at the progress
 
 
 @dataclass(frozen=True)
@@ -68,143 +57,13 @@ class Reply:
                    started_at=obj.get("started_at"), finished_at=obj.get("finished_at"),
                    worker=obj.get("worker"), raw=obj)
 
-    def raise_for_error(self) -> None:
-        """Raise the ``OpError`` subclass the reply names, if it failed."""
+    def raise_for_error(self) -> Any:
+        """Raise the ``OpError`` subclass the reply names, if it failed; else
+        return the result."""
         if not self.ok:
             error = self.error or {}
             raise error_for(str(error.get("type")))(str(error.get("message", "")), reply=self)
-
-
-class _Waiter:
-    """One caller waiting for one reply: woken when its reply may have come
-    (``arrived``), or when it is handed the reading of inotify."""
-
-    __slots__ = ("arrived", "event")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.arrived = False
-
-
-class _ReplyWatcher:
-    """The process's one inotify instance, and the threads waiting on it.
-
-    No thread of its own: one waiting thread at a time reads the instance
-    (the leader) and wakes the others whose replies came, so a lone caller
-    sleeps on inotify itself, with no thread hand-off.  A leader that leaves
-    hands the reading to a waiter whose reply has NOT come (one whose reply
-    came in the same batch would return without reading, and nobody would
-    read again until the backstop poll); a waiter handed the reading that
-    leaves without taking it up hands it on (``forget``).  While nobody
-    waits, nobody reads: an idle process is not woken by the replies to
-    others (the kernel queues their events, read and dropped by the next
-    leader; an overflow only wakes every waiter to look for its file).
-    All state changes happen under ``lock``.
-    """
-
-    def __init__(self) -> None:
-        self.inotify = INotify(nonblocking=True)
-        self.lock = threading.Lock()
-        self.dirs: dict[int, str] = {}            # wd -> replies dir
-        self.watched: dict[str, int] = {}         # replies dir -> wd
-        self.waiters: dict[tuple[str, str], list[_Waiter]] = {}
-        self.leader: _Waiter | None = None
-
-    def expect(self, directory: Path, name: str) -> _Waiter:
-        """Register a waiter (watching the folder from the first on: adding and
-        removing a watch per wait costs milliseconds in the kernel)."""
-        key = str(directory)
-        waiter = _Waiter()
-        with self.lock:
-            if key not in self.watched:
-                wd = self.inotify.add_watch(key, flags.MOVED_TO | flags.CLOSE_WRITE)
-                self.watched[key] = wd
-                self.dirs[wd] = key
-            self.waiters.setdefault((key, name), []).append(waiter)
-        return waiter
-
-    def forget(self, directory: Path, name: str, waiter: _Waiter) -> None:
-        key = (str(directory), name)
-        with self.lock:
-            waiting = self.waiters.get(key)
-            if waiting and waiter in waiting:
-                waiting.remove(waiter)
-                if not waiting:
-                    del self.waiters[key]
-            if self.leader is waiter:
-                self._hand_over()
-
-    def wait(self, waiter: _Waiter, timeout: float) -> None:
-        """Return when the waiter's reply may have come, or ``timeout`` passed.
-        (It returns re-armed: the caller looks for its file after this.)"""
-        end = time.monotonic() + timeout
-        try:
-            while True:
-                with self.lock:
-                    waiter.event.clear()   # setters hold the lock: no wake-up is lost
-                    if waiter.arrived:
-                        return
-                    if self.leader is None:
-                        self.leader = waiter
-                    leading = self.leader is waiter
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    return
-                if not leading:
-                    waiter.event.wait(remaining)
-                    continue
-                ready, _, _ = select.select([self.inotify.fileno()], [], [], remaining)
-                if ready:
-                    self._dispatch(pending_events(self.inotify))
-        finally:
-            with self.lock:
-                waiter.arrived = False
-                if self.leader is waiter:
-                    self._hand_over(but=waiter)
-
-    def _hand_over(self, but: _Waiter | None = None) -> None:
-        """Give the reading to a waiter still waiting (called under ``lock``)."""
-        self.leader = next((w for waiting in self.waiters.values() for w in waiting
-                            if not w.arrived and w is not but), None)
-        if self.leader is not None:
-            self.leader.event.set()
-
-    def _dispatch(self, events: list) -> None:
-        with self.lock:
-            for ev in events:
-                if ev.mask & flags.Q_OVERFLOW:
-                    woken = [w for waiting in self.waiters.values() for w in waiting]
-                else:
-                    woken = self.waiters.get((self.dirs.get(ev.wd), ev.name), ())
-                for w in woken:
-                    w.arrived = True
-                    w.event.set()
-
-
-_watcher: _ReplyWatcher | None = None
-_watcher_lock = threading.Lock()
-
-
-def _shared_watcher() -> _ReplyWatcher:
-    global _watcher
-    with _watcher_lock:
-        if _watcher is None:
-            _watcher = _ReplyWatcher()
-        return _watcher
-
-
-def _after_fork_in_child() -> None:
-    global _watcher, _watcher_lock
-    old, _watcher = _watcher, None
-    _watcher_lock = threading.Lock()
-    if old is not None:
-        try:
-            old.inotify.close()
-        except OSError:
-            pass
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+        return self.result
 
 
 def _deadline_text(deadline: datetime | str | float | None) -> str | None:
@@ -218,7 +77,7 @@ def _deadline_text(deadline: datetime | str | float | None) -> str | None:
 
 
 class Client:
-    """Submit requests to a spool and collect their replies (thread-safe)."""
+    """Submit requests and collect their replies (thread-safe)."""
 
     def __init__(self, root: str | os.PathLike | None = None,
                  config: Config | str | os.PathLike | None = None) -> None:
@@ -227,34 +86,8 @@ class Client:
         if root is not None:
             config = replace_config(config, root=Path(os.path.abspath(root)))
         self.config = config
-        self.spool = Spool(config.root, config.durable, config.max_request_bytes)
-        self._worker_uid: int | None = None
+        self.transport: Transport = open_transport(config)
         self._host = socket.gethostname()
-        self._reader = f"this client (uid {os.geteuid()})"
-
-    @property
-    def worker_uid(self) -> int:
-        """The uid a genuine reply is owned by."""
-        if self._worker_uid is None:
-            self._worker_uid = self.spool.worker_uid(self.config.worker_user)
-        return self._worker_uid
-
-    def _expect(self, rid: str) -> tuple[_ReplyWatcher, _Waiter]:
-        """Register as waiting for ``rid``'s reply (watching ``replies/``)."""
-        watcher = _shared_watcher()
-        try:
-            return watcher, watcher.expect(self.spool.replies, rid + REQUEST_SUFFIX)
-        except FileNotFoundError:
-            raise SpoolSetupError(f"no spool at {self.config.root}: run 'spoolops init'") from None
-
-    def _publish(self, request: dict[str, Any]) -> str:
-        try:
-            return self.spool.publish_request(request)
-        except FileNotFoundError:
-            if not self.spool.new.is_dir():
-                raise SpoolSetupError(f"no spool at {self.config.root}:"
-                                      " run 'spoolops init'") from None
-            raise
 
     def _request(self, op: str, args: dict[str, Any] | None, priority: int,
                  deadline: datetime | str | float | None) -> dict[str, Any]:
@@ -269,69 +102,80 @@ class Client:
 
     def submit(self, op: str, args: dict[str, Any] | None = None, priority: int = 0,
                deadline: datetime | str | float | None = None) -> str:
-        """Queue a request; returns its id at once.  (A later ``wait`` first
-        registers, then looks for the reply file: an early reply is not missed.)"""
-        return self._publish(self._request(op, args, priority, deadline))
+        """Queue a request; returns its id at once (once it is queued and, with
+        ``durable``, kept).  Raises, with nothing queued, otherwise."""
+        return self.transport.publish(self._request(op, args, priority, deadline))
 
     def wait(self, rid: str, timeout: float | None = 30.0) -> Reply:
-        """The reply to ``rid`` (collected: the file is removed), or ``Timeout``."""
-        watcher, waiter = self._expect(rid)
+        """The reply to ``rid`` (collected: it is removed), or ``Timeout``."""
+        waiter = self.transport.expect(rid)
         try:
-            return self._wait_registered(rid, waiter, timeout, watcher)
+            return self._wait_registered(rid, waiter, timeout)
         finally:
-            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, waiter)
+            waiter.close()
 
-    def _wait_registered(self, rid: str, waiter: _Waiter, timeout: float | None,
-                         watcher: _ReplyWatcher, look_first: bool = True) -> Reply:
+    def _wait_registered(self, rid: str, waiter: Waiter, timeout: float | None,
+                         look_first: bool = True,
+                         on_progress: Callable[[dict[str, Any]], None] | None = None
+                         ) -> Reply:
         """``look_first=False``: registered before the request was published,
-        so the reply cannot be there before its event."""
+        so the reply cannot be there before its wake-up."""
         end = None if timeout is None else time.monotonic() + timeout
+        poll = BACKSTOP_POLL_S if on_progress is None else PROGRESS_POLL_S
+        shown = None
         while True:
-            reply = self._collect(rid) if look_first else None
+            obj = self.transport.collect(rid) if look_first else None
             look_first = True
-            if reply is not None:
-                return reply
+            if obj is not None:
+                return Reply.from_dict(obj)
+            if on_progress is not None:
+                progress = self.transport.progress_of(rid)
+                if progress is not None and progress != shown:
+                    on_progress(progress)
+                    shown = progress
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise Timeout(f"no reply to {rid} within {timeout:g} s"
                               f" (is a worker running on {self.config.root}?)")
-            watcher.wait(waiter, BACKSTOP_POLL_S if remaining is None else
-                         min(remaining, BACKSTOP_POLL_S))
-
-    def _collect(self, rid: str) -> Reply | None:
-        obj = self.spool.published_reply(rid, self.worker_uid, self._reader)
-        if obj is None:
-            return None
-        self.spool.remove_reply(rid)
-        return Reply.from_dict(obj)
+            waiter.wait(poll if remaining is None else min(remaining, poll))
 
     def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
-             priority: int = 0, deadline: datetime | str | float | None = None
-             ) -> dict[str, Any]:
+             priority: int = 0, deadline: datetime | str | float | None = None,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> Any:
         """Submit, wait, and return the result (or raise its ``OpError``).
 
         Unless ``deadline`` is given, the request expires when the caller stops
         waiting, so the worker never does work nobody waits for; on
-        ``Timeout`` a request still queued is withdrawn.
+        ``Timeout`` a request still queued is withdrawn.  ``on_progress`` is
+        called with each new progress report of the running request
+        (``{"done", "total", "updated_at"}``).  A failure's ``OpError``
+        carries the whole reply (``.reply``).
         """
+        return self.call_reply(op, args, timeout, priority, deadline,
+                               on_progress).raise_for_error()
+
+    def call_reply(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
+                   priority: int = 0, deadline: datetime | str | float | None = None,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None) -> Reply:
+        """``call``, returning the whole ``Reply`` whether it is ``ok`` or not
+        (``spoolops call`` prints it); still ``Timeout`` when none comes."""
         if deadline is None and timeout is not None:
             deadline = time.time() + timeout
         request = self._request(op, args, priority, deadline)
         rid = request["id"]
-        watcher, waiter = self._expect(rid)  # watching before the request exists
+        waiter = self.transport.expect(rid)   # waiting before the request exists
         try:
-            self._publish(request)
+            self.transport.publish(request)
             try:
-                reply = self._wait_registered(rid, waiter, timeout, watcher, look_first=False)
+                return self._wait_registered(rid, waiter, timeout, look_first=False,
+                                             on_progress=on_progress)
             except Timeout:
                 self.cancel(rid)
                 raise
         finally:
-            watcher.forget(self.spool.replies, rid + REQUEST_SUFFIX, waiter)
-        reply.raise_for_error()
-        return reply.result
+            waiter.close()
 
     def cancel(self, rid: str) -> bool:
         """Withdraw a queued request: True if the worker had not claimed it
         (then it never runs and no reply comes)."""
-        return self.spool.withdraw_request(rid)
+        return self.transport.withdraw(rid)

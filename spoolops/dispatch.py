@@ -2,9 +2,9 @@
 
 Parses and validates the request envelope, looks up the operation, checks
 access and the deadline, takes the cross-process locks on the op's targets,
-runs it, and shapes the reply dict of DESIGN.md.  The filesystem spool
-(``worker.py``) is one transport feeding it; a PostgreSQL queue would be
-another, reusing this module unchanged.
+runs it, and shapes the reply dict of the design.  It imports no transport:
+the worker hands it the bytes and the submitter the transport vouches for,
+and hands its reply back to the transport.
 
 Trusts: the registry's code and the configuration.  Distrusts: the request
 bytes and every field in them; the submitter's identity comes from the
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import pwd
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,13 +39,12 @@ from .errors import (
     PermissionDenied,
     UnknownOp,
 )
+from .formats import PROTOCOL_VERSION, decode_json_object, parse_iso, utc_iso, valid_id
 from .ops import OpContext, Operation, Registry
-from .spool import parse_iso, utc_iso, valid_id
+from .users import user_name
 
 log = logging.getLogger("spoolops.dispatch")
 
-PROTOCOL_VERSION = 1
-MAX_DEPTH = 32
 MAX_PRIORITY = 1_000_000
 TARGET_LOCK_TIMEOUT = 300.0
 _ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted", "client"}
@@ -80,78 +78,11 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_USER_CACHE: dict[int, tuple[float, str]] = {}
-USER_CACHE_S = 60.0  # a renamed account is seen within a minute
-
-
-def user_name(uid: int) -> str:
-    """The account name of ``uid`` (``uidN`` if it has none), cached briefly:
-    the lookup may read /etc/passwd on every call."""
-    now = time.monotonic()
-    hit = _USER_CACHE.get(uid)
-    if hit is not None and now - hit[0] < USER_CACHE_S:
-        return hit[1]
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = f"uid{uid}"
-    _USER_CACHE[uid] = (now, name)
-    return name
-
-
 def target_lock_path(work_dir: Path, target: str) -> Path:
     """The lock file other archive processes take (with ``filelock``) to keep
     out of a target while spoolops edits it: ``work/locks/<sha256>.lock``."""
     digest = hashlib.sha256(os.fsencode(target)).hexdigest()[:32]
     return Path(work_dir) / "locks" / f"{digest}.lock"
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _depth_ok(obj: Any, limit: int) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-    return True
-
-
-def decode_json_object(data: bytes, what: str = "request") -> dict[str, Any]:
-    """Strict JSON: UTF-8, an object, no duplicate keys, no NaN, bounded depth."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"{what} is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates,
-                         parse_constant=_reject_constant)
-    except RecursionError:
-        raise BadRequest(f"{what} is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, duplicate keys, huge ints
-        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise BadRequest(f"{what} must be a JSON object, not {type(obj).__name__}")
-    # each level of nesting needs a bracket: with few of them (brackets in
-    # strings count too) the walk is not needed
-    if data.count(b"[") + data.count(b"{") >= MAX_DEPTH and not _depth_ok(obj, MAX_DEPTH):
-        raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
-    return obj
 
 
 class Dispatcher:

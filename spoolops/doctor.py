@@ -24,15 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ALL_USERS, Config, load_config
-from .errors import ConfigError
-from .lock import worker_alive
-from .spool import DIR_MODES
+from .errors import ConfigError, SpoolSetupError
+from .transport import Transport, open_transport
 
-ROOT_MODE = 0o2755
-# work/ is the worker's own: 2700 (replies staged there take the submit
-# group); 0700 in older trees, which only works when the worker user's
-# primary group is the submit group (check_groups says so)
-WORK_MODES = (0o2700, 0o700)
 # where the durable submit and cancel are known to be durable without
 # reading new/ (an fsync of a renamed file commits the rename's transaction)
 ORDERED_FS = frozenset({"ext4", "xfs"})
@@ -84,12 +78,12 @@ def _names(config: Config) -> tuple[str | None, str | None]:
     user, group = config.worker_user or None, config.group or None
     if user is None:
         try:
-            user = pwd.getpwuid(os.stat(config.root / "active").st_uid).pw_name
-        except (OSError, KeyError):
+            user = pwd.getpwuid(open_transport(config).worker_uid()).pw_name
+        except (SpoolSetupError, KeyError):
             pass
     if group is None:
         try:
-            group = grp.getgrgid(os.stat(config.root).st_gid).gr_name
+            group = grp.getgrgid(open_transport(config).submit_gid()).gr_name
         except (OSError, KeyError):
             pass
     return user, group
@@ -169,13 +163,12 @@ def check_tree(config: Config) -> list[Finding]:
         gid = grp.getgrnam(group).gr_gid if group else None
     except KeyError:
         gid = None
-    out = [_expect_dir(config.root, (ROOT_MODE,), uid, gid, "spool root")]
+    out = []
     devices = set()
-    for name, mode in DIR_MODES.items():
-        modes = WORK_MODES if name == "work" else (mode,)
-        out.append(_expect_dir(config.root / name, modes, uid, gid, f"{name}/"))
+    for label, path, modes in open_transport(config).layout():
+        out.append(_expect_dir(path, modes, uid, gid, label))
         try:
-            devices.add(os.lstat(config.root / name).st_dev)
+            devices.add(os.lstat(path).st_dev)
         except OSError:
             pass
     if len(devices) > 1:
@@ -217,22 +210,23 @@ def check_groups(config: Config) -> list[Finding]:
     if pw is None or gr is None:
         return []
     out: list[Finding] = []
+    transport = open_transport(config)
     try:
-        work = os.lstat(config.root / "work")
+        work = os.lstat(transport.work_dir)
     except OSError:
         work = None
     if work is not None:
         reply_gid = work.st_gid if work.st_mode & stat.S_ISGID else pw.pw_gid
         if reply_gid != gr.gr_gid:
             out.append(Finding(
-                "reply group", False, f"replies staged in {config.root / 'work'} would take"
+                "reply group", False, f"replies staged in {transport.work_dir} would take"
                 f" group {_group_name(reply_gid)}, not the submit group {group}: clients"
                 " could not read them (the worker then sets each reply's group itself)",
                 "run 'spoolops init' as root (work/ becomes 2700, group "
                 f"{group})"))
         else:
             out.append(Finding("reply group", True, f"replies take group {group}"))
-    out += _check_running_worker(config, pw, gr)
+    out += _check_running_worker(transport, pw, gr)
     for op, users in sorted(config.access.items()) + [("default", config.access_default)]:
         for name in users:
             if name == ALL_USERS:
@@ -250,11 +244,11 @@ def check_groups(config: Config) -> list[Finding]:
     return out
 
 
-def _check_running_worker(config: Config, pw: pwd.struct_passwd, gr: grp.struct_group
-                          ) -> list[Finding]:
+def _check_running_worker(transport: Transport, pw: pwd.struct_passwd,
+                          gr: grp.struct_group) -> list[Finding]:
     """The running worker's process must carry the submit group: a membership
     added after it started (usermod -aG) takes effect only on restart."""
-    alive, pid = worker_alive(config.root / "work" / "worker.lock")
+    alive, pid = transport.worker_alive()
     if not alive or pid is None:
         return []
     try:

@@ -16,6 +16,7 @@ target therefore start one at a time, in key order.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Pending:
     name: str
     key: Key | None = None
     targets: tuple[str, ...] | None = None
+    seen: float = 0.0              # monotonic time the worker first saw it
 
 
 class Queue:
@@ -50,7 +52,7 @@ class Queue:
     def add(self, name: str) -> bool:
         if name in self.entries:
             return False
-        self.entries[name] = Pending(name)
+        self.entries[name] = Pending(name, seen=time.monotonic())
         self._unkeyed[name] = None
         return True
 
@@ -69,6 +71,13 @@ class Queue:
         if len(self._heap) > 2 * len(self.entries) + 64:
             self._heap = [(p.key, n) for n, p in self.entries.items() if p.key is not None]
             heapq.heapify(self._heap)
+
+    def oldest_seen(self) -> float | None:
+        """When the worker first saw the longest-waiting entry (entries are
+        kept in the order they were seen)."""
+        for entry in self.entries.values():
+            return entry.seen
+        return None
 
     def unkeyed(self) -> list[str]:
         return list(self._unkeyed)

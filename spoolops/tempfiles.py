@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from .spool import fsync_dir, write_new_file
+from .fsutil import fsync_dir, write_new_file
 
 TEMP_MARK = ".spoolops-tmp"
 RECORD_DIR = "temps"

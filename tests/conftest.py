@@ -37,7 +37,7 @@ import pytest
 from spoolops.admin import init_tree, resolve_accounts
 from spoolops.client import Client
 from spoolops.config import Config, load_config
-from spoolops.spool import Spool
+from spoolops.transport.spool import SpoolTransport
 
 TESTS = Path(__file__).resolve().parent
 SITEOPS = TESTS / "siteops"
@@ -82,8 +82,10 @@ class SpoolEnv:
     workers: list[subprocess.Popen] = field(default_factory=list)
 
     @property
-    def spool(self) -> Spool:
-        return Spool(self.config.root, self.config.durable, self.config.max_request_bytes)
+    def spool(self) -> SpoolTransport:
+        """The spool, through its transport (its folders are the documented layout)."""
+        return SpoolTransport(self.config.root, self.config.durable,
+                              self.config.max_request_bytes, self.config.worker_user)
 
     def client(self) -> Client:
         return Client(config=self.config)
@@ -234,3 +236,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"spoolops: {len(skipped)} test(s) did not run here: {parts}")
     else:
         terminalreporter.write_line("spoolops: every test ran (none skipped)")
+
+
+class Lines:
+    """The lines a child process prints, read by a thread, waited for with a
+    deadline (select() on a buffered pipe misses lines already buffered)."""
+
+    def __init__(self, stream) -> None:
+        import queue
+        import threading
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def next(self, until: float) -> str | None:
+        """The next line, or None if none comes before ``until`` (monotonic)."""
+        import queue
+        try:
+            return self._queue.get(timeout=max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            return None

@@ -11,7 +11,6 @@ import pytest
 from conftest import SpoolEnv, is_root, wait_for
 
 from spoolops import Client, Timeout
-from spoolops.spool import REQUEST_SUFFIX
 
 
 def _inotify_fds() -> int:
@@ -57,11 +56,11 @@ def test_sixty_four_threads_share_one_inotify_instance(running: SpoolEnv, tmp_pa
 def test_reply_is_deleted_after_reading(running: SpoolEnv) -> None:
     client = running.client()
     rid = client.submit("echo", {"a": 1})
-    wait_for(lambda: (running.spool.replies / (rid + REQUEST_SUFFIX)).exists(),
+    wait_for(lambda: (running.spool.replies / (rid + ".json")).exists(),
              what="reply file")
     reply = client.wait(rid, timeout=10)
     assert reply.result == {"a": 1}
-    assert not (running.spool.replies / (rid + REQUEST_SUFFIX)).exists()
+    assert not (running.spool.replies / (rid + ".json")).exists()
     with pytest.raises(Timeout):
         client.wait(rid, timeout=0.2)  # collected once, never twice
 
@@ -70,7 +69,7 @@ def test_reply_is_deleted_after_reading(running: SpoolEnv) -> None:
 def test_forged_reply_is_ignored_and_real_one_wins(spool_env: SpoolEnv) -> None:
     client = spool_env.client()
     rid = client.submit("echo", {"real": True})
-    forged = spool_env.spool.replies / (rid + REQUEST_SUFFIX)
+    forged = spool_env.spool.replies / (rid + ".json")
     forged.write_text(json.dumps({"version": 1, "id": rid, "op": "echo", "ok": True,
                                   "result": {"real": False}, "error": None}))
     os.chown(forged, 54321, 54321)
@@ -84,7 +83,7 @@ def test_forged_reply_is_ignored_and_real_one_wins(spool_env: SpoolEnv) -> None:
 def test_reply_with_wrong_id_or_junk_is_ignored(spool_env: SpoolEnv) -> None:
     client = spool_env.client()
     rid = client.submit("echo", {"n": 1})
-    path = spool_env.spool.replies / (rid + REQUEST_SUFFIX)
+    path = spool_env.spool.replies / (rid + ".json")
     path.write_text(json.dumps({"id": "someone-else", "ok": True, "result": 1}))
     with pytest.raises(Timeout):
         client.wait(rid, timeout=0.3)
@@ -106,7 +105,7 @@ def test_wait_after_reply_arrived(running: SpoolEnv) -> None:
     """A reply published before wait() is called is still found (no lost wake-up)."""
     client = running.client()
     rid = client.submit("echo", {"late": 1})
-    wait_for(lambda: (running.spool.replies / (rid + REQUEST_SUFFIX)).exists(),
+    wait_for(lambda: (running.spool.replies / (rid + ".json")).exists(),
              what="reply")
     assert client.wait(rid, timeout=5).result == {"late": 1}
 

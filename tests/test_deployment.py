@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from accounts import GROUP, MEMBER, OUTSIDER, WEB, WORKER, Deployment
-from conftest import wait_for
+from conftest import Lines, wait_for
 
 pytestmark = pytest.mark.accounts
 
@@ -292,7 +292,7 @@ import json, os
 from spoolops import Client
 c = Client()
 rid = c.submit("sleep", {"seconds": 1, "tag": "real"})
-with open(os.path.join(c.spool.replies, rid + ".json"), "x") as f:
+with open(os.path.join(c.config.root, "replies", rid + ".json"), "x") as f:
     json.dump({"version": 1, "id": rid, "ok": True, "result": {"tag": "forged"}}, f)
 print(json.dumps(c.wait(rid, timeout=60).result["tag"]))
 """
@@ -488,16 +488,17 @@ def test_operator_views_as_root_the_worker_user_and_a_member(deployment: Deploym
 
 
 def test_tail_as_the_worker_user_follows_a_web_request(deployment: Deployment) -> None:
-    import select
     tail = subprocess.Popen(["setpriv", f"--reuid={WORKER}", f"--regid={WORKER}",
                              "--init-groups", "--", deployment.accounts.python,
                              "-m", "spoolops", "tail", "--json"],
                             env=deployment.env(WORKER), cwd="/", stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
+    lines = Lines(tail.stdout)
+
     def next_event(until: float) -> dict | None:
-        ready, _, _ = select.select([tail.stdout], [], [], max(0.0, until - time.monotonic()))
-        return json.loads(tail.stdout.readline()) if ready else None
+        line = lines.next(until)
+        return json.loads(line) if line else None
 
     try:
         deadline = time.monotonic() + 60

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import SpoolEnv, make_env, wait_for
 
-from spoolops.lock import worker_alive
+from spoolops.transport.spoollock import worker_alive
 
 fitsfiles = pytest.importorskip("fitsfiles")
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from conftest import SpoolEnv, is_root, wait_for
 
-from spoolops.spool import reason_file_name, utc_iso
+from spoolops.formats import utc_iso
+from spoolops.transport.spoolnames import reason_file_name
 
 
 def envelope(rid: str, op: str = "echo", args: Any = None, **extra: Any) -> dict[str, Any]:
@@ -320,7 +321,7 @@ def test_future_mtime_is_treated_as_now(running: SpoolEnv) -> None:
     reply = wait_for(lambda: _reply(env, rid + ".json"), timeout=60, what="reply")
     assert reply["ok"] is True
     queued = reply["queued_at"]
-    from spoolops.spool import parse_iso
+    from spoolops.formats import parse_iso
     assert before - 5 <= parse_iso(queued) <= time.time() + 5
 
 

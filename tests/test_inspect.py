@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import SpoolEnv, wait_for
+from conftest import Lines, SpoolEnv, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoolops import UnknownOp
-from spoolops.spool import REQUEST_SUFFIX
 
 
 def _metrics(env: SpoolEnv) -> dict[tuple[str, tuple], float]:
@@ -40,7 +38,7 @@ def test_prometheus_numbers_match_the_spool(spool_env: SpoolEnv) -> None:
     with pytest.raises(UnknownOp):                 # the failure is what is counted
         client.call("no_such_op", {}, timeout=30)
     uncollected = client.submit("echo", {"left": 1})
-    wait_for(lambda: (spool_env.spool.replies / (uncollected + REQUEST_SUFFIX)).exists(),
+    wait_for(lambda: (spool_env.spool.replies / (uncollected + ".json")).exists(),
              what="reply")
 
     def settled():
@@ -111,15 +109,17 @@ def test_ls_oldest_first_with_fields(spool_env: SpoolEnv) -> None:
 
 
 def _tail(env: SpoolEnv) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
+    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
                             env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+    tail.lines = Lines(tail.stdout)  # type: ignore[attr-defined]
+    return tail
 
 
 def _next_event(tail: subprocess.Popen, until: float) -> dict | None:
     """The next event tail prints, or None if it prints none before ``until``."""
-    ready, _, _ = select.select([tail.stdout], [], [], max(0.0, until - time.monotonic()))
-    return json.loads(tail.stdout.readline()) if ready else None
+    line = tail.lines.next(until)  # type: ignore[attr-defined]
+    return json.loads(line) if line else None
 
 
 def _tail_ready(env: SpoolEnv, tail: subprocess.Popen, deadline: float) -> None:

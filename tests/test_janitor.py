@@ -16,8 +16,8 @@ from pathlib import Path
 
 from conftest import SpoolEnv, wait_for
 
+from spoolops.formats import encode_json
 from spoolops.janitor import run_janitor
-from spoolops.spool import encode_json
 
 DAY = 86400.0
 
@@ -194,7 +194,7 @@ def test_orphans_without_worker_are_recovered_under_the_lock(spool_env: SpoolEnv
 
 def test_janitor_holding_the_lock_keeps_a_worker_out(spool_env: SpoolEnv):
     """While recovery runs under the janitor, a plain worker refuses to start."""
-    from spoolops.lock import WorkerLock
+    from spoolops.transport.spoollock import FlockWorkerLock as WorkerLock
     lock = WorkerLock(spool_env.spool.lock_path)
     lock.acquire()
     try:

@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import SpoolEnv
 
-from spoolops.spool import (
-    ID_RE,
-    REQUEST_SUFFIX,
-    UnsafeEntry,
-    encode_json,
-    id_from_name,
-    new_request_id,
-    read_untrusted,
-    write_atomic,
-)
+from spoolops.formats import ID_RE, encode_json, new_request_id
+from spoolops.fsutil import UnsafeEntry, read_untrusted, write_atomic
+from spoolops.transport.spoolnames import id_from_name
 
 
 def test_request_ids_match_pattern_and_sort_by_time() -> None:
@@ -31,7 +24,7 @@ def test_request_ids_match_pattern_and_sort_by_time() -> None:
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     same = {new_request_id(base) for _ in range(1000)}                # one microsecond
     assert len(same) == 1000
-    assert id_from_name(ids[0] + REQUEST_SUFFIX) == ids[0]
+    assert id_from_name(ids[0] + ".json") == ids[0]
     for bad in ("x.txt", ".hidden.json", "a/b.json", "-x.json", "x" * 129 + ".json", ".json"):
         assert id_from_name(bad) is None
 
@@ -39,7 +32,7 @@ def test_request_ids_match_pattern_and_sort_by_time() -> None:
 def test_publish_request_file_is_readable_json(spool_env: SpoolEnv) -> None:
     spool = spool_env.spool
     rid = spool_env.client().submit("echo", {"x": 1}, priority=3)
-    path = spool.new / (rid + REQUEST_SUFFIX)
+    path = spool.new / (rid + ".json")
     st = path.stat()
     assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_uid == os.getuid()
     text = path.read_text()
@@ -79,17 +72,17 @@ def test_cancel_and_claim_race_has_one_winner(spool_env: SpoolEnv) -> None:
     wins = {"claim": 0, "cancel": 0}
     for n in range(300):
         rid = f"race-{n}"
-        (spool.new / (rid + REQUEST_SUFFIX)).write_text("{}")
+        (spool.new / (rid + ".json")).write_text("{}")
         barrier = threading.Barrier(2)
         outcome = {}
 
         def claim(rid: str = rid, barrier=barrier, outcome=outcome) -> None:
             barrier.wait()
-            outcome["claim"] = spool.claim_request(rid + REQUEST_SUFFIX)
+            outcome["claim"] = spool.claim(rid + ".json") is not None
 
         def cancel(rid: str = rid, barrier=barrier, outcome=outcome) -> None:
             barrier.wait()
-            outcome["cancel"] = spool.withdraw_request(rid)
+            outcome["cancel"] = spool.withdraw(rid)
 
         threads = [threading.Thread(target=claim), threading.Thread(target=cancel)]
         for t in threads:
@@ -98,7 +91,7 @@ def test_cancel_and_claim_race_has_one_winner(spool_env: SpoolEnv) -> None:
             t.join()
         assert outcome["claim"] != outcome["cancel"], "exactly one must win"
         wins["claim" if outcome["claim"] else "cancel"] += 1
-        (spool.active / (rid + REQUEST_SUFFIX)).unlink(missing_ok=True)
+        (spool.active / (rid + ".json")).unlink(missing_ok=True)
     assert wins["claim"] + wins["cancel"] == 300
 
 
@@ -106,11 +99,11 @@ def test_claim_never_replaces_a_running_request(spool_env: SpoolEnv) -> None:
     spool = spool_env.spool
     (spool.active / "dup.json").write_bytes(b"running")
     (spool.new / "dup.json").write_bytes(b"second")
-    with pytest.raises(FileExistsError):
-        spool.claim_request("dup.json")
+    refused = spool.claim("dup.json")          # quarantined, never renamed over it
+    assert refused.moved and "already running" in refused.reason
     assert (spool.active / "dup.json").read_bytes() == b"running"
-    assert (spool.new / "dup.json").read_bytes() == b"second"
-    assert spool.claim_request("absent.json") is False
+    assert (spool.failed / "dup.json").read_bytes() == b"second"
+    assert spool.claim("absent.json") is None
 
 
 def test_encode_json_is_one_key_per_line_and_round_trips() -> None:
@@ -151,8 +144,8 @@ def test_write_atomic_readers_never_see_a_part(tmp_path: Path) -> None:
 
 def test_nesting_limit_is_exact() -> None:
     """32 levels are allowed, 33 are not (the bracket count shortcut must agree)."""
-    from spoolops.dispatch import MAX_DEPTH, decode_json_object
     from spoolops.errors import BadRequest
+    from spoolops.formats import MAX_DEPTH, decode_json_object
     ok = b'{"a": ' + b"[" * (MAX_DEPTH - 2) + b"1" + b"]" * (MAX_DEPTH - 2) + b"}"
     assert decode_json_object(ok)
     deep = b'{"a": ' + b"[" * (MAX_DEPTH - 1) + b"1" + b"]" * (MAX_DEPTH - 1) + b"}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, make_env, wait_for
+from conftest import Lines, SpoolEnv, make_env, wait_for
 
 from spoolops import Cancelled, Interrupted, PermissionDenied, Timeout
 from spoolops.cli.main import build_parser
@@ -50,7 +49,7 @@ def test_call_gives_the_request_a_deadline_equal_to_its_timeout(spool_env: Spool
     rid = wait_for(lambda: _queued_ids(spool_env) and _queued_ids(spool_env)[0],
                    what="the request to be queued")
     request = json.loads((spool_env.spool.new / f"{rid}.json").read_text())
-    from spoolops.spool import parse_iso
+    from spoolops.formats import parse_iso
     deadline = parse_iso(request["deadline"])
     assert started + 3 - 1 <= deadline <= time.time() + 3
     thread.join(60)
@@ -159,9 +158,8 @@ def test_call_shows_progress_while_it_waits(running: SpoolEnv, tmp_path: Path) -
                              f"release={release}", "--timeout", "60"], env=running.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ready, _, _ = select.select([proc.stderr], [], [], 60)
-        assert ready, "no progress line"
-        line = proc.stderr.readline()
+        line = Lines(proc.stderr).next(time.monotonic() + 60)
+        assert line, "no progress line"
         assert "50.0%" in line and "[###############" in line, line
         release.touch()
         out, _ = proc.communicate(timeout=60)

@@ -14,7 +14,6 @@ import pytest
 from conftest import SpoolEnv, is_root, make_env, unavailable, wait_for
 
 from spoolops import Client, Expired, OpFailed, Timeout, UnknownOp
-from spoolops.spool import REQUEST_SUFFIX
 
 
 def _all_replies(env: SpoolEnv) -> dict[str, dict]:
@@ -95,7 +94,7 @@ def test_eight_clients_two_hundred_each(running: SpoolEnv) -> None:
 def _queue_with_mtime(client: Client, env: SpoolEnv, op: str, args: dict, priority: int,
                       mtime: float) -> str:
     rid = client.submit(op, args, priority=priority)
-    path = env.spool.new / (rid + REQUEST_SUFFIX)
+    path = env.spool.new / (rid + ".json")
     os.utime(path, (mtime, mtime))
     return rid
 
@@ -245,7 +244,7 @@ def test_sigterm_finishes_running_and_keeps_queued(spool_env: SpoolEnv) -> None:
     assert list(spool_env.spool.active.iterdir()) == []
     # everything else is still queued or answered: nothing lost
     answered = set(_all_replies(spool_env))
-    still_queued = {p.name[: -len(REQUEST_SUFFIX)] for p in spool_env.spool.new.iterdir()}
+    still_queued = {p.name[: -len(".json")] for p in spool_env.spool.new.iterdir()}
     assert set(queued) <= answered | still_queued
     spool_env.start_worker()
     for rid in slow + queued:
@@ -282,18 +281,17 @@ def test_worker_memory_flat(running: SpoolEnv) -> None:
     assert second - first < 4096, f"worker RSS grew {second - first} kB over 3,000 requests"
 
 
-def test_put_back_key_is_the_exact_mtime(spool_env: SpoolEnv) -> None:
-    """A request put back because its target is busy keeps the key _prekey
-    would give it, to the nanosecond: a float round trip moved mtimes by
-    ~100 ns and let a later same-target request overtake an earlier one
-    (seen as A0, A2, A1 in test_same_target_serialised_other_targets_parallel)."""
-    from spoolops.worker import Worker, _job_key
+def test_place_in_line_is_the_exact_mtime(spool_env: SpoolEnv) -> None:
+    """A request's place in line is its mtime to the nanosecond, whether read
+    ahead of the claim (peek) or by the claim: the worker keys requests put
+    back for a busy target by the one and others by the other, and a float
+    round trip moved mtimes by ~100 ns and let a later same-target request
+    overtake an earlier one (seen as A0, A2, A1)."""
     client = spool_env.client()
     rid = client.submit("echo", {"x": 1})
-    path = spool_env.spool.new / f"{rid}{REQUEST_SUFFIX}"
+    path = spool_env.spool.new / f"{rid}.json"
     mtime_ns = 1_764_345_600_123_456_789    # not a float's worth of precision
     assert int(mtime_ns / 1e9 * 1e9) != mtime_ns
     os.utime(path, ns=(mtime_ns, mtime_ns))
-    worker = Worker(spool_env.config)
-    job = worker._claim(path.name)
-    assert job is not None and _job_key(job)[1] == mtime_ns
+    assert spool_env.spool.peek(path.name).queued_ns == mtime_ns
+    assert spool_env.spool.claim(path.name).queued_ns == mtime_ns

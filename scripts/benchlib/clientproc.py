@@ -36,7 +36,7 @@ class SpoolopsCaller:
     def call_timed(self, op: str, args: dict[str, Any], timeout: float) -> tuple[Any, float]:
         """The result and the worker's own time for the op (``finished_at -
         started_at`` of the reply, millisecond resolution)."""
-        from spoolops.spool import parse_iso
+        from spoolops.formats import parse_iso
         rid = self.client.submit(op, args, deadline=time.time() + timeout)
         reply = self.client.wait(rid, timeout=timeout)
         reply.raise_for_error()

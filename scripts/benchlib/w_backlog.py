@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spoolops.spool import parse_iso
+from spoolops.formats import parse_iso
 
 from .common import child_env, median, spawn
 from .tree import SpoolopsTree

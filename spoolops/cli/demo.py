@@ -25,7 +25,7 @@ from ..admin import init_tree, resolve_accounts
 from ..client import Client
 from ..config import load_config
 from ..errors import OpError
-from ..lock import worker_alive
+from ..transport import open_transport
 
 CONFIG = """\
 [spool]
@@ -83,7 +83,8 @@ def run_demo(directory: str | None = None, keep: bool = False) -> int:
                                   stdin=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 60
-        while worker_alive(config.root / "work" / "worker.lock") != (True, worker.pid):
+        transport = open_transport(config)
+        while transport.worker_alive() != (True, worker.pid):
             if worker.poll() is not None or time.monotonic() > end:
                 print("the worker did not start; its log:", file=sys.stderr)
                 print(log_path.read_text(), file=sys.stderr)

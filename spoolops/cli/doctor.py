@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict
 
 from ..doctor import run_checks
+from .common import Exit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"doctor: {len(problems)} problem(s) in {len(findings)} checks")
         else:
             print(f"doctor: all {len(findings)} checks passed")
-    return 1 if problems else 0
+    return Exit.FAIL if problems else Exit.OK

@@ -1,8 +1,8 @@
 """``status``, ``show``, ``ls`` and ``tail``: the spool telling its own story.
 
-Printing only; the facts come from ``status.py``, ``metrics.py`` and
-``follow.py``.  Output is for a person on a terminal unless ``--json`` (or
-``--prometheus``) asks for a machine format.
+Printing only; the facts come from ``status.py``, ``metrics.py`` and the
+transport's reads.  Output is for a person on a terminal unless ``--json``
+(or ``--prometheus``) asks for a machine format.
 """
 
 from __future__ import annotations
@@ -14,35 +14,12 @@ import sys
 import time
 from typing import Any
 
-from ..config import load_config
-from ..follow import follow_spool
-from ..spool import Spool
-from ..stats import load_stats
-from ..status import (
-    STATE_DIRS,
-    STATES,
-    describe_entry,
-    describe_request,
-    find_ids,
-    list_entries,
-    spool_status,
-)
+from ..status import STATES, spool_status
+from ..transport import open_transport
+from ..transport.base import STATE_WORDS
+from .common import Exit, age_text, config_of, progress_text
 
-EXIT_OK, EXIT_FAIL = 0, 1
-LS_STATES = {"new": "queued", "active": "running", "failed": "failed", "replies": "replies"}
-
-
-def _config(args: argparse.Namespace):
-    return load_config(getattr(args, "config", None), root=getattr(args, "root", None))
-
-
-def age_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"
+STATE_LABELS = {state: word for word, state in STATE_WORDS.items()}
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +30,12 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    status = spool_status(config, refresh=True)
+    config = config_of(args)
+    transport = open_transport(config)
+    status = spool_status(config, refresh=True, transport=transport)
     if args.prometheus:
         from ..metrics import render_metrics
-        stats = load_stats(Spool(config.root).work) if status["worker"]["alive"] else None
+        stats = transport.load_stats() if status["worker"]["alive"] else None
         sys.stdout.write(render_metrics(status, stats))
     elif args.json:
         print(json.dumps(status, indent=2))
@@ -67,7 +45,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for state in STATES:
             s = status[state]
             count = "?" if s["count"] is None else str(s["count"])
-            print(f"{state:<10}{STATE_DIRS[state] + '/':<10}{count:>8}"
+            print(f"{state:<10}{STATE_LABELS[state] + '/':<10}{count:>8}"
                   f"  {age_text(s['oldest_age_s'])}")
         worker = status["worker"]
         if worker["alive"]:
@@ -79,16 +57,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("worker    NOT RUNNING")
         for problem in status["problems"]:
             print(f"PROBLEM: {problem}")
-    return EXIT_FAIL if status["problems"] else EXIT_OK
-
-
-def progress_text(progress: dict[str, Any] | None, width: int = 30) -> str | None:
-    if not progress or not progress.get("total"):
-        return None
-    done, total = int(progress["done"]), int(progress["total"])
-    filled = int(width * done / total) if total else width
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {100.0 * done / total:5.1f}%"
-            f"  {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+    return Exit.FAIL if status["problems"] else Exit.OK
 
 
 def add_show_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,22 +66,22 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    spool = Spool(_config(args).root)
-    ids = find_ids(spool, args.id)
+    transport = open_transport(config_of(args))
+    ids = transport.find(args.id)
     if not ids:
         print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
-        return EXIT_FAIL
+        return Exit.FAIL
     if len(ids) > 1:
         print(f"spoolops show: {args.id!r} matches {len(ids)} requests: "
               + ", ".join(ids[:10]), file=sys.stderr)
-        return EXIT_FAIL
-    info = describe_request(spool, ids[0])
+        return Exit.FAIL
+    info = transport.describe(ids[0])
     if info is None:
         print(f"spoolops show: {ids[0]} vanished", file=sys.stderr)
-        return EXIT_FAIL
+        return Exit.FAIL
     if args.json:
         print(json.dumps(info, indent=2))
-        return EXIT_OK
+        return Exit.OK
     request, reply, run = info.get("request"), info.get("reply"), info.get("run")
     print(f"id:       {info['id']}")
     print(f"state:    {info['state']}  ({info.get('path', '')}, since {info.get('since')})")
@@ -139,30 +108,31 @@ def cmd_show(args: argparse.Namespace) -> int:
         if body is not None:
             print(f"{label}:")
             print(json.dumps(body, indent=2) if not isinstance(body, str) else body)
-    return EXIT_OK
+    return Exit.OK
 
 
 def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("state", nargs="?", choices=sorted(LS_STATES),
+    parser.add_argument("state", nargs="?", choices=sorted(STATE_WORDS),
                         help="one folder (default: all four)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    spool = Spool(_config(args).root)
-    folders = [args.state] if args.state else ["new", "active", "failed", "replies"]
+    transport = open_transport(config_of(args))
+    folders = [args.state] if args.state else list(STATE_WORDS)
     now = time.time()
     if not args.json:
         print(f"{'state':<8} {'id':<40} {'op':<15} {'user':<10} {'age':>7} {'prio':>4}  target")
     for folder in folders:
         try:
-            entries = list_entries(spool, LS_STATES[folder])
+            entries = transport.entries(STATE_WORDS[folder])
         except PermissionError:
             print(f"spoolops ls: cannot list {folder}/ as this user (run as root or the"
                   " worker user)", file=sys.stderr)
-            return EXIT_FAIL
+            return Exit.FAIL
         for entry in entries:
-            row = describe_entry(spool, entry, now)
+            row = {"state": entry.state, "id": entry.id or entry.name,
+                   "age_s": round(max(0.0, now - entry.mtime), 3), **entry.fields}
             if args.json:
                 print(json.dumps(row))
             else:
@@ -170,7 +140,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                       f" {row['user'] or '?':<10} {age_text(row['age_s']):>7}"
                       f" {row['priority'] if row['priority'] is not None else '-':>4}"
                       f"  {row['target'] or '-'}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,16 +168,16 @@ def tail_line(event: dict[str, Any]) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    spool = Spool(_config(args).root)
+    transport = open_transport(config_of(args))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     seen = 0
     try:
-        for event in follow_spool(spool, lambda: bool(stopping)):
+        for event in transport.follow(lambda: bool(stopping)):
             print(json.dumps(event) if args.json else tail_line(event), flush=True)
             seen += 1
             if args.count is not None and seen >= args.count:
                 break
     except KeyboardInterrupt:
         pass
-    return EXIT_OK
+    return Exit.OK

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..admin import become_worker_user
-from ..config import load_config
-from ..errors import ConfigError, SpoolSetupError
 from ..janitor import JanitorReport, run_janitor
-from .inspect import age_text
-
-EXIT_OK, EXIT_STUCK, EXIT_USAGE = 0, 1, 2
+from .common import Exit, age_text, config_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,19 +44,11 @@ def render_text(report: JanitorReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(getattr(args, "config", None), root=getattr(args, "root", None))
-        become_worker_user(config)
-        report = run_janitor(config, dry_run=args.dry_run)
-    except (ConfigError, SpoolSetupError) as exc:
-        print(f"spoolops janitor: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except PermissionError as exc:
-        print(f"spoolops janitor: permission denied: {exc.filename or exc} (run it as the"
-              " worker user or root)", file=sys.stderr)
-        return EXIT_USAGE
+    config = config_of(args)
+    become_worker_user(config)
+    report = run_janitor(config, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(render_text(report))
-    return EXIT_STUCK if report.stuck else EXIT_OK
+    return Exit.FAIL if report.stuck else Exit.OK

@@ -1,8 +1,9 @@
 """The ``spoolops`` command: parses arguments, calls the library, prints.
 
-The only place (with ``cli/demo.py``) that parses arguments or prints.
-Exit codes are DESIGN.md's: 2 for usage, configuration and permission
-problems everywhere; the rest per subcommand.
+With the other modules of ``spoolops/cli`` the only code that parses
+arguments or prints.  Exit codes are the design's (``common.Exit``): 2 for
+usage, configuration and permission problems everywhere; the rest per
+subcommand.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import json
 import logging
 import logging.handlers
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Config, load_config, render_config, replace_config
+from ..config import Config, render_config, replace_config
 from ..errors import (
     ConfigError,
     OpError,
@@ -27,8 +27,7 @@ from ..errors import (
     WorkerRunning,
 )
 from . import doctor, inspect, janitor
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+from .common import Exit, config_of, progress_text
 
 
 def _add_config(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -101,10 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(getattr(args, "config", None), root=getattr(args, "root", None))
-
-
 def setup_logging(config: Config, verbose: bool = False) -> None:
     target = config.log
     if target == "stderr":
@@ -130,7 +125,7 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from ..admin import init_tree, resolve_accounts
-    config = _load(args)
+    config = config_of(args)
     accounts = resolve_accounts(config, args.worker_user, args.group)
     for line in init_tree(config, accounts):
         print(line)
@@ -142,13 +137,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         path = Path(args.write_config)
         path.write_text(render_config(written))
         print(f"wrote {path}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from ..admin import become_worker_user
     from ..worker import run_worker
-    config = _load(args)
+    config = config_of(args)
     become_worker_user(config)
     setup_logging(config, args.verbose)
     return run_worker(config, once=args.once, standby=args.standby)
@@ -179,79 +174,68 @@ def parse_call_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:
     return values
 
 
-def _wait_showing_progress(client: Any, rid: str, timeout: float) -> Any:
-    """Wait for the reply; meanwhile show the run file's progress on stderr
-    (a bar redrawn in place on a terminal, a plain line per change otherwise)."""
-    end = time.monotonic() + timeout
-    last = None
-    tty = sys.stderr.isatty()
-    run_path = client.spool.active / f"{rid}.json.run"
-    while True:
-        try:
-            reply = client.wait(rid, timeout=max(0.0, min(0.5, end - time.monotonic())))
-            if last is not None and tty:
-                print(file=sys.stderr)
-            return reply
-        except Timeout:
-            if time.monotonic() >= end:
-                raise
-        try:
-            progress = json.loads(run_path.read_text()).get("progress")
-        except (OSError, ValueError, AttributeError):
-            continue
-        text = inspect.progress_text(progress)
-        if text and text != last:
-            print(("\r" if tty else "") + f"{rid} {text}", end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
-            last = text
+class _ProgressLine:
+    """Shows a running request's progress on stderr: a bar redrawn in place on
+    a terminal, a plain line per change otherwise."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid, self.tty, self.shown = rid, sys.stderr.isatty(), None
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        text = progress_text(progress)
+        if text and text != self.shown:
+            print(("\r" if self.tty else "") + f"{self.rid} {text}",
+                  end="" if self.tty else "\n", file=sys.stderr, flush=True)
+            self.shown = text
+
+    def done(self) -> None:
+        if self.shown is not None and self.tty:
+            print(file=sys.stderr)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
     from ..client import Client
-    config = _load(args)
+    client = Client(config=config_of(args))
     call_args = parse_call_args(args.arg, args.args_json)
-    client = Client(config=config)
     if args.no_wait:
         print(client.submit(args.op, call_args, priority=args.priority))
-        return EXIT_OK
-    rid = None
+        return Exit.OK
+    progress = _ProgressLine(args.op)
     try:
-        rid = client.submit(args.op, call_args, priority=args.priority,
-                            deadline=time.time() + args.timeout)
-        reply = _wait_showing_progress(client, rid, args.timeout)
+        reply = client.call_reply(args.op, call_args, timeout=args.timeout,
+                                  priority=args.priority, on_progress=progress)
     except Timeout as exc:
-        if rid is not None:
-            client.cancel(rid)
         print(f"spoolops call: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
+        return Exit.TIMEOUT
+    finally:
+        progress.done()
     print(json.dumps(reply.raw, indent=2))
-    return EXIT_OK if reply.ok else EXIT_FAIL
+    return Exit.OK if reply.ok else Exit.FAIL
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from ..admin import become_worker_user, cancel_request
-    config = _load(args)
+    config = config_of(args)
     become_worker_user(config)
     if cancel_request(config, args.id):
         print(f"cancelled {args.id}")
-        return EXIT_OK
+        return Exit.OK
     print(f"spoolops cancel: {args.id} is not queued (already claimed, done, or unknown)",
           file=sys.stderr)
-    return EXIT_FAIL
+    return Exit.FAIL
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     from ..admin import become_worker_user, requeue
-    from ..spool import Spool
-    config = _load(args)
+    config = config_of(args)
     become_worker_user(config)
     try:
-        origin = requeue(Spool(config.root, config.durable), args.id)
+        origin = requeue(config, args.id)
     except SpoolSetupError as exc:
         print(f"spoolops requeue: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return Exit.FAIL
     print(f"requeued {args.id} (was in {origin}/)")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -272,19 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, SpoolSetupError, WorkerRunning) as exc:
         print(f"spoolops {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except PermissionError as exc:
         print(f"spoolops {args.command}: permission denied: {exc.filename or exc}",
               file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     except OpError as exc:
         print(f"spoolops {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return Exit.FAIL
     except SpoolError as exc:
         print(f"spoolops {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return Exit.FAIL
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkerRunning
+from ..errors import WorkerRunning
+from .base import WorkerLock
 
 log = logging.getLogger("spoolops.worker")
 
 
-class WorkerLock:
+class FlockWorkerLock(WorkerLock):
     """The singleton lock ``work/worker.lock`` (flock), holding the pid."""
 
     def __init__(self, path: Path) -> None:

@@ -1,0 +1,364 @@
+"""The transport interface: every state change in the life of a request.
+
+A request is *published* by a client, *claimed* by the worker (or
+*withdrawn* by its client first), *started* (a run record says who runs it
+since when, and its *progress*), then *answered*: the reply is recorded,
+the request retired and the reply published as one step, so that every
+request gets exactly one reply.  A request that cannot run safely is
+*quarantined* (kept aside with a reason); one cut off by a crash is found
+again as an *orphan* and re-run, put back, or *failed* with an
+``Interrupted`` reply.  The client *collects* its reply -- trusting only one
+the worker wrote -- and the janitor *reaps* what is stale.
+
+``spool.SpoolTransport`` (the filesystem spool, the default) is one
+implementation; a database queue is another.  Worker, recovery, janitor,
+admin, status and the CLI hold policy and call only this interface; dispatch
+and the operations know no transport at all.  Implementations own their
+names, paths and formats at rest, and decide what they trust.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# the states a request passes through, as status reports them
+STATES = ("queued", "running", "failed", "replies")
+# the words 'spoolops ls' takes for them (the spool's folder names, which
+# operators know from 'ls')
+STATE_WORDS = {"new": "queued", "active": "running", "failed": "failed", "replies": "replies"}
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A request taken from the queue: its id, sender and bytes.
+
+    ``uid`` is the submitter as the transport knows it (the owner of a
+    request file), never a field of the request; ``queued_ns`` its place in
+    line (submission time, a future one counted as now)."""
+
+    entry: str
+    rid: str
+    data: bytes
+    uid: int
+    queued_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A claimed request whose id and sender are known but whose bytes cannot
+    be used (too large, unreadable): it is answered ``BadRequest: problem``."""
+
+    entry: str
+    rid: str
+    uid: int
+    queued_ns: int
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """An entry that is not a request anybody can be answered about: kept
+    aside (or, when it cannot be moved, left and skipped) with ``reason``."""
+
+    entry: str
+    reason: str
+    moved: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A request claimed by a worker that is gone."""
+
+    entry: str
+    rid: str | None          # None: its entry carries no request id
+    started: bool            # its run record exists: it may have done something
+    where: str = ""          # where an operator finds it (a path, a row)
+
+
+@dataclass
+class Removal:
+    """One thing the janitor removed (or, in a dry run, would remove)."""
+
+    action: str
+    path: str
+    why: str
+    age_s: float | None = None
+    done: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Finding:
+    """Something the janitor reports and leaves alone."""
+
+    kind: str                # stuck, orphan, running_long, unpublished, skipped
+    path: str
+    why: str
+    age_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Ages:
+    """How long things may stay before the janitor removes or reports them."""
+
+    tmp_ttl: float
+    reply_ttl: float
+    failed_ttl: float
+    stuck_after: float
+    lock_ttl: float
+
+
+@dataclass
+class StateCount:
+    count: int | None        # None: see ``problem``
+    oldest_age_s: float | None = None
+    where: str = ""          # where the state is kept, for messages ("new/")
+    problem: str | None = None   # "missing", or "unreadable" by this reader
+
+
+@dataclass
+class Entry:
+    """One entry of one state, for ``spoolops ls``."""
+
+    state: str               # queued, running, failed, replies
+    name: str
+    id: str | None
+    mtime: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Waiter(ABC):
+    """A client waiting for one reply (registered before its request is published)."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> None:
+        """Return when the reply may have come, or ``timeout`` passed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop waiting."""
+
+
+class WorkerLock(ABC):
+    """The one-worker-per-spool lock, held for the worker's life."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
+class Transport(ABC):
+    """One spool (or queue) as seen through its life-cycle steps."""
+
+    durable: bool
+    # the worker's private folder on its own host: target locks, journals,
+    # records of temporary files (``OpContext.work_dir``)
+    work_dir: Path
+
+    # -- set-up -------------------------------------------------------------------
+
+    @abstractmethod
+    def check_exists(self) -> None:
+        """Raise ``SpoolSetupError`` (naming the fix) if there is no spool."""
+
+    @abstractmethod
+    def worker_uid(self) -> int:
+        """The account the worker runs as: the only author of trusted replies."""
+
+    @abstractmethod
+    def check_worker(self) -> list[str]:
+        """Before serving: raise ``SpoolSetupError`` if this process could not
+        serve (requests or replies would be unreadable); warnings otherwise."""
+
+    @abstractmethod
+    def submit_gid(self) -> int:
+        """The group whose members may submit."""
+
+    @abstractmethod
+    def layout(self) -> list[tuple[str, Path, tuple[int, ...]]]:
+        """(label, folder, allowed modes) of what ``create`` makes, for
+        ``spoolops doctor`` to check."""
+
+    @abstractmethod
+    def create(self, uid: int, gid: int) -> list[str]:
+        """Create or repair the spool for worker ``uid`` and submit group
+        ``gid`` (``spoolops init``); one line per change."""
+
+    # -- the client ---------------------------------------------------------------
+
+    @abstractmethod
+    def publish(self, request: dict[str, Any]) -> str:
+        """Queue ``request``; its id once it is queued (and, if durable, kept).
+        Raises and queues nothing otherwise."""
+
+    @abstractmethod
+    def withdraw(self, rid: str) -> bool:
+        """Cancel: True if the request was still queued (it then never runs)."""
+
+    @abstractmethod
+    def expect(self, rid: str) -> Waiter:
+        """Start waiting for ``rid``'s reply (before publishing it, so that no
+        reply is missed)."""
+
+    @abstractmethod
+    def collect(self, rid: str, remove: bool = True) -> dict[str, Any] | None:
+        """The reply to ``rid`` if one the worker wrote is there (owner and id
+        checked); removed once read when ``remove``.  None if not (yet)."""
+
+    @abstractmethod
+    def progress_of(self, rid: str) -> dict[str, Any] | None:
+        """The progress a running request last reported, if any."""
+
+    # -- the worker: intake ---------------------------------------------------------
+
+    @abstractmethod
+    def lock_worker(self, wait: bool, should_stop: Callable[[], bool]) -> WorkerLock:
+        """Become the one worker (``WorkerRunning`` if another is; ``wait``:
+        as a standby, until it is gone)."""
+
+    @abstractmethod
+    def watch(self) -> int:
+        """Start watching for new requests; a descriptor that is readable when
+        some may have arrived (a hint: ``scan`` is the truth)."""
+
+    @abstractmethod
+    def unwatch(self) -> None:
+        """Stop watching."""
+
+    @abstractmethod
+    def arrivals(self) -> list[str] | None:
+        """Entries that may have arrived since the last call; None when the
+        hints were lost and a full ``scan`` is needed."""
+
+    @abstractmethod
+    def scan(self) -> list[str]:
+        """Every queued entry worth a look (the truth; slow)."""
+
+    @abstractmethod
+    def peek(self, entry: str) -> Claimed | None:
+        """Read a queued entry without claiming it (to learn its place in
+        line); None if it is gone or cannot be read."""
+
+    @abstractmethod
+    def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
+        """Take a queued entry for running; None if it is gone (cancelled or
+        taken).  Never replaces a running request of the same id."""
+
+    @abstractmethod
+    def put_back(self, rid: str) -> None:
+        """Return a claimed, not started request to its place in line."""
+
+    # -- the worker: running and answering -------------------------------------------
+
+    @abstractmethod
+    def start(self, rid: str, record: dict[str, Any], durable: bool) -> None:
+        """Record that ``rid`` starts (who runs it, since when)."""
+
+    @abstractmethod
+    def progress(self, rid: str, record: dict[str, Any]) -> None:
+        """Replace the run record with one carrying progress."""
+
+    @abstractmethod
+    def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
+        """Answer: record the reply, retire the request (and its run record),
+        publish the reply -- one step, exactly once even across a crash.
+        Raises ``OSError`` when it could not (the caller retries later)."""
+
+    @abstractmethod
+    def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
+        """Keep an entry aside with ``reason``; ``claimed``: it was claimed
+        (else it is taken straight from the queue, never touching what runs)."""
+
+    @abstractmethod
+    def fail(self, rid: str, reply: dict[str, Any], reason: str) -> None:
+        """Answer a claimed request and keep it aside with ``reason`` (an
+        ``Interrupted`` orphan: requeue it by hand once checked)."""
+
+    # -- recovery (under the worker lock) ---------------------------------------------
+
+    @abstractmethod
+    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Replies recorded but not published: (id, reply), the reply None if
+        it was cut off while being written."""
+
+    @abstractmethod
+    def where(self, rid: str) -> str | None:
+        """queued, running or failed: where the request itself is, if anywhere."""
+
+    @abstractmethod
+    def publish_recorded(self, rid: str) -> None:
+        """Retire ``rid`` and publish the reply recorded for it."""
+
+    @abstractmethod
+    def discard_recorded(self, rid: str) -> None:
+        """Drop a reply cut off while being written."""
+
+    @abstractmethod
+    def orphans(self) -> list[Orphan]:
+        """Requests claimed by a worker that is gone."""
+
+    @abstractmethod
+    def read_claimed(self, entry: str) -> Claimed | None:
+        """The bytes of a claimed (orphaned) request; None if unreadable."""
+
+    @abstractmethod
+    def clear(self, rid: str) -> None:
+        """Retire an orphan whose reply was already published."""
+
+    @abstractmethod
+    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
+        """Remove what a dead worker was writing (its own scratch files);
+        what was (or, dry, would be) removed."""
+
+    @abstractmethod
+    def recovery_pending(self) -> bool:
+        """Whether a dead worker left anything for recovery to do."""
+
+    # -- operators ---------------------------------------------------------------
+
+    @abstractmethod
+    def requeue(self, rid: str) -> str:
+        """Put a failed (or, with no worker, an orphaned) request back in
+        line; where it came from.  ``SpoolSetupError`` when it cannot."""
+
+    @abstractmethod
+    def reap(self, now: float, ages: Ages, worker_alive: bool, dry_run: bool
+             ) -> tuple[list[Removal], list[Finding]]:
+        """The janitor's removals by age, and what it must report."""
+
+    @abstractmethod
+    def worker_alive(self) -> tuple[bool | None, int | None]:
+        """(alive, pid) of the worker; alive None when this reader cannot tell."""
+
+    @abstractmethod
+    def save_stats(self, snapshot: dict[str, Any]) -> bool:
+        """Keep the worker's counters where ``load_stats`` finds them."""
+
+    @abstractmethod
+    def load_stats(self, fresh: bool = False) -> dict[str, Any] | None:
+        """The worker's counters; ``fresh``: asked of the running worker now."""
+
+    # -- reads for status, show, ls, tail ---------------------------------------------
+
+    @abstractmethod
+    def counts(self, now: float) -> dict[str, StateCount]:
+        """Per state (queued, running, failed, replies): count and oldest age."""
+
+    @abstractmethod
+    def entries(self, state: str) -> list[Entry]:
+        """One state's entries, oldest first (``PermissionError`` if not listable)."""
+
+    @abstractmethod
+    def find(self, prefix: str) -> list[str]:
+        """Ids (or names of failed entries) starting with ``prefix``."""
+
+    @abstractmethod
+    def describe(self, rid: str) -> dict[str, Any] | None:
+        """Where ``rid`` is and what it says: request, run record, reply, reason."""
+
+    @abstractmethod
+    def follow(self, should_stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
+        """Events as they happen: queued, started, finished, failed, removed."""

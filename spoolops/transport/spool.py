@@ -1,0 +1,495 @@
+"""The filesystem spool: the folders, the file names, and every rename between them.
+
+This module is the only place that moves files through the spool, the way
+CPython's ``mailbox.Maildir`` owns tmp/new/cur -- with the directory fsync
+that ``mailbox.py`` skips (when ``durable``)::
+
+    client:  tmp/ID.json --publish--> new/ID.json
+    worker:  new/ID.json --claim--> active/ID.json (+ active/ID.json.run)
+             reply: work/ID.reply (written whole, fsynced)
+             --reply--> unlink active/ID.json, rename to replies/ID.json
+    client:  reads replies/ID.json, checks owner and id, unlinks it
+
+Exactly one reply: a staged ``work/ID.reply`` means the operation finished;
+it is only ever renamed into ``replies/``, so recovery can tell "finished,
+not yet published" (staged reply present) from "cut off" (``active/ID.json``
+alone).  The staged reply is written in place, not through a rename: while
+it is being written ``active/ID.json`` still exists, and recovery drops a
+staged reply that does not parse, so a cut-off write is just "cut off".
+
+Trusts: ``work/`` and ``active/`` (only the worker writes them), nothing
+found in ``tmp/``, ``new/`` or ``replies/`` (group-writable), which is read
+as ``fsutil.read_untrusted`` reads (Postfix's safe_open).  The folder and
+file names below appear nowhere else in spoolops; reads for the operator's
+views live in ``spoolview``, maintenance in ``spoolcare``, the client's
+shared inotify instance in ``spoolwatch``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from inotify_simple import INotify, flags
+
+from ..errors import SpoolSetupError
+from ..formats import encode_json, utc_iso, valid_id
+from ..fsutil import (
+    UnsafeEntry,
+    fsync_dir,
+    pending_events,
+    read_untrusted,
+    rename_noreplace,
+    write_atomic,
+    write_new_file,
+)
+from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from .spoolcare import SpoolCare
+from .spoolclient import SpoolClientSide
+from .spoollock import FlockWorkerLock
+from .spoolnames import (
+    DIR_MODES,
+    LOCK_NAME,
+    REQUEST_SUFFIX,
+    RUN_SUFFIX,
+    STAGED_REPLY_SUFFIX,
+    id_from_name,
+    reason_file_name,
+)
+from .spoolview import SpoolView
+
+log = logging.getLogger("spoolops.transport")
+
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+_UNKNOWN = object()
+
+
+class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
+    """One spool tree.  Client and worker both use it; each uses its half."""
+
+    def __init__(self, root: str | os.PathLike, durable: bool = True,
+                 max_request_bytes: int = 65536, worker_user: str = "") -> None:
+        self.root = Path(root)
+        self.durable = durable
+        self.max_request_bytes = max_request_bytes
+        self.worker_user = worker_user
+        self.tmp = self.root / "tmp"
+        self.new = self.root / "new"
+        self.active = self.root / "active"
+        self.failed = self.root / "failed"
+        self.replies = self.root / "replies"
+        self.work = self.work_dir = self.root / "work"
+        self.lock_path = self.work / LOCK_NAME
+        # plain strings for the per-request path work (pathlib costs microseconds)
+        self._new, self._active, self._work, self._replies, self._tmp = (
+            str(self.new), str(self.active), str(self.work), str(self.replies), str(self.tmp))
+        self._reply_gid: Any = _UNKNOWN
+        self._worker_uid: int | None = None
+        self._inotify: INotify | None = None
+        self._skipped: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"SpoolTransport({str(self.root)!r})"
+
+    # -- set-up -------------------------------------------------------------------
+
+    def check_exists(self) -> None:
+        for name in DIR_MODES:
+            if not (self.root / name).is_dir():
+                raise SpoolSetupError(
+                    f"spool folder {self.root / name} is missing: run 'spoolops init'"
+                    f" (root = {self.root})")
+
+    def worker_uid(self) -> int:
+        """``[spool] worker_user``, else the owner of ``active/``."""
+        if self._worker_uid is None:
+            if self.worker_user:
+                try:
+                    self._worker_uid = pwd.getpwnam(self.worker_user).pw_uid
+                except KeyError:
+                    raise SpoolSetupError(f"[spool] worker_user {self.worker_user!r} is not"
+                                          " a user on this machine") from None
+            else:
+                try:
+                    self._worker_uid = os.stat(self.active).st_uid
+                except FileNotFoundError:
+                    raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'"
+                                          ) from None
+        return self._worker_uid
+
+    def submit_gid(self) -> int:
+        """The submit group: the group of ``tmp/`` (``spoolops init`` sets it)."""
+        return os.stat(self.tmp).st_gid
+
+    def check_worker(self) -> list[str]:
+        """The worker's process must be in the submit group: it reads requests
+        through it, and answers in it."""
+        gid = self.submit_gid()
+        if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+            raise SpoolSetupError(
+                f"this worker process (uid {os.geteuid()}, groups"
+                f" {sorted({os.getegid(), *os.getgroups()})}) is not in the submit group"
+                f" (gid {gid}, the group of {self.tmp}): it could neither read requests"
+                " nor answer in that group.  Add the worker user to the group"
+                " (usermod -aG) and start the worker with its supplementary groups"
+                " (systemd User=, setpriv --init-groups, runuser)")
+        if self._reply_group() is not None:
+            return [(f"path={self.work} action=chgrp_each_reply hint='work/ is not setgid to"
+                    " the submit group: run spoolops init to repair it'")]
+        return []
+
+    # -- the worker: intake ---------------------------------------------------------
+
+    def lock_worker(self, wait: bool, should_stop: Callable[[], bool]) -> WorkerLock:
+        lock = FlockWorkerLock(self.lock_path)
+        lock.acquire(wait=wait, should_stop=should_stop)
+        return lock
+
+    def watch(self) -> int:
+        # set before the first scan, so that nothing arrives unseen in between
+        self._inotify = INotify(nonblocking=True)
+        self._inotify.add_watch(self.new, WATCH_FLAGS)
+        return self._inotify.fileno()
+
+    def unwatch(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    def arrivals(self) -> list[str] | None:
+        assert self._inotify is not None
+        names = []
+        for event in pending_events(self._inotify):
+            if event.mask & flags.Q_OVERFLOW:
+                return None
+            name = event.name
+            if not name or name in self._skipped:
+                continue
+            if event.mask & flags.CREATE and not event.mask & flags.ISDIR:
+                # a regular file created in place is taken when closed; only
+                # links, FIFOs and the like need the create event
+                try:
+                    st = os.lstat(f"{self._new}/{name}")
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    continue
+            names.append(name)
+        return names
+
+    def scan(self) -> list[str]:
+        """Everything in ``new/`` but what was left there and is skipped (an
+        entry that could not be moved out, with its reason in ``failed/``)."""
+        names = []
+        with os.scandir(self.new) as it:
+            for entry in it:
+                name = entry.name
+                if name in self._skipped:
+                    continue
+                if entry.is_dir(follow_symlinks=False) and self._has_reason(name):
+                    self._skipped.add(name)
+                    continue
+                names.append(name)
+        return names
+
+    def peek(self, entry: str) -> Claimed | None:
+        try:
+            f = read_untrusted(f"{self._new}/{entry}", self.max_request_bytes,
+                               reader="the worker")
+        except FileNotFoundError:
+            return None
+        except (UnsafeEntry, OSError):
+            return Claimed(entry, id_from_name(entry) or entry, b"", -1, time.time_ns())
+        return Claimed(entry, id_from_name(entry) or entry, f.data, f.st.st_uid,
+                       min(f.st.st_mtime_ns, time.time_ns()))
+
+    def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
+        """Rename ``new/NAME`` to ``active/NAME`` and read it once."""
+        rid = id_from_name(entry)
+        if rid is None:
+            # judged by its name alone, before any rename: a hostile name such
+            # as 'ID.json.run' must never be renamed over a file in active/
+            return self.quarantine(entry, "Its name is not <id>.json with an id matching"
+                                   " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can be"
+                                   " addressed", claimed=False)
+        try:
+            rename_noreplace(f"{self._new}/{entry}", f"{self._active}/{entry}")
+        except FileNotFoundError:
+            return None               # cancelled, or taken by another worker
+        except FileExistsError:
+            return self.quarantine(entry, f"Request id {rid} is already running; a second"
+                                   " request with the same id was not run", claimed=False)
+        except OSError as exc:
+            # e.g. a directory owned by another user: renaming it needs write
+            # access to it (for its '..'), which the worker does not have
+            what = "it is a directory" if os.path.isdir(f"{self._new}/{entry}") else \
+                "it could not be claimed"
+            return self.quarantine(entry, f"Not a request: {what} ({exc.strerror or exc})",
+                                   claimed=False)
+        path = f"{self._active}/{entry}"
+        try:
+            # only the worker renames into active/: what the name holds cannot be swapped
+            f = read_untrusted(path, self.max_request_bytes, check_name=False,
+                               reader="the worker")
+        except FileNotFoundError:
+            return None
+        except UnsafeEntry as exc:
+            st = _plain_file(path)
+            problem = None if st is None else _unreadable_or_oversize(
+                st, exc.reason, self.max_request_bytes)
+            if problem is None:
+                return self.quarantine(entry, f"Not a request: {exc.reason}", claimed=True)
+            # the id is trustworthy (a plain file in our active/, its owner the
+            # submitter): too large or unreadable is a bad request, answered
+            return Refused(entry, rid, st.st_uid, min(st.st_mtime_ns, time.time_ns()), problem)
+        except OSError as exc:
+            return self.quarantine(entry, f"Could not read it: {exc.strerror or exc}",
+                                   claimed=True)
+        return Claimed(entry, rid, f.data, f.st.st_uid, min(f.st.st_mtime_ns, time.time_ns()))
+
+    def put_back(self, rid: str) -> None:
+        """Back to ``new/`` (the mtime, its place in line, is kept)."""
+        name = rid + REQUEST_SUFFIX
+        os.rename(f"{self._active}/{name}", f"{self._new}/{name}")
+        _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+
+    # -- the worker: running and answering -------------------------------------------
+
+    def start(self, rid: str, record: dict[str, Any], durable: bool) -> None:
+        """``active/ID.json.run``: who runs it since when, replaced atomically."""
+        write_atomic(f"{self._work}/{rid}.run.{os.getpid()}.tmp",
+                     f"{self._active}/{rid}{RUN_SUFFIX}", encode_json(record), durable,
+                     mode=0o644, own_staging=True)
+
+    def progress(self, rid: str, record: dict[str, Any]) -> None:
+        self.start(rid, record, durable=False)
+
+    def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
+        self._stage_reply(rid, reply)
+        self._publish_staged(rid, started)
+
+    def _stage_reply(self, rid: str, reply: dict[str, Any], in_place: bool = True) -> None:
+        """Write the finished reply to ``work/ID.reply``: from here on the
+        request counts as done, even if the worker dies before publishing.
+
+        Written in place (see the module docstring for why that is safe) by
+        the worker while ``active/ID.json`` exists.  A staged reply already
+        there, and every caller that may run beside a worker or after its
+        request left ``active/`` (``in_place=False``: recovery, ``spoolops
+        cancel``), go through a temporary file and a rename: a whole staged
+        reply is never removed or cut."""
+        path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
+        data = encode_json(reply)
+        gid = self._reply_group()
+        if in_place:
+            try:
+                write_new_file(path, data, self.durable, gid=gid)
+                return
+            except FileExistsError:
+                pass
+        write_atomic(f"{path}.tmp", path, data, self.durable, own_staging=True, gid=gid)
+
+    def _reply_group(self) -> int | None:
+        """The group a staged reply must be given explicitly, or None when
+        files made in ``work/`` get the submit group anyway (``work/`` is
+        setgid to it, or it is this process's own group).  Replies keep
+        their group when renamed into ``replies/``, and clients read them
+        through it: a worker whose primary group is its own would otherwise
+        answer in a group no client is in."""
+        if self._reply_gid is _UNKNOWN:
+            work, replies = os.stat(self._work), os.stat(self._replies)
+            if (work.st_mode & stat.S_ISGID and work.st_gid == replies.st_gid) or \
+                    (not work.st_mode & stat.S_ISGID and os.getegid() == replies.st_gid):
+                self._reply_gid = None
+            else:
+                self._reply_gid = replies.st_gid
+        return self._reply_gid
+
+    def _publish_staged(self, rid: str, started: bool = True) -> None:
+        """Retire ``active/ID.json`` (and its run file, if the op had one) and
+        rename the staged reply into ``replies/``.
+
+        The request is removed first so that a crash in between leaves a
+        staged reply and no orphan (recovery publishes it): never two replies.
+        With ``durable``, one fsync of ``replies/`` commits the lot on a
+        journalling filesystem (ext4, xfs: metadata is journalled in order).
+        """
+        if started:
+            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+        os.rename(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}",
+                  f"{self._replies}/{rid}{REQUEST_SUFFIX}")
+        if self.durable:
+            fsync_dir(self._replies)
+
+    def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
+        """Move ``new/NAME`` or ``active/NAME`` to ``failed/`` beside
+        ``failed/NAME.reason`` (``NAME~2``... when ``NAME`` is taken there).
+
+        An entry that cannot be moved stays where it is; the reason file is
+        written all the same, and ``scan`` skips names that have one.
+        """
+        directory = self.active if claimed else self.new
+        try:
+            moved = self._quarantine(directory, entry, reason)
+        except OSError as exc:
+            # the reason could not be written (disk full): an entry still in
+            # new/ is skipped from now on, not retried forever
+            moved = not os.path.lexists(directory / entry)
+            reason = f"{reason} (its reason file could not be written: {exc.strerror or exc})"
+        if not moved and not claimed:
+            self._skipped.add(entry)
+        return Quarantined(entry, reason, moved)
+
+    def _quarantine(self, directory: Path, name: str, reason: str) -> bool:
+        moved, kept_as = True, name
+        try:
+            kept_as = self._rename_into_failed(directory, name)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            moved = False
+            reason = (f"{reason.rstrip('.')}; it could not be moved out of"
+                      f" {directory.name}/ ({exc.strerror or exc}), so it was left there"
+                      " and will be skipped.")
+        self._write_reason(kept_as, reason)
+        if directory == self.active and moved:
+            # its run file goes with it; an entry quarantined from new/ (say a
+            # duplicate of a running id) must never touch what runs in active/
+            _remove_quietly(self.active / (name + ".run"))
+        return moved
+
+    def _rename_into_failed(self, directory: Path, name: str) -> str:
+        for n in range(1, 100):
+            dest = name if n == 1 else f"{name}~{n}"
+            try:
+                rename_noreplace(str(directory / name), str(self.failed / dest))
+                return dest
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no free name in failed/", name)
+
+    def _write_reason(self, name: str, reason: str) -> None:
+        line = " ".join(reason.split())
+        if not line.endswith("."):
+            line += "."
+        text = f"{utc_iso()} {socket.gethostname()} pid {os.getpid()}: {line}\n"
+        reason_name = reason_file_name(name)
+        write_atomic(self.work / f"{reason_name}.tmp", self.failed / reason_name,
+                     text.encode("utf-8", "backslashreplace"), self.durable, mode=0o644,
+                     own_staging=True)
+
+    def _has_reason(self, name: str) -> bool:
+        return os.path.lexists(self.failed / reason_file_name(name))
+
+    def fail(self, rid: str, reply: dict[str, Any], reason: str) -> None:
+        """Stage the reply, move the request to ``failed/``, publish: a crash
+        between the steps leaves a staged reply, which recovery finishes."""
+        self._stage_reply(rid, reply, in_place=False)
+        self._quarantine(self.active, rid + REQUEST_SUFFIX, reason)
+        self._publish_staged(rid)
+
+    # -- recovery (under the worker lock) ---------------------------------------------
+
+    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
+        ids = sorted(n[: -len(STAGED_REPLY_SUFFIX)] for n in os.listdir(self.work)
+                     if n.endswith(STAGED_REPLY_SUFFIX) and
+                     valid_id(n[: -len(STAGED_REPLY_SUFFIX)]))
+        return [(rid, self._staged_reply(rid)) for rid in ids]
+
+    def _staged_reply(self, rid: str) -> dict[str, Any] | None:
+        """The staged reply of ``rid`` if it is whole (parses, names ``rid``);
+        None if there is none or it was cut off while being written."""
+        try:
+            with open(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", "rb") as f:
+                reply = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return reply if isinstance(reply, dict) and reply.get("id") == rid else None
+
+    def where(self, rid: str) -> str | None:
+        name = rid + REQUEST_SUFFIX
+        for state, folder in (("running", self.active), ("queued", self.new),
+                              ("failed", self.failed)):
+            if os.path.lexists(folder / name):
+                return state
+        return None
+
+    def publish_recorded(self, rid: str) -> None:
+        self._publish_staged(rid)
+
+    def discard_recorded(self, rid: str) -> None:
+        _remove_quietly(self.work / (rid + STAGED_REPLY_SUFFIX))
+
+    def record_reply(self, rid: str, reply: dict[str, Any]) -> None:
+        """Record a reply beside (or over) one cut off (recovery)."""
+        self._stage_reply(rid, reply, in_place=False)
+
+    def orphans(self) -> list[Orphan]:
+        return [Orphan(name, id_from_name(name), os.path.lexists(self.active / (
+            name + ".run")), str(self.active / name)) for name in sorted(os.listdir(self.active))
+            if not name.endswith(RUN_SUFFIX)]
+
+    def read_claimed(self, entry: str) -> Claimed | None:
+        try:
+            f = read_untrusted(f"{self._active}/{entry}", self.max_request_bytes,
+                               check_name=False, reader="the worker")
+        except (UnsafeEntry, OSError):
+            return None
+        rid = id_from_name(entry)
+        return None if rid is None else Claimed(entry, rid, f.data, f.st.st_uid,
+                                                f.st.st_mtime_ns)
+
+    def clear(self, rid: str) -> None:
+        _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+
+    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
+        """Staging files in ``work/`` and run files whose request is gone."""
+        found = [self.work / name for name in sorted(os.listdir(self.work))
+                 if name.endswith(".tmp") and os.path.isfile(self.work / name)]
+        found += [self.active / name for name in sorted(os.listdir(self.active))
+                  if name.endswith(RUN_SUFFIX) and not os.path.lexists(
+                      self.active / name[: -len(".run")])]
+        if not dry_run:
+            for path in found:
+                _remove_quietly(path)
+        return [str(path) for path in found]
+
+def _plain_file(path: str) -> os.stat_result | None:
+    """The lstat of ``path`` if it is a regular file with one link."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+
+
+def _unreadable_or_oversize(st: os.stat_result, reason: str, limit: int) -> str | None:
+    """What is wrong with a plain request file the worker could not read."""
+    if st.st_size > limit:
+        return f"request is {st.st_size} bytes, more than max_request_bytes ({limit})"
+    if "permission denied" in reason:
+        return (f"the worker may not read the request file (mode"
+                f" {stat.S_IMODE(st.st_mode):04o}, group {st.st_gid}): a request must be"
+                " readable by the submit group (0640)")
+    return None
+
+
+def _remove_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+

@@ -1,0 +1,209 @@
+"""The client's half of the spool: publish, withdraw, wait for and collect replies.
+
+``publish`` holds the one rename that puts a request in the queue.  Trusts
+nothing found in ``replies/`` (group-writable): a reply counts only if it is
+a plain file owned by the worker user whose ``id`` matches.  A mixin of
+``SpoolTransport`` (its folders and names); the waiting itself is
+``spoolwatch``'s (one inotify instance per process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadRequest, SpoolSetupError
+from ..formats import encode_json, valid_id
+from ..fsutil import (
+    UnsafeEntry,
+    create_file,
+    discard_new_file,
+    fsync_dir,
+    read_untrusted,
+    write_all,
+)
+from .base import Waiter
+from .spoolnames import REQUEST_SUFFIX, RUN_SUFFIX, WITHDRAWN_SUFFIX
+from .spoolwatch import shared_watcher
+
+log = logging.getLogger("spoolops.transport")
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class SpoolClientSide:
+    """Publishing and collecting (mixed into ``SpoolTransport``)."""
+
+    root: Path
+    replies: Path
+    durable: bool
+    max_request_bytes: int
+    _new: str
+    _tmp: str
+    _active: str
+    _replies: str
+
+    def publish(self, request: dict[str, Any]) -> str:
+        """Write ``tmp/ID.json`` and rename it into ``new/``: the one rename
+        that publishes a request.  Returns the id once the request is queued
+        (and, with ``durable``, on disk); raises if nothing was queued.
+
+        Durable without reading ``new/`` (mode 2730: members may not open it
+        to fsync it): the file is fsynced before the rename (its bytes), and
+        again after it.  A rename changes the renamed inode (its ctime), so
+        on ext4 and xfs that second fsync commits the journal transaction
+        that holds the rename itself.
+        """
+        rid = request["id"]
+        if not valid_id(rid):
+            raise BadRequest(f"invalid request id {rid!r}")
+        data = encode_json(request)
+        if len(data) > self.max_request_bytes:
+            raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
+                             f" ({self.max_request_bytes})")
+        name = rid + REQUEST_SUFFIX
+        staging, queued = f"{self._tmp}/{name}", f"{self._new}/{name}"
+        try:
+            fd = create_file(staging)
+        except FileNotFoundError:
+            self.check_exists()
+            raise
+        try:
+            write_all(fd, data)
+            if self.durable:
+                os.fsync(fd)
+                # kept for the fsync after the rename: read-only, so that its
+                # close is no IN_CLOSE_WRITE in new/ (a second wake-up per request)
+                check = os.open(staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            discard_new_file(fd, staging)
+            raise
+        os.close(fd)   # before the rename: its IN_CLOSE_WRITE is in tmp/, unwatched
+        try:
+            os.rename(staging, queued)
+        except BaseException:
+            if self.durable:
+                os.close(check)
+            _remove_quietly(staging)
+            raise
+        if not self.durable:
+            return rid
+        try:
+            os.fsync(check)
+        except OSError:
+            # queued but perhaps not on disk: take it back so that the caller's
+            # error is true ("nothing queued"); if the worker has claimed it
+            # already it is accepted, and runs
+            try:
+                os.unlink(queued)
+            except FileNotFoundError:
+                return rid
+            raise
+        finally:
+            os.close(check)
+        return rid
+
+    def withdraw(self, rid: str) -> bool:
+        """Cancel: take ``new/ID.json`` out of the queue.  Atomic against
+        ``claim``'s rename, so either the worker has it or nobody ever will.
+        With ``durable`` the request is moved aside to ``tmp/`` first and
+        that file fsynced (which commits the rename, as in ``publish``): a
+        cancel reported done survives a power cut."""
+        if not valid_id(rid):
+            return False
+        queued = f"{self._new}/{rid}{REQUEST_SUFFIX}"
+        if not self.durable:
+            try:
+                os.unlink(queued)
+            except FileNotFoundError:
+                return False
+            return True
+        aside = f"{self._tmp}/{rid}{WITHDRAWN_SUFFIX}"
+        try:
+            os.rename(queued, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            fd = os.open(aside, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except PermissionError:
+            # not the submitter's own file: root or the worker user, who own tmp/
+            fsync_dir(self._tmp)
+        else:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _remove_quietly(aside)
+        return True
+
+    def expect(self, rid: str) -> Waiter:
+        try:
+            return shared_watcher().expect(self.replies, rid + REQUEST_SUFFIX)
+        except FileNotFoundError:
+            raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'") from None
+
+    def collect(self, rid: str, remove: bool = True, reader: str = "this client"
+                ) -> dict[str, Any] | None:
+        """The reply published for ``rid`` if it is one to trust: a plain file
+        owned by the worker user, a JSON object whose ``id`` is ``rid``.
+        None when there is none yet, or only something else under its name
+        (``replies/`` is group-writable: anyone in the group may plant one).
+        Raises ``SpoolSetupError`` when the worker's own reply cannot be read
+        by this process: a deployment fault no retry will mend."""
+        path = f"{self._replies}/{rid}{REQUEST_SUFFIX}"
+        try:
+            f = read_untrusted(path, MAX_REPLY_BYTES, reader=f"{reader} (uid {os.geteuid()})")
+        except FileNotFoundError:
+            return None
+        except (UnsafeEntry, BlockingIOError) as exc:  # BlockingIOError: a lease on it
+            self._unreadable_reply(path, exc)
+            return None
+        if f.st.st_uid != self.worker_uid():
+            log.warning("ignoring reply for %s owned by uid %d, not the worker's (%d)",
+                           rid, f.st.st_uid, self.worker_uid())
+            return None
+        try:
+            obj = json.loads(f.data)
+        except ValueError:
+            log.warning("ignoring reply for %s that is not valid JSON", rid)
+            return None
+        if not isinstance(obj, dict) or obj.get("id") != rid:
+            log.warning("ignoring reply for %s whose id does not match", rid)
+            return None
+        if remove:
+            # (any member may unlink in replies/ anyway: checking which file
+            # the name holds before removing it would protect nothing)
+            _remove_quietly(path)
+        return obj
+
+    def _unreadable_reply(self, path: str, exc: Exception) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if isinstance(exc, UnsafeEntry) and "permission denied" in exc.reason and \
+                st is not None and st.st_uid == self.worker_uid():
+            raise SpoolSetupError(
+                f"the reply {path} from the worker cannot be read by this process"
+                f" (uid {os.geteuid()}; the file's mode {stat.S_IMODE(st.st_mode):04o},"
+                f" gid {st.st_gid}): replies must carry the submit group; run"
+                " 'spoolops doctor'") from None
+        log.warning("ignoring untrustworthy reply file %s: %s", path, exc)
+
+    def progress_of(self, rid: str) -> dict[str, Any] | None:
+        try:
+            with open(f"{self._active}/{rid}{RUN_SUFFIX}", "rb") as f:
+                progress = json.loads(f.read()).get("progress")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return progress if isinstance(progress, dict) else None
+
+
+def _remove_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
