@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -102,41 +103,72 @@ def _parse_bool(text: str) -> bool:
     return value
 
 
+def _convert(kind: str, raw: str, base_dir: Path | None) -> object:
+    raw = raw.strip()
+    if kind == "path":
+        if not raw:
+            raise ValueError("empty path")
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return Path(os.path.abspath(path))
+    if kind == "bool":
+        return _parse_bool(raw)
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"not an integer: {raw!r}") from None
+    if kind == "size":
+        return _parse_size(raw)
+    if kind == "duration":
+        return parse_duration(raw)
+    if kind == "mode":
+        return parse_mode(raw)
+    return raw
+
+
+def _default(section: str, key: str) -> Any:
+    """A key's default, parsed from its one written form in ``SCHEMA``."""
+    kind, text = SCHEMA[section][key]
+    return _convert(kind, text, None) if text or kind == "str" else text
+
+
 @dataclass(frozen=True)
 class Config:
-    """Every setting, parsed.  Build with ``load_config`` or ``Config.from_text``."""
+    """Every setting, parsed.  Build with ``load_config`` or ``Config.from_text``.
+    The defaults are ``SCHEMA``'s (written there once)."""
 
-    root: Path = Path("/var/spool/spoolops")
-    group: str = ""
-    worker_user: str = ""
-    durable: bool = True
-    max_request_bytes: int = 65536
-    concurrency: int = 4
-    rescan_interval: float = 60.0
-    log: str = "stderr"
-    log_level: str = "info"
-    metrics_file: str = ""
-    tmp_ttl: float = 3600.0
-    reply_ttl: float = 86400.0
-    failed_ttl: float = 30 * 86400.0
-    stuck_after: float = 900.0
-    storage_root: Path = Path("/data/fits")
-    upload_staging_dir: Path = Path("/data/upload_staging")
-    processed_cals_path: str = "processed_cals"
-    file_mode: int = 0o644
-    compressed_layout: str = "single"
+    root: Path = field(default_factory=lambda: _default("spool", "root"))
+    group: str = _default("spool", "group")
+    worker_user: str = _default("spool", "worker_user")
+    durable: bool = _default("spool", "durable")
+    max_request_bytes: int = _default("spool", "max_request_bytes")
+    concurrency: int = _default("worker", "concurrency")
+    rescan_interval: float = _default("worker", "rescan_interval")
+    log: str = _default("worker", "log")
+    log_level: str = _default("worker", "log_level")
+    metrics_file: str = _default("worker", "metrics_file")
+    tmp_ttl: float = _default("janitor", "tmp_ttl")
+    reply_ttl: float = _default("janitor", "reply_ttl")
+    failed_ttl: float = _default("janitor", "failed_ttl")
+    stuck_after: float = _default("janitor", "stuck_after")
+    storage_root: Path = field(default_factory=lambda: _default("storage", "storage_root"))
+    upload_staging_dir: Path = field(
+        default_factory=lambda: _default("storage", "upload_staging_dir"))
+    processed_cals_path: str = _default("storage", "processed_cals_path")
+    file_mode: int = _default("storage", "file_mode")
+    compressed_layout: str = _default("storage", "compressed_layout")
     access_default: tuple[str, ...] = (ALL_USERS,)
     access: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: Path | None = None
 
-    def allowed_users(self, op: str, op_default: tuple[str, ...] | None = None
-                      ) -> tuple[str, ...]:
-        """Who may call ``op``: ``[access]``, else the op's own default, else ``default``."""
+    def allowed_users(self, op: str, op_default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Who may call ``op``: ``[access]``, else the op's own default (an
+        empty one, ``ops.SITE_DEFAULT``, means none), else ``default``."""
         if op in self.access:
             return self.access[op]
-        if op_default is not None:
-            return op_default
-        return self.access_default
+        return op_default or self.access_default
 
     @classmethod
     def from_text(cls, text: str, base_dir: Path | None = None,
@@ -196,31 +228,6 @@ class Config:
                               "storage_root, without '..'")
 
 
-def _convert(kind: str, raw: str, base_dir: Path | None) -> object:
-    raw = raw.strip()
-    if kind == "path":
-        if not raw:
-            raise ValueError("empty path")
-        path = Path(raw).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        return Path(os.path.abspath(path))
-    if kind == "bool":
-        return _parse_bool(raw)
-    if kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"not an integer: {raw!r}") from None
-    if kind == "size":
-        return _parse_size(raw)
-    if kind == "duration":
-        return parse_duration(raw)
-    if kind == "mode":
-        return parse_mode(raw)
-    return raw
-
-
 def find_config_path(explicit: str | os.PathLike | None = None) -> Path | None:
     """The file to read, by the search order; None when no file applies."""
     if explicit:
@@ -261,42 +268,27 @@ def replace_config(config: Config, **changes: object) -> Config:
 
 
 def render_config(config: Config) -> str:
-    """The INI text for ``config`` (used by ``spoolops init --write-config``)."""
-    def dur(seconds: float) -> str:
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-            if seconds >= size and seconds % size == 0:
-                return f"{int(seconds // size)}{unit}"
-        return f"{seconds:g}s"
-    lines = [
-        "[spool]",
-        f"root = {config.root}",
-        f"group = {config.group}",
-        f"worker_user = {config.worker_user}",
-        f"durable = {'yes' if config.durable else 'no'}",
-        f"max_request_bytes = {config.max_request_bytes}",
-        "",
-        "[worker]",
-        f"concurrency = {config.concurrency}",
-        f"rescan_interval = {dur(config.rescan_interval)}",
-        f"log = {config.log}",
-        f"log_level = {config.log_level}",
-        f"metrics_file = {config.metrics_file}",
-        "",
-        "[janitor]",
-        f"tmp_ttl = {dur(config.tmp_ttl)}",
-        f"reply_ttl = {dur(config.reply_ttl)}",
-        f"failed_ttl = {dur(config.failed_ttl)}",
-        f"stuck_after = {dur(config.stuck_after)}",
-        "",
-        "[storage]",
-        f"storage_root = {config.storage_root}",
-        f"upload_staging_dir = {config.upload_staging_dir}",
-        f"processed_cals_path = {config.processed_cals_path}",
-        f"file_mode = {config.file_mode:04o}",
-        f"compressed_layout = {config.compressed_layout}",
-        "",
-        "[access]",
-        f"default = {', '.join(config.access_default)}",
-    ]
+    """The INI text for ``config``: every key of ``SCHEMA`` (used by
+    ``spoolops init --write-config``)."""
+    lines: list[str] = []
+    for section, keys in SCHEMA.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_render(kind, getattr(config, key))}"
+                  for key, (kind, _default_text) in keys.items()]
+        lines.append("")
+    lines += ["[access]", f"default = {', '.join(config.access_default)}"]
     lines += [f"{op} = {', '.join(users)}" for op, users in sorted(config.access.items())]
     return "\n".join(lines) + "\n"
+
+
+def _render(kind: str, value: Any) -> str:
+    if kind == "bool":
+        return "yes" if value else "no"
+    if kind == "mode":
+        return f"{value:04o}"
+    if kind == "duration":
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= size and value % size == 0:
+                return f"{int(value // size)}{unit}"
+        return f"{value:g}s"
+    return str(value)

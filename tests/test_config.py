@@ -104,3 +104,23 @@ def test_render_round_trips(tmp_path: Path) -> None:
     again = tmp_path / "b.conf"
     again.write_text(render_config(config))
     assert load_config(again) == Config(**{**config.__dict__, "source": again})
+
+
+def test_sample_config_has_every_key_with_its_default() -> None:
+    """etc/spoolops.conf is checked against the schema, where each default is
+    written once: every key is there, with the default, except the two a
+    FitsStorage host sets (the sample's names for the accounts)."""
+    import configparser
+
+    from spoolops.config import SCHEMA, Config, _default
+    sample = Path(__file__).resolve().parent.parent / "etc" / "spoolops.conf"
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(sample)
+    site_values = {("spool", "group"): "fitsdata", ("spool", "worker_user"): "fitsdata"}
+    for section, keys in SCHEMA.items():
+        assert sorted(parser[section]) == sorted(keys), section
+        for key, (_kind, default_text) in keys.items():
+            expected = site_values.get((section, key), default_text)
+            assert parser[section][key] == expected, (section, key)
+            assert getattr(Config(), key) == _default(section, key)
+    assert dict(parser["access"]) == {"default": "*"}

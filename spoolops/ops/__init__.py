@@ -3,7 +3,11 @@
 An ``Operation`` declares its name, how to validate its arguments, whether it
 is idempotent (an idempotent op cut off by a crash is simply run again), the
 target file(s) it touches (requests with a common target run one at a time),
-and who may call it by default (``[access]`` in the config overrides).
+and who may call it by default (``[access]`` in the config overrides).  The
+last two must be declared -- ``targets=NO_TARGETS`` and
+``allowed_users=EVERYONE`` say so explicitly -- so that an op that forgets
+them fails to register instead of silently running unserialised for the
+whole group.  ``docs/writing-an-operation.rst`` shows a complete one.
 
 Built-in ops live in this package, one module each; site operations come from
 the ``spoolops.ops`` entry-point group: each entry point names either an
@@ -18,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
-from ..errors import BadRequest, SpoolError
+from ..config import ALL_USERS, Config
+from ..errors import SpoolError
+from .args import object_args
 
 log = logging.getLogger("spoolops.ops")
 
@@ -43,14 +48,22 @@ class OpContext:
     log: logging.Logger = log
 
 
-def _args_are_object(args: Mapping[str, Any], ctx: OpContext) -> dict[str, Any]:
-    if not isinstance(args, dict):
-        raise BadRequest("args must be a JSON object")
-    return dict(args)
-
-
-def _no_targets(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
+def NO_TARGETS(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
+    """``targets=NO_TARGETS``: the op writes no file (nothing to serialise)."""
     return ()
+
+
+EVERYONE = (ALL_USERS,)          # allowed_users=EVERYONE: every member of the group
+
+
+class _SiteDefault(tuple):
+    """``allowed_users=SITE_DEFAULT``: whoever ``[access] default`` allows."""
+
+    def __repr__(self) -> str:
+        return "SITE_DEFAULT"
+
+
+SITE_DEFAULT = _SiteDefault()
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,15 @@ class Operation:
 
     name: str
     run: Callable[[OpContext, dict[str, Any]], dict[str, Any]]
-    validate: Callable[[Mapping[str, Any], OpContext], dict[str, Any]] = _args_are_object
-    targets: Callable[[Mapping[str, Any], OpContext], Sequence[str]] = _no_targets
+    _: KW_ONLY
+    # the serialisation keys (normally real paths of the files it writes), or
+    # NO_TARGETS: required, so that no op runs unserialised by omission
+    targets: Callable[[Mapping[str, Any], OpContext], Sequence[str]]
+    # who may call it unless [access] says otherwise: names, EVERYONE, or
+    # SITE_DEFAULT ([access] default): required, fail closed
+    allowed_users: tuple[str, ...]
+    validate: Callable[[Mapping[str, Any], OpContext], dict[str, Any]] = object_args
     idempotent: bool = False
-    allowed_users: tuple[str, ...] | None = None   # None: follow [access] default
     # called once at worker start, under the lock, before any request runs:
     # finish or undo what a crash cut off (e.g. roll back a journal); returns
     # one line per thing it did, for the log
@@ -93,6 +111,14 @@ class Registry:
     def register(self, op: Operation, replace: bool = False) -> None:
         if not isinstance(op, Operation):
             raise SpoolError(f"not an Operation: {op!r}")
+        if not callable(op.targets) or not callable(op.run) or not callable(op.validate):
+            raise SpoolError(f"operation {op.name!r}: run, validate and targets must be"
+                             " callables (targets=NO_TARGETS if it writes no file)")
+        if not isinstance(op.allowed_users, tuple) or not (
+                op.allowed_users is SITE_DEFAULT or op.allowed_users) or \
+                not all(isinstance(u, str) and u for u in op.allowed_users):
+            raise SpoolError(f"operation {op.name!r}: allowed_users must be user names,"
+                             " EVERYONE or SITE_DEFAULT")
         if op.name in self._ops and not replace:
             raise SpoolError(f"operation {op.name!r} is registered twice")
         self._ops[op.name] = op

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import OpContext, Operation
+from . import NO_TARGETS, SITE_DEFAULT, OpContext, Operation
 
 
 def run_echo(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -18,6 +18,8 @@ def run_echo(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
 ECHO = Operation(
     name="echo",
     run=run_echo,
+    targets=NO_TARGETS,
+    allowed_users=SITE_DEFAULT,
     idempotent=True,
     inline=True,
     description="Return the arguments unchanged.",

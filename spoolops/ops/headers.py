@@ -12,7 +12,6 @@ leaves the same header (the second run reports ``modified: false``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,43 +19,25 @@ from .. import confine
 from ..errors import BadRequest
 from ..fits import parse_values, recover_journals, update_file
 from ..fits.compress import kind_of
-from . import OpContext, Operation
+from . import SITE_DEFAULT, OpContext, Operation
+from . import args as check
 
-_ARGS = {"filename", "values", "reject_new", "before_md5", "hdu", "md5"}
-_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
-
-
-def _bool(args: Mapping[str, Any], key: str) -> bool:
-    value = args.get(key, False)
-    if not isinstance(value, bool):
-        raise BadRequest(f"{key} must be true or false")
-    return value
+_ARGS = ("filename", "values", "reject_new", "before_md5", "hdu", "md5")
 
 
-def validate_update_headers(args: Mapping[str, Any], ctx: OpContext) -> dict[str, Any]:
-    if not isinstance(args, dict):
-        raise BadRequest("args must be a JSON object")
-    unknown = set(args) - _ARGS
-    if unknown:
-        raise BadRequest(f"unknown arguments: {', '.join(sorted(map(str, unknown)))}")
-    filename = args.get("filename")
-    if filename is None:
-        raise BadRequest("filename is required")
-    confine.split_relative(filename, "filename")
+def validate_update_headers(args: Any, ctx: OpContext) -> dict[str, Any]:
+    args = check.object_args(args)
+    check.only(args, _ARGS, "update_headers")
+    filename = "/".join(check.relative_path(args, "filename"))
     if kind_of(filename) == "?":
         raise BadRequest("filename must end in .fits, .fits.gz or .fits.bz2")
     edits = parse_values(args.get("values"))
-    hdu = args.get("hdu", 0)
-    if isinstance(hdu, bool) or not isinstance(hdu, int) or hdu < 0:
-        raise BadRequest("hdu must be an integer >= 0")
-    before_md5 = args.get("before_md5")
-    if before_md5 is not None and (not isinstance(before_md5, str)
-                                   or not _MD5_RE.match(before_md5)):
-        raise BadRequest("before_md5 must be 32 hexadecimal digits")
+    clean = {"filename": filename, "edits": [list(e) for e in edits],
+             "hdu": check.integer(args, "hdu", 0, minimum=0),
+             "reject_new": check.flag(args, "reject_new"), "md5": check.flag(args, "md5"),
+             "before_md5": check.md5(args, "before_md5")}
     confine.resolve_target(ctx.config.storage_root, filename)   # NotFound / BadRequest
-    return {"filename": filename, "edits": [list(e) for e in edits], "hdu": hdu,
-            "reject_new": _bool(args, "reject_new"), "md5": _bool(args, "md5"),
-            "before_md5": before_md5.lower() if before_md5 else None}
+    return clean
 
 
 def targets_update_headers(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
@@ -83,6 +64,7 @@ UPDATE_HEADERS = Operation(
     recover=recover_update_headers,
     validate=validate_update_headers,
     targets=targets_update_headers,
+    allowed_users=SITE_DEFAULT,
     idempotent=True,
     description="Set or delete FITS header keywords of a stored file, atomically.",
     schema={"filename": "path below storage_root (.fits, .fits.gz, .fits.bz2)",

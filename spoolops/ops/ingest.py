@@ -35,7 +35,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import secrets
 import stat
 import time
@@ -46,65 +45,30 @@ from .. import confine, faults
 from ..config import Config
 from ..errors import BadRequest, Conflict, NotFound, OpFailed
 from ..tempfiles import forget_temp, register_temp, temp_name
-from . import OpContext, Operation
+from . import SITE_DEFAULT, OpContext, Operation
+from . import args as check
 
 CHUNK = 1 << 20
 STAGING_CALS_DIR = "processed_cals"
 PROGRESS_INTERVAL = 1.0
 _ARGS = ("filename", "path", "processed_cal", "md5", "overwrite")
-_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 # --- arguments -------------------------------------------------------------
 
-def _flag(args: Mapping[str, Any], name: str) -> bool:
-    value = args.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false, not {type(value).__name__}")
-    return value
-
-
-def _utf8(parts: list[str], what: str) -> list[str]:
-    for part in parts:
-        try:
-            part.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRequest(f"{what} is not valid UTF-8") from None
-    return parts
-
-
-def validate_ingest(args: Mapping[str, Any], ctx: OpContext) -> dict[str, Any]:
+def validate_ingest(args: Any, ctx: OpContext) -> dict[str, Any]:
     """Check types and the shape of every path; the staged file must exist."""
-    if not isinstance(args, dict):
-        raise BadRequest("args must be a JSON object")
-    unknown = sorted(str(k) for k in args if k not in _ARGS)
-    if unknown:
-        raise BadRequest(f"unknown argument(s) for ingest_upload: {', '.join(unknown)}"
-                         f" (known: {', '.join(_ARGS)})")
-    if "filename" not in args:
-        raise BadRequest("filename is required")
-    filename = _utf8([confine.split_filename(args["filename"], "filename")], "filename")[0]
-    path = args.get("path")
-    if path is None:
-        path = ""
-    if not isinstance(path, str):
-        raise BadRequest(f"path must be a string, not {type(path).__name__}")
-    path_parts = _utf8(confine.split_relative(path, "path", allow_empty=True), "path")
-    processed_cal = _flag(args, "processed_cal")
-    overwrite = _flag(args, "overwrite")
+    args = check.object_args(args)
+    check.only(args, _ARGS, "ingest_upload")
+    filename = check.file_name(args, "filename")
+    path_parts = check.relative_path(args, "path", allow_empty=True)
+    processed_cal = check.flag(args, "processed_cal")
+    overwrite = check.flag(args, "overwrite")
     if processed_cal and path_parts:
         raise BadRequest("path must be empty when processed_cal is true "
                          "(processed calibrations go to processed_cals_path)")
-    md5 = args.get("md5")
-    if md5 is not None:
-        if not isinstance(md5, str):
-            raise BadRequest(f"md5 must be a string, not {type(md5).__name__}")
-        md5 = md5.strip().lower()
-        if not _MD5_RE.match(md5):
-            raise BadRequest("md5 must be 32 hexadecimal digits")
+    md5 = check.md5(args, "md5")
     clean = {"filename": filename, "path": "/".join(path_parts),
              "processed_cal": processed_cal, "md5": md5, "overwrite": overwrite}
     _check_staged(ctx.config, clean)
@@ -342,6 +306,7 @@ INGEST_UPLOAD = Operation(
     run=run_ingest,
     validate=validate_ingest,
     targets=ingest_targets,
+    allowed_users=SITE_DEFAULT,
     idempotent=False,
     description="Copy a staged upload into storage_root (md5-checked, fsynced, "
                 "published atomically), then remove the staged file.",

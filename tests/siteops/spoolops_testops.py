@@ -19,7 +19,7 @@ import os
 import time
 
 from spoolops.errors import BadRequest, OpFailed
-from spoolops.ops import Operation
+from spoolops.ops import EVERYONE, NO_TARGETS, Operation
 
 
 def _validate_sleep(args, ctx):
@@ -79,16 +79,22 @@ def operations():
     targets = lambda args, ctx: [args["target"]] if args["target"] else []
     return [
         Operation("sleep", _run_sleep, validate=_validate_sleep, targets=targets,
+                  allowed_users=EVERYONE,
                   idempotent=True),
         Operation("nonidem", _run_sleep, validate=_validate_sleep, targets=targets,
+                  allowed_users=EVERYONE,
                   idempotent=False),
         Operation("hold", _run_hold, validate=_validate_hold, targets=targets,
+                  allowed_users=EVERYONE,
                   idempotent=True),
-        Operation("crash", _run_crash, idempotent=True),
-        Operation("whoami", _run_whoami, idempotent=True),
-        Operation("restricted", _run_whoami, idempotent=True,
+        Operation("crash", _run_crash, targets=NO_TARGETS, allowed_users=EVERYONE,
+                  idempotent=True),
+        Operation("whoami", _run_whoami, targets=NO_TARGETS, allowed_users=EVERYONE,
+                  idempotent=True),
+        Operation("restricted", _run_whoami, targets=NO_TARGETS, idempotent=True,
                   allowed_users=("nobody-allowed",)),
     ]
 
 
-SINGLE = Operation("single", lambda ctx, args: {"single": True}, idempotent=True)
+SINGLE = Operation("single", lambda ctx, args: {"single": True}, targets=NO_TARGETS,
+                   allowed_users=EVERYONE, idempotent=True)
