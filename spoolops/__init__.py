@@ -1,5 +1,5 @@
 """spoolops: a filesystem spool through which one unix user asks another to
-modify data files.  See README.rst; the contract is DESIGN.md.
+modify data files.  See README.rst; the contract is docs/design.rst.
 
 The public API::
 

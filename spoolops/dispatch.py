@@ -210,7 +210,7 @@ class Dispatcher:
               result: dict[str, Any] | None = None, error: OpError | None = None,
               started_at: float | None = None, op: str | None = None,
               user: str | None = None, queued_at: float | None = None) -> dict[str, Any]:
-        """A reply dict as DESIGN.md shapes it."""
+        """A reply dict as docs/design.rst shapes it."""
         now = self.clock()
         if request is not None:
             rid, user, queued_at = request.id, request.user, request.queued_at

@@ -2,7 +2,7 @@
 
 Checks that the configuration parses; that the worker user and submit group
 exist, the worker user is not root and is in the group; that every spool
-folder has the owner, group and mode of DESIGN.md (setgid included) and that
+folder has the owner, group and mode of docs/design.rst (setgid included) and that
 they all sit on one filesystem (every move in the spool is a rename); that
 the spool, ``storage_root`` and ``upload_staging_dir`` are on local
 filesystems (inotify does not see changes made by other hosts on NFS/CIFS);

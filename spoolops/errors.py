@@ -10,7 +10,7 @@ and a caller's ``except OSError`` must never mistake a refused request for a
 system condition.  Fail closed.
 
 ``OpError`` and its subclasses are the error *types* of the reply format
-(DESIGN.md): an operation raises e.g. ``Conflict("...")`` in the worker, the
+(docs/design.rst): an operation raises e.g. ``Conflict("...")`` in the worker, the
 reply carries ``{"type": "Conflict", ...}``, and the client raises
 ``Conflict`` again in the caller.  ``error_for`` maps a type name back to its
 class; an unknown name fails closed to ``OpFailed``.

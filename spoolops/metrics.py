@@ -1,10 +1,10 @@
 """Prometheus text exposition of the spool's state and the worker's counters.
 
-``render_metrics`` turns a ``status.spool_status`` dict and the worker's
-``work/stats.json`` into the text format node_exporter's textfile collector
-reads: queue depth and oldest age per state, whether a worker is up,
-requests served by op and outcome, and the operation duration histogram.
-Read-only; trusts ``work/stats.json`` (written by the worker).
+``render_metrics`` turns a status dict (``status.spool_status``, or the
+worker's own gauges) and the worker's counters into the text format
+node_exporter's textfile collector reads: queue depth and oldest age per
+state, whether a worker is up, requests served by op and outcome, and the
+operation duration histogram.  No I/O; trusts the counters (the worker's).
 """
 
 from __future__ import annotations

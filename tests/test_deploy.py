@@ -3,7 +3,7 @@
 - the systemd units pass ``systemd-analyze verify`` (ExecStart pointed at a
   stand-in executable this test creates, since /usr/local/bin/spoolops need
   not exist here) and carry the hardening the threat model relies on;
-- the tmpfiles.d entry creates exactly DESIGN.md's tree (``systemd-tmpfiles
+- the tmpfiles.d entry creates exactly the design's tree (``systemd-tmpfiles
   --root`` on a scratch directory), and doctor accepts the result;
 - the cron.d line runs the janitor as the worker user;
 - doctor exits 0 on a good tree, 1 on problems, 1 on a config that does not

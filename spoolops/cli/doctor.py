@@ -1,6 +1,6 @@
 """``spoolops doctor``: print one line per problem found, with its fix.
 
-Exit codes (DESIGN.md: 0 ok, 1 problems): 0 when every check passes, 1 when
+Exit codes (docs/design.rst: 0 ok, 1 problems): 0 when every check passes, 1 when
 any does not -- a configuration file that does not parse is a problem like
 any other (exit 1, not the usage code 2), so that monitoring which runs
 ``spoolops doctor`` sees one meaning per code: 1 = the deployment needs a fix.

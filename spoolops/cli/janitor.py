@@ -1,6 +1,6 @@
 """``spoolops janitor [--dry-run] [--json]``: the cron clean-up, printed.
 
-Exit codes (DESIGN.md): 0 when all is well, 1 when stuck work was found (a
+Exit codes (docs/design.rst): 0 when all is well, 1 when stuck work was found (a
 request queued longer than ``stuck_after``, an orphan with no worker, a
 request running too long), 2 for configuration or permission problems.
 Trusts: the configuration; prints what ``spoolops.janitor`` returns.
