@@ -104,8 +104,7 @@ def init_tree(config: Config, accounts: Accounts) -> list[str]:
                                   " (you are not a member); run 'spoolops init' as root")
     changes = open_transport(config).create(accounts.worker_uid, accounts.gid)
     for path, mode in ((config.storage_root, STORAGE_MODE),
-                       (config.upload_staging_dir, STAGING_MODE),
-                       (config.upload_staging_dir / "processed_cals", STAGING_MODE)):
+                       (config.upload_staging_dir, STAGING_MODE)):
         if not os.path.lexists(path):
             ensure_dir(path, mode, accounts.worker_uid, accounts.gid, changes)
     return changes

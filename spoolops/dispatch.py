@@ -29,6 +29,7 @@ from typing import Any
 
 import filelock
 
+from . import faults, memos
 from .config import ALL_USERS, Config
 from .errors import (
     BadRequest,
@@ -40,6 +41,7 @@ from .errors import (
     UnknownOp,
 )
 from .formats import PROTOCOL_VERSION, decode_json_object, parse_iso, utc_iso, valid_id
+from .memos import Memo
 from .ops import OpContext, Operation, Registry
 from .users import user_name
 
@@ -142,7 +144,8 @@ class Dispatcher:
     def context(self, request: Request,
                 progress: Callable[[int, int], None] | None = None) -> OpContext:
         ctx = OpContext(config=self.config, work_dir=self.work_dir, request_id=request.id,
-                        user=request.user)
+                        user=request.user, resolver=self.registry.resolver,
+                        memo=Memo(self.work_dir, request.id, self.config.durable))
         if progress is not None:
             ctx.progress = progress
         return ctx
@@ -172,21 +175,65 @@ class Dispatcher:
             if request.deadline is not None and job.started_at > request.deadline:
                 raise Expired(f"deadline {utc_iso(request.deadline)} passed before the"
                               " worker started the request")
+            ctx = self.context(request, progress)
+            job.extra["memo"] = ctx.memo
             with self._target_locks(job.targets):
-                result = job.operation.run(self.context(request, progress), job.args)
-            if result is None:
-                result = {}
-            if not isinstance(result, dict):
-                raise OpFailed(f"operation {job.operation.name!r} returned"
-                               f" {type(result).__name__}, not a dict")
-            json.dumps(result, allow_nan=False)  # a result that cannot be sent is a failure
+                result = job.operation.run(ctx, job.args)
+                if result is None:
+                    result = {}
+                if not isinstance(result, dict):
+                    raise OpFailed(f"operation {job.operation.name!r} returned"
+                                   f" {type(result).__name__}, not a dict")
+                json.dumps(result, allow_nan=False)  # a result that cannot be sent fails
+                warnings = self._follow_up(job, ctx, result) if \
+                    job.operation.follow_up and self.registry.hooks else []
         except OpError as exc:
             return self.reply(request, error=exc, started_at=job.started_at)
         except Exception as exc:
             log.exception("event=op_crashed id=%s op=%s", request.id, request.op)
             return self.reply(request, error=OpFailed(_describe(exc)),
                               started_at=job.started_at)
-        return self.reply(request, result=result, started_at=job.started_at)
+        reply = self.reply(request, result=result, started_at=job.started_at)
+        if warnings:
+            reply["warnings"] = warnings
+        return reply
+
+    def _follow_up(self, job: Job, ctx: OpContext, result: dict[str, Any]
+                   ) -> list[dict[str, str]]:
+        """Run the site's hooks after a committed change, still holding the
+        targets' locks, each at most once per request: what a hook did is
+        noted (durably) before the next one runs, and a re-run after a crash
+        skips what is noted -- repeating a hook only if the worker died
+        between the hook's own effect and its note.  A hook's failure does
+        not undo the change: the reply stays ok and carries a warning."""
+        done = dict(ctx.memo.get("hooks", {}))
+        warnings = []
+        faults.hit("follow_up.start")
+        for name, hook in self.registry.hooks:
+            if name not in done:
+                try:
+                    hook(job.operation.name, dict(job.args), result, ctx)
+                    done[name] = None
+                except Exception as exc:  # noqa: BLE001 - site code: report, keep the change
+                    log.error("event=hook_failed id=%s op=%s hook=%s error=%r",
+                              job.request.id, job.operation.name, name, exc)
+                    done[name] = f"{type(exc).__name__}: {exc}"
+                ctx.memo.put("hooks", done)
+                faults.hit("follow_up.noted")
+            if done[name] is not None:
+                warnings.append({"hook": name, "error": done[name]})
+        return warnings
+
+    def answered(self, job: Job) -> None:
+        """The reply to ``job`` is published: drop what it noted for a re-run."""
+        memo = job.extra.get("memo")
+        if memo is not None and memo.kept:
+            memos.forget(self.work_dir, job.request.id)
+
+    def prune_notes(self, pending: Callable[[str], bool]) -> None:
+        """At start, after recovery: drop the notes of requests that will not
+        run again (``pending(id)`` false)."""
+        memos.prune(self.work_dir, pending)
 
     def _target_locks(self, targets: Sequence[str]) -> AbstractContextManager:
         if not targets:

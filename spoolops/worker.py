@@ -122,6 +122,7 @@ class Worker:
             # watch before the first scan, so nothing arrives unseen in between
             arrivals = self.transport.watch()
             recovery.recover(self.transport, self.registry, self.dispatcher)
+            self.dispatcher.prune_notes(lambda rid: self.transport.where(rid) is not None)
             self._pool = ThreadPoolExecutor(self.config.concurrency,
                                             thread_name_prefix="spoolops-op")
             self.stats.started()
@@ -392,7 +393,8 @@ class Worker:
             duration = time.time() - started
             job.extra["reply"] = reply
             job.extra["duration"] = duration
-            self._deliver(request.id, reply, started=not inline)
+            if self._deliver(request.id, reply, started=not inline):
+                self.dispatcher.answered(job)
             error = reply["error"]
             log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
                      request.id, request.op, request.user, ",".join(job.targets) or "-",
@@ -405,14 +407,16 @@ class Worker:
             if threading.current_thread() is not self._loop_thread:
                 os.write(self._wake_w, b"d")
 
-    def _deliver(self, rid: str, reply: dict[str, Any], started: bool) -> None:
+    def _deliver(self, rid: str, reply: dict[str, Any], started: bool) -> bool:
         """Answer; on failure (disk full) keep the reply for a retry."""
         try:
             self.transport.reply(rid, reply, started)
+            return True
         except OSError as exc:
             log.error("event=reply_failed id=%s error=%r action=retry", rid,
                       errno.errorcode.get(exc.errno or 0, str(exc)))
             self.unpublished[rid] = reply
+            return False
 
     def _retry_unpublished(self) -> None:
         for rid, reply in list(self.unpublished.items()):

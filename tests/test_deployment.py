@@ -691,3 +691,108 @@ def test_issue11_11_echo_through_a_threaded_web_server(deployment: Deployment) -
     slowest = max(a["seconds"] for a in answers)
     assert slowest < 5, f"an echo took {slowest:.1f} s: a wake-up was lost"
     assert [a["result"] for a in answers] == [{"q": str(n)} for n in range(600)]
+
+
+# -- FitsStorage's web handlers, emulated as the web user ---------------------------
+
+def _readme_block(label: str) -> str:
+    """The code block after '.. test: LABEL' in README.rst, dedented."""
+    import re
+    text = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    match = re.search(rf"^\.\. test: {label}\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)",
+                      text, re.MULTILINE)
+    assert match, label
+    return "\n".join(line[4:] for line in match.group(1).splitlines()).strip() + "\n"
+
+
+def test_fitsstorage_web_handlers_as_the_web_user(fresh_deployment: Deployment) -> None:
+    """Their handlers' calls (README's 'unchanged' block after its 'after'
+    import), from three web processes at once, in both request shapes,
+    against a worker with the sample site package and a fake archive
+    database: every header edited, every upload ingested, every change
+    queued for re-ingest once."""
+    import sqlite3
+
+    from test_fitsstorage import fake_archive, site_package
+    dep = fresh_deployment
+    archive = dep.base / "archive"
+    archive.mkdir()
+    shutil_chown = __import__("shutil").chown
+    # files at the top of storage_root (diskfile.path ''), as the archive keeps them
+    names = {f"N20261129S{n:04d}.fits": f"GN-2026B-Q-1-1-{n:03d}" for n in range(1, 7)}
+    for name in names:
+        fits_file(dep, name)
+    fake_archive(archive / "fitsstorage.sqlite", dep.storage, names)
+    for path in (archive, archive / "fitsstorage.sqlite"):
+        shutil_chown(path, WORKER, WORKER)
+    code = site_package(dep.base / "sitepkg")
+    subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
+    env = dep.env(WORKER, FITSSTORAGE_SPOOLOPS_DSN=f"sqlite:{archive / 'fitsstorage.sqlite'}")
+    paths = [p for p in env["PYTHONPATH"].split(os.pathsep) if not p.endswith("siteops")]
+    dep.start_worker(PYTHONPATH=os.pathsep.join([str(code), *paths]),
+                     FITSSTORAGE_SPOOLOPS_DSN=env["FITSSTORAGE_SPOOLOPS_DSN"])
+    handler = _readme_block("after") + """
+import json, os, sys
+n = int(sys.argv[1])
+session = logger = None
+files = sorted(json.loads(sys.argv[2]).items())[2 * n: 2 * n + 2]
+payload = [{"filename": files[0][0], "values": {"qa_state": "Pass",
+            "raw_site": ["iq70", "cc50"], "generic": [["OBSERVER", f"web {n}"]]}},
+           {"data_label": files[1][1], "values": {"release": "2027-06-01",
+            "generic": {"OBSERVER": f"web {n}"}}}]
+filename, path, fileuploadlog_id, batch = f"U{n}.fits", "20261130", 100 + n, f"batch-{n}"
+""" + _readme_block("unchanged") + """
+# our own shape too, through the same queue
+fq.add(FileOpsRequest("update_headers", {"filename": files[0][0],
+                                         "values": {"generic": {"NESTED": n}}}))
+print(json.dumps("done"))
+"""
+    for n in range(3):
+        staged = dep.staging / "20261130" / f"U{n}.fits"
+        # as their upload_file does: umask 002, folders 0775 (the worker, a group
+        # member, removes the staged file once it is ingested)
+        dep.py(WEB, f"import os; os.umask(0o002);"
+                    f" os.makedirs({str(staged.parent)!r}, mode=0o775, exist_ok=True);"
+                    f" open({str(staged)!r}, 'wb').write(b'upload {n}' * 300)")
+    procs = [subprocess.Popen(["runuser", "-u", WEB, "--", dep.accounts.python, "-c", handler,
+                               str(n), json.dumps(names)], env=dep.env(WEB), cwd="/",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "done" in out, err
+    db = archive / "fitsstorage.sqlite"
+
+    def queued() -> list:
+        return sqlite3.connect(db).execute(
+            "SELECT path, filename, batch FROM ingestqueue ORDER BY path, filename").fetchall()
+    # 6 files edited (two requests for some: one row each while it waits) + 3 uploads
+    try:
+        wait_for(lambda: len(queued()) == 9, timeout=120, what="nine files queued for ingest")
+    except AssertionError:
+        raise AssertionError(f"queued: {queued()}; worker log:"
+                             f" {dep.workers[0].log_path.read_text()[-3000:]}") from None
+    assert [row[:2] for row in queued()] == sorted(
+        [("", n) for n in names] + [("20261130", f"U{n}.fits") for n in range(3)])
+    assert {row[2] for row in queued() if row[0] == "20261130"} == {"batch-0", "batch-1",
+                                                                   "batch-2"}
+    from astropy.io import fits
+    for i, name in enumerate(sorted(names)):
+        wait_for(lambda name=name: (fits.getheader(dep.storage / name).get(
+            "OBSERVER") or "").startswith("web"), timeout=60, what=f"{name} edited")
+        hdr = fits.getheader(dep.storage / name)
+        if i % 2 == 0:
+            wait_for(lambda name=name: "NESTED" in fits.getheader(dep.storage / name),
+                     timeout=60, what="the nested edit")
+            assert fits.getheader(dep.storage / name)["RAWIQ"] == "70-percentile"
+        else:
+            assert hdr["RELEASE"] == "2027-06-01"
+        assert os.stat(dep.storage / name).st_uid == uid(WORKER)
+    for n in range(3):
+        stored_upload = dep.storage / "20261130" / f"U{n}.fits"
+        assert stored_upload.read_bytes() == f"upload {n}".encode() * 300
+        assert os.stat(stored_upload).st_uid == uid(WORKER)
+    log = dep.workers[0].log_path.read_text()
+    assert "outcome=Interrupted" not in log and "event=hook_failed" not in log
+    assert "event=rejected" not in log and "ingest_staged_not_removed" not in log
+    assert not list((dep.staging / "20261130").iterdir())

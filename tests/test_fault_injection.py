@@ -196,9 +196,9 @@ def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes
     failed = {n[: -len(".json")] for n in os.listdir(sp.failed) if n.endswith(".json")}
     assert failed == interrupted
     stale = [n for n in os.listdir(sp.work)
-             if n not in ("worker.lock", "stats.json", "locks", "temps", "journals")]
+             if n not in ("worker.lock", "stats.json", "locks", "temps", "journals", "memos")]
     assert stale == []
-    for sub in ("temps", "journals"):
+    for sub in ("temps", "journals", "memos"):
         if (sp.work / sub).exists():
             assert os.listdir(sp.work / sub) == []
     # FITS files: byte-identical to the original or to one requested SEQ edit

@@ -46,11 +46,11 @@ def ingest(ctx: OpContext, **args):
     return INGEST_UPLOAD.run(ctx, INGEST_UPLOAD.validate(args, ctx))
 
 
-def stage(ctx: OpContext, name: str, data: bytes, cal: bool = False) -> Path:
-    folder = ctx.config.upload_staging_dir / ("processed_cals" if cal else "")
-    folder.mkdir(exist_ok=True)
-    (folder / name).write_bytes(data)
-    return folder / name
+def stage(ctx: OpContext, name: str, data: bytes) -> Path:
+    """Staged as FitsStorage's web code stages an upload with no path (a
+    processed calibration included): at the top of upload_staging_dir."""
+    (ctx.config.upload_staging_dir / name).write_bytes(data)
+    return ctx.config.upload_staging_dir / name
 
 
 def leftovers(ctx: OpContext) -> list[str]:
@@ -69,9 +69,11 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def test_registered_and_not_idempotent():
+def test_registered_and_repeatable():
+    """Idempotent: a retry of a finished ingest is ok (already), so a crash
+    mid-ingest is re-run by recovery instead of answered Interrupted."""
     assert INGEST_UPLOAD in builtin_operations()
-    assert INGEST_UPLOAD.name == "ingest_upload" and not INGEST_UPLOAD.idempotent
+    assert INGEST_UPLOAD.name == "ingest_upload" and INGEST_UPLOAD.idempotent
 
 
 def test_real_fits_is_stored_owned_by_worker_with_file_mode(env):
@@ -176,7 +178,7 @@ def test_overwrite_refuses_a_folder(env):
 
 
 def test_processed_cal_goes_to_processed_cals_path(env):
-    staged = stage(env, "cal.fits", b"cal", cal=True)
+    staged = stage(env, "cal.fits", b"cal")
     result = ingest(env, filename="cal.fits", processed_cal=True)
     assert result["path"] == "processed_cals/cal.fits"
     assert (env.config.storage_root / "processed_cals" / "cal.fits").read_bytes() == b"cal"
@@ -253,7 +255,7 @@ def _rejected_by_validate_and_run(env, filename: str) -> None:
     with pytest.raises(BadRequest):
         ingest(env, filename=filename)
     clean = {"filename": filename, "path": "", "processed_cal": False, "md5": None,
-             "overwrite": False}
+             "overwrite": False, "staged": "", "fileuploadlog_id": None, "batch": None}
     with pytest.raises(BadRequest):
         INGEST_UPLOAD.run(env, clean)
 
@@ -283,11 +285,10 @@ def test_symlinked_folder_inside_storage_root_rejected(env):
 def test_symlinked_processed_cals_folders_rejected(env):
     outside = env.config.storage_root.parent / "outside"
     (outside / "cal.fits").write_bytes(b"elsewhere")
-    (env.config.upload_staging_dir / "processed_cals").symlink_to(outside)
-    with pytest.raises(BadRequest):
-        ingest(env, filename="cal.fits", processed_cal=True)
-    (env.config.upload_staging_dir / "processed_cals").unlink()
-    stage(env, "cal.fits", b"cal", cal=True)
+    (env.config.upload_staging_dir / "sub").symlink_to(outside)
+    with pytest.raises(BadRequest):              # a staging folder that is a link
+        ingest(env, filename="cal.fits", path="sub")
+    stage(env, "cal.fits", b"cal")
     store_out = env.config.storage_root.parent / "store_out"
     store_out.mkdir()
     (env.config.storage_root / "processed_cals").symlink_to(store_out)
@@ -313,7 +314,7 @@ def test_fifo_as_staged_file_rejected_without_blocking(env):
     with pytest.raises(BadRequest):
         ingest(env, filename="f.fits")
     clean = {"filename": "f.fits", "path": "", "processed_cal": False, "md5": None,
-             "overwrite": False}
+             "overwrite": False, "staged": "", "fileuploadlog_id": None, "batch": None}
     with pytest.raises(BadRequest):  # the open itself must not wait for a writer
         INGEST_UPLOAD.run(env, clean)
     assert list(env.config.storage_root.iterdir()) == [] and leftovers(env) == []

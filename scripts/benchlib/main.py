@@ -23,7 +23,7 @@ from typing import Any
 from . import report
 from .common import fs_type, loadavg, machine
 
-WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor")
+WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor", "idle")
 
 
 def _log(msg: str) -> None:

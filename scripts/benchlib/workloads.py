@@ -69,3 +69,7 @@ def _run_one(name: str, base: Path, systems: Systems | None, quick: bool,
         from . import w_janitor
         results["janitor"] = w_janitor.run(base / "janitor", quick, log)
         rows += w_janitor.rows(results["janitor"])
+    elif name == "idle":
+        from . import w_idle
+        results["idle"] = w_idle.run(base / "idle", quick, log)
+        rows += w_idle.rows(results["idle"])

@@ -89,11 +89,19 @@ def check_value(kw: str, value: object) -> Value:
     return value
 
 
+VALUE_KEYS = ("qa_state", "raw_site", "release", "generic")
+
+
 def parse_values(values: object) -> list[Edit]:
-    """All edits a request's ``values`` asks for, validated, in a stable order."""
+    """All edits a request's ``values`` asks for, validated, in a stable order.
+
+    ``generic`` is ``{KEYWORD: value}`` or a list of ``[KEYWORD, value]``
+    pairs (FitsStorage sends either): a pair list keeps its order, and a
+    keyword given twice in it is refused.  ``raw_site`` is one token string
+    (tokens may be separated by blanks or commas) or a list of them."""
     if not isinstance(values, dict) or not values:
         raise BadRequest("values must be a non-empty object")
-    unknown = set(values) - {"qa_state", "raw_site", "release", "generic"}
+    unknown = set(values) - set(VALUE_KEYS)
     if unknown:
         raise BadRequest(f"unknown values: {', '.join(sorted(map(str, unknown)))}")
     edits: dict[str, Value] = {}
@@ -116,13 +124,30 @@ def parse_values(values: object) -> list[Edit]:
     if "release" in values:
         put("RELEASE", _parse_release(values["release"]))
     if "generic" in values:
-        generic = values["generic"]
-        if not isinstance(generic, dict):
-            raise BadRequest("generic must be an object {KEYWORD: value}")
-        for key, value in generic.items():
-            kw = check_keyword(key)
+        for kw, value in _generic_pairs(values["generic"]):
             put(kw, check_value(kw, value))
     return list(edits.items())
+
+
+def _generic_pairs(generic: object) -> list[tuple[str, Any]]:
+    if generic == {} or generic == []:
+        raise BadRequest("generic names no keyword")
+    if isinstance(generic, dict):
+        return [(check_keyword(key), value) for key, value in generic.items()]
+    if not isinstance(generic, list):
+        raise BadRequest("generic must be an object {KEYWORD: value} or a list of"
+                         " [KEYWORD, value] pairs")
+    pairs: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for item in generic:
+        if not isinstance(item, list) or len(item) != 2:
+            raise BadRequest("generic as a list must hold [KEYWORD, value] pairs")
+        kw = check_keyword(item[0])
+        if kw in seen:
+            raise BadRequest(f"generic gives {kw} twice")
+        seen.add(kw)
+        pairs.append((kw, item[1]))
+    return pairs
 
 
 def _parse_site(raw: object) -> list[Edit]:

@@ -29,11 +29,17 @@ from typing import Any
 
 from ..config import ALL_USERS, Config
 from ..errors import SpoolError
+from ..memos import Memo
 from .args import object_args
 
 log = logging.getLogger("spoolops.ops")
 
 ENTRY_POINT_GROUP = "spoolops.ops"
+RESOLVER_GROUP = "spoolops.resolvers"    # (data_label, ctx) -> relative filename
+HOOK_GROUP = "spoolops.hooks"            # (op, args, result, ctx) -> None, after a change
+
+Hook = Callable[[str, dict[str, Any], dict[str, Any], "OpContext"], None]
+Resolver = Callable[[str, "OpContext"], str]
 
 
 @dataclass
@@ -46,6 +52,15 @@ class OpContext:
     user: str = ""                   # the submitter (from the request file's owner)
     progress: Callable[[int, int], None] = field(default=lambda done, total: None)
     log: logging.Logger = log
+    # the site's data_label -> filename resolver (entry-point group
+    # spoolops.resolvers), if one is installed
+    resolver: Resolver | None = None
+    # notes this request keeps for its own re-run after a crash
+    memo: Memo = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.memo is None:
+            self.memo = Memo(self.work_dir, self.request_id or "unnamed", self.config.durable)
 
 
 def NO_TARGETS(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
@@ -96,15 +111,20 @@ class Operation:
     # an op that does no I/O and returns at once (``echo``) may run on the
     # worker's dispatch thread instead of the pool: it can block nobody
     inline: bool = False
+    # it changes stored data: the site's follow-up hooks (entry-point group
+    # spoolops.hooks) run after each success, e.g. to queue a re-ingest
+    follow_up: bool = False
     description: str = ""
     schema: Mapping[str, str] = field(default_factory=dict)  # arg -> human type, for docs
 
 
 class Registry:
-    """Operations by name."""
+    """Operations by name; the site's follow-up hooks and data_label resolver."""
 
     def __init__(self, operations: Iterable[Operation] = ()) -> None:
         self._ops: dict[str, Operation] = {}
+        self.hooks: list[tuple[str, Hook]] = []
+        self.resolver: Resolver | None = None
         for op in operations:
             self.register(op)
 
@@ -147,6 +167,36 @@ class Registry:
                 log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
         return added
 
+    def load_hooks(self, group: str = HOOK_GROUP) -> list[str]:
+        """Follow-up hooks, in the order of their entry-point names."""
+        for ep in sorted(metadata.entry_points(group=group), key=lambda ep: ep.name):
+            try:
+                hook = ep.load()
+                if not callable(hook):
+                    raise SpoolError(f"{hook!r} is not callable")
+                self.hooks.append((ep.name, hook))
+            except Exception as exc:  # noqa: BLE001 - site code, report and go on
+                log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
+        return [name for name, _hook in self.hooks]
+
+    def load_resolver(self, group: str = RESOLVER_GROUP) -> str | None:
+        """The one data_label resolver; none when several are installed (which
+        one would be right?), said in the log."""
+        found = []
+        for ep in metadata.entry_points(group=group):
+            try:
+                found.append((ep.name, ep.load()))
+            except Exception as exc:  # noqa: BLE001 - site code, report and go on
+                log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
+        if len(found) > 1:
+            log.error("event=resolvers_ambiguous names=%s action=data_label_refused",
+                      ",".join(name for name, _r in found))
+            return None
+        if found:
+            self.resolver = found[0][1]
+            return found[0][0]
+        return None
+
 
 def builtin_operations() -> list[Operation]:
     """The operations shipped with spoolops."""
@@ -161,4 +211,6 @@ def default_registry(entry_points: bool = True) -> Registry:
     registry = Registry(builtin_operations())
     if entry_points:
         registry.load_entry_points()
+        registry.load_hooks()
+        registry.load_resolver()
     return registry

@@ -1,11 +1,20 @@
 """``update_headers``: edit FITS header cards of a file in the archive.
 
-Trusts: the configuration (``storage_root``) and the worker's ``work/``.
-Distrusts: every argument (JSON from a member of the submit group).
-``validate`` does all that can fail without reading the file: argument
-types, keyword and value rules, the value mappings, confinement of
-``filename`` below ``storage_root`` (``NotFound`` if it is missing).  ``run``
-then reads the header; the hdu range, ``reject_new`` and ``before_md5`` are
+Two request shapes are accepted: ours, with the edits nested in ``values``,
+and FitsStorage's, whose web code copies the ``values`` keys into the
+arguments themselves (``{"filename": ..., "qa_state": "Pass", ...}``);
+never both in one request.  The file is named by ``filename`` (relative to
+``storage_root``; a name without ``.bz2``/``.gz`` finds the one stored file
+it names, compressed or not) or by ``data_label``, which the site's resolver
+(entry-point group ``spoolops.resolvers``) maps to a filename.  ``batch`` is
+passed on, untouched, to the follow-up hooks.
+
+Trusts: the configuration (``storage_root``), the worker's ``work/`` and
+the site's resolver.  Distrusts: every argument (JSON from a member of the
+submit group).  ``validate`` does all that can fail without reading the
+file: argument types, keyword and value rules, the value mappings,
+confinement below ``storage_root`` (``NotFound`` if missing).  ``run`` then
+reads the header; the hdu range, ``reject_new`` and ``before_md5`` are
 checked before any byte is written.  Idempotent: running a request twice
 leaves the same header (the second run reports ``modified: false``).
 """
@@ -16,28 +25,80 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import confine
-from ..errors import BadRequest
+from ..errors import BadRequest, Conflict, NotFound, OpError, OpFailed
 from ..fits import parse_values, recover_journals, update_file
+from ..fits.cards import VALUE_KEYS
 from ..fits.compress import kind_of
 from . import SITE_DEFAULT, OpContext, Operation
 from . import args as check
 
-_ARGS = ("filename", "values", "reject_new", "before_md5", "hdu", "md5")
+_ARGS = ("filename", "data_label", "values", "reject_new", "before_md5", "hdu", "md5",
+         "batch", *VALUE_KEYS)
 
 
 def validate_update_headers(args: Any, ctx: OpContext) -> dict[str, Any]:
     args = check.object_args(args)
     check.only(args, _ARGS, "update_headers")
-    filename = "/".join(check.relative_path(args, "filename"))
-    if kind_of(filename) == "?":
-        raise BadRequest("filename must end in .fits, .fits.gz or .fits.bz2")
-    edits = parse_values(args.get("values"))
-    clean = {"filename": filename, "edits": [list(e) for e in edits],
+    flat = {key: args[key] for key in VALUE_KEYS if key in args}
+    if flat and "values" in args:
+        raise BadRequest("give the values either nested in 'values' or as arguments of"
+                         f" their own, not both (found {', '.join(sorted(flat))} and values)")
+    edits = parse_values(args.get("values") if not flat else flat)
+    clean = {"filename": _stored_name(args, ctx), "edits": [list(e) for e in edits],
              "hdu": check.integer(args, "hdu", 0, minimum=0),
              "reject_new": check.flag(args, "reject_new"), "md5": check.flag(args, "md5"),
              "before_md5": check.md5(args, "before_md5")}
-    confine.resolve_target(ctx.config.storage_root, filename)   # NotFound / BadRequest
+    if "batch" in args:
+        clean["batch"] = args["batch"]
+    if "data_label" in args:
+        clean["data_label"] = args["data_label"]
     return clean
+
+
+def _stored_name(args: dict[str, Any], ctx: OpContext) -> str:
+    """The stored file the request names, relative to storage_root."""
+    if ("filename" in args) == ("data_label" in args):
+        raise BadRequest("give filename or data_label (one of them)")
+    if "data_label" in args:
+        label = check.text(args, "data_label")
+        if not label:
+            raise BadRequest("data_label must be a non-empty string")
+        if ctx.resolver is None:
+            raise BadRequest("data_label cannot be resolved here: no resolver is installed"
+                             " (entry-point group spoolops.resolvers); give filename")
+        try:
+            name = ctx.resolver(label, ctx)
+        except OpError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - site code: fail the request, say why
+            raise OpFailed(f"the data_label resolver failed: {type(exc).__name__}: {exc}"
+                           ) from None
+        if not isinstance(name, str) or not name:
+            raise NotFound(f"no stored file has data_label {label!r}")
+        what = f"the file of data_label {label!r}"
+    else:
+        name = "/".join(check.relative_path(args, "filename"))
+        what = "filename"
+    confine.split_relative(name, what)
+    kind = kind_of(name)
+    if kind == "?":
+        raise BadRequest(f"{what} must end in .fits, .fits.gz or .fits.bz2")
+    if kind:
+        confine.resolve_target(ctx.config.storage_root, name)   # NotFound / BadRequest
+        return name
+    # a name without .bz2/.gz: the archive stores some files compressed
+    found = []
+    for candidate in (name, name + ".bz2", name + ".gz"):
+        try:
+            confine.resolve_target(ctx.config.storage_root, candidate)
+            found.append(candidate)
+        except NotFound:
+            continue
+    if not found:
+        raise NotFound(f"{what} not found: {name} (nor {name}.bz2, {name}.gz)")
+    if len(found) > 1:
+        raise Conflict(f"{what} {name} could be any of {', '.join(found)}: name the one")
+    return found[0]
 
 
 def targets_update_headers(args: Mapping[str, Any], ctx: OpContext) -> Sequence[str]:
@@ -66,9 +127,14 @@ UPDATE_HEADERS = Operation(
     targets=targets_update_headers,
     allowed_users=SITE_DEFAULT,
     idempotent=True,
+    follow_up=True,
     description="Set or delete FITS header keywords of a stored file, atomically.",
-    schema={"filename": "path below storage_root (.fits, .fits.gz, .fits.bz2)",
-            "values": "{qa_state, raw_site, release, generic: {KEYWORD: value|null}}",
+    schema={"filename": "path below storage_root (.fits, .fits.gz, .fits.bz2; without"
+                        " .bz2/.gz: the one stored)",
+            "data_label": "instead of filename: resolved by the site's resolver",
+            "values": "{qa_state, raw_site, release, generic: {KEYWORD: value|null} or"
+                      " [[KEYWORD, value], ...]} -- or these keys as arguments of their own",
+            "batch": "any: passed on to the follow-up hooks",
             "reject_new": "bool (default false)", "before_md5": "32 hex digits",
             "hdu": "int >= 0 (default 0)", "md5": "bool: compute md5s on the in-place path"},
 )

@@ -1,19 +1,30 @@
 """``ingest_upload``: publish a staged upload into the archive.
 
-Copies ``upload_staging_dir/<filename>`` (or ``upload_staging_dir/
-processed_cals/<filename>`` with ``processed_cal``) to ``storage_root/<path>/
-<filename>`` (or ``storage_root/<processed_cals_path>/<filename>``).  The copy
-is a new file created by the worker (so the worker user owns it) with exactly
-``file_mode``; it is streamed in 1 MiB chunks while its md5 is computed,
-fsynced, checked against the expected ``md5``, published atomically, and
-the folder fsynced.  Only then is the staged file removed.  Publishing
-without ``overwrite`` is ``link()`` + ``unlink(temp)``: the kernel refuses an
-existing name, so a file that appeared meanwhile is never replaced
-(``Conflict``).  With ``overwrite`` it is ``rename()``.
+The staged file is ``upload_staging_dir/<path>/<filename>`` (where
+FitsStorage's current web code writes it), else ``upload_staging_dir/
+<filename>`` (its older code; a processed calibration has no ``path``, so it
+is always there); both present is a ``Conflict``.  It is copied to
+``storage_root/<path>/<filename>`` (``storage_root/<processed_cals_path>/
+<filename>`` with ``processed_cal``).  The copy is a new file created by the
+worker (so the worker user owns it) with exactly ``file_mode``; it is
+streamed in 1 MiB chunks while its md5 is computed, fsynced, checked against
+the expected ``md5``, published atomically, and the folder fsynced.  Only
+then is the staged file removed.  Publishing without ``overwrite`` is
+``link()`` + ``unlink(temp)``: the kernel refuses an existing name, so a
+file that appeared meanwhile is never replaced (``Conflict``).  With
+``overwrite`` it is ``rename()``.
+
+Safely repeatable (idempotent): a retry whose target already holds the same
+bytes is ``ok`` with ``already: true`` (the staged copy is removed), and a
+request re-run after a crash that had already published finds its own note
+of that (``memos``) even when the staged file is gone.  A target holding
+other bytes stays a ``Conflict`` without ``overwrite``.
 
 Result: ``filename``, ``path`` (the stored file relative to storage_root,
-e.g. ``"2026/N20261128S0001.fits"``), ``size`` and ``md5`` (of the bytes
-published).
+e.g. ``"2026/N20261128S0001.fits"``), ``size``, ``md5`` (of the bytes
+published), and ``already`` when nothing had to be copied.
+``fileuploadlog_id`` and ``batch`` (FitsStorage's) are passed on, untouched,
+to the follow-up hooks.
 
 Trusts: the configured roots.  Distrusts: every argument (untrusted JSON
 from the submit group) and the contents of the staging folder, which the
@@ -49,9 +60,9 @@ from . import SITE_DEFAULT, OpContext, Operation
 from . import args as check
 
 CHUNK = 1 << 20
-STAGING_CALS_DIR = "processed_cals"
 PROGRESS_INTERVAL = 1.0
-_ARGS = ("filename", "path", "processed_cal", "md5", "overwrite")
+_ARGS = ("filename", "path", "processed_cal", "md5", "overwrite", "fileuploadlog_id",
+         "batch")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -69,14 +80,27 @@ def validate_ingest(args: Any, ctx: OpContext) -> dict[str, Any]:
         raise BadRequest("path must be empty when processed_cal is true "
                          "(processed calibrations go to processed_cals_path)")
     md5 = check.md5(args, "md5")
+    upload_id = args.get("fileuploadlog_id")
+    if upload_id is not None and (isinstance(upload_id, bool) or not isinstance(upload_id,
+                                                                                 int)):
+        raise BadRequest("fileuploadlog_id must be an integer or null")
     clean = {"filename": filename, "path": "/".join(path_parts),
-             "processed_cal": processed_cal, "md5": md5, "overwrite": overwrite}
-    _check_staged(ctx.config, clean)
+             "processed_cal": processed_cal, "md5": md5, "overwrite": overwrite,
+             "fileuploadlog_id": upload_id, "batch": args.get("batch")}
+    published = ctx.memo.get("published")
+    try:
+        clean["staged"] = _find_staged(ctx.config, clean)
+    except NotFound:
+        if published is None:
+            raise
+        # re-run after a crash: this request published its copy and removed
+        # the staged file, then died before replying
+        clean["staged"] = None
     return clean
 
 
 def _staged_parts(args: Mapping[str, Any]) -> list[str]:
-    return [STAGING_CALS_DIR] if args["processed_cal"] else []
+    return confine.split_relative(args["staged"], "staged", allow_empty=True)
 
 
 def _dest_parts(args: Mapping[str, Any], config: Config) -> list[str]:
@@ -86,23 +110,49 @@ def _dest_parts(args: Mapping[str, Any], config: Config) -> list[str]:
     return confine.split_relative(args["path"], "path", allow_empty=True)
 
 
-def _check_staged(config: Config, args: Mapping[str, Any]) -> None:
-    """Early NotFound/BadRequest for the staged file, without opening it."""
-    sdir = confine.open_dir(config.upload_staging_dir, _staged_parts(args))
+def _find_staged(config: Config, args: Mapping[str, Any]) -> str:
+    """The folder (below upload_staging_dir) holding the staged file: the
+    request's ``path``, else the top.  Early NotFound/BadRequest/Conflict,
+    without opening the file."""
+    places = [args["path"], ""] if args["path"] else [""]
+    found = []
+    for place in places:
+        st = _staged_stat(config, place, args["filename"])
+        if st is not None:
+            found.append((place, st))
+    if not found:
+        where = " or ".join(f"{p}/{args['filename']}" if p else args["filename"]
+                            for p in places)
+        raise NotFound(f"staged file not found: {where} (in upload_staging_dir)")
+    if len(found) > 1:
+        raise Conflict(f"the upload is staged twice, as {args['path']}/{args['filename']} and"
+                       f" as {args['filename']}: remove the one that is not meant")
+    place, st = found[0]
+    _check_staged_stat(st, args["filename"])
+    return place
+
+
+def _staged_stat(config: Config, place: str, filename: str) -> os.stat_result | None:
     try:
-        try:
-            st = os.stat(args["filename"], dir_fd=sdir, follow_symlinks=False)
-        except FileNotFoundError:
-            raise NotFound(f"staged file not found: {args['filename']}") from None
+        sdir = confine.open_dir(config.upload_staging_dir,
+                                confine.split_relative(place, "path", allow_empty=True))
+    except NotFound:
+        return None
+    try:
+        return os.stat(filename, dir_fd=sdir, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
     finally:
         os.close(sdir)
+
+
+def _check_staged_stat(st: os.stat_result, filename: str) -> None:
     if stat.S_ISLNK(st.st_mode):
-        raise BadRequest(f"staged file is a symbolic link; refusing it: {args['filename']}")
+        raise BadRequest(f"staged file is a symbolic link; refusing it: {filename}")
     if not stat.S_ISREG(st.st_mode):
-        raise BadRequest(f"staged file is not a regular file: {args['filename']}")
+        raise BadRequest(f"staged file is not a regular file: {filename}")
     if st.st_nlink != 1:
-        raise BadRequest(f"staged file has {st.st_nlink} hard links; refusing it: "
-                         f"{args['filename']}")
+        raise BadRequest(f"staged file has {st.st_nlink} hard links; refusing it: {filename}")
 
 
 def ingest_targets(args: Mapping[str, Any], ctx: OpContext) -> list[str]:
@@ -110,6 +160,8 @@ def ingest_targets(args: Mapping[str, Any], ctx: OpContext) -> list[str]:
     config = ctx.config
     dest = os.path.join(os.path.realpath(config.storage_root),
                         *_dest_parts(args, config), args["filename"])
+    if args["staged"] is None:
+        return [dest]
     staged = os.path.join(os.path.realpath(config.upload_staging_dir),
                           *_staged_parts(args), args["filename"])
     return [dest, staged]
@@ -278,6 +330,8 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
     filename = args["filename"]
     dest_parts = _dest_parts(args, config)
     rel = "/".join([*dest_parts, filename])
+    if args["staged"] is None:          # published by a run a crash cut off
+        return _published_before(ctx, dest_parts, rel, filename)
     sdir = confine.open_dir(config.upload_staging_dir, _staged_parts(args))
     try:
         sfd = confine.open_file(sdir, filename, what="staged file")
@@ -285,20 +339,86 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
             ddir = confine.open_dir(config.storage_root, dest_parts, True,
                                   dir_mode_for(config.file_mode), config.durable)
             try:
-                # fail before copying gigabytes; the link() below re-checks atomically
-                _check_target(ddir, filename, args["overwrite"], rel)
-                dest_dir = os.path.join(os.path.realpath(config.storage_root), *dest_parts)
-                size, md5 = _copy_and_publish(ctx, sfd, ddir, dest_dir, args, rel)
+                already = _same_as_target(ctx, ddir, sfd, filename, args, rel)
+                if already is None:
+                    dest_dir = os.path.join(os.path.realpath(config.storage_root),
+                                            *dest_parts)
+                    size, md5 = _copy_and_publish(ctx, sfd, ddir, dest_dir, args, rel)
+                else:
+                    size, md5 = already
             finally:
                 os.close(ddir)
-            ctx.log.info("event=ingest_published path=%s size=%d md5=%s request=%s",
-                         rel, size, md5, ctx.request_id)
+            if already is None:
+                ctx.log.info("event=ingest_published path=%s size=%d md5=%s request=%s",
+                             rel, size, md5, ctx.request_id)
+            ctx.memo.put("published", {"path": rel, "size": size, "md5": md5})
             _remove_staged(ctx, sdir, sfd, filename)
         finally:
             os.close(sfd)
     finally:
         os.close(sdir)
-    return {"filename": filename, "path": rel, "size": size, "md5": md5}
+    result = {"filename": filename, "path": rel, "size": size, "md5": md5}
+    if already is not None:
+        result["already"] = True
+    return result
+
+
+def _same_as_target(ctx: OpContext, ddir: int, sfd: int, filename: str,
+                    args: Mapping[str, Any], rel: str) -> tuple[int, str] | None:
+    """(size, md5) when the target already holds exactly the staged bytes (a
+    retried upload); None when it is absent or may be replaced.  A target
+    with other bytes is a ``Conflict`` unless ``overwrite``.  Checked before
+    copying gigabytes; the link() that publishes re-checks atomically."""
+    try:
+        st = os.stat(filename, dir_fd=ddir, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise BadRequest(f"target is a symbolic link; refusing it: {rel}")
+    if not stat.S_ISREG(st.st_mode):
+        raise Conflict(f"target exists and is not a regular file: {rel}")
+    staged = os.fstat(sfd)
+    if st.st_size == staged.st_size:
+        tfd = confine.open_file(ddir, filename, what="target")
+        try:
+            target_md5 = _md5_of(tfd)
+        finally:
+            os.close(tfd)
+        if target_md5 == _md5_of(sfd) and args["md5"] in (None, target_md5):
+            return st.st_size, target_md5
+    if not args["overwrite"]:
+        raise Conflict(f"target already exists with other contents: {rel} (set overwrite"
+                       " to replace it)")
+    return None
+
+
+def _md5_of(fd: int) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def _published_before(ctx: OpContext, dest_parts: list[str], rel: str,
+                      filename: str) -> dict[str, Any]:
+    """A re-run after a crash: the earlier run noted what it published, and
+    the target still holds it (the staged file is gone)."""
+    note = ctx.memo.get("published")
+    ddir = confine.open_dir(ctx.config.storage_root, dest_parts)
+    try:
+        tfd = confine.open_file(ddir, filename, what="target")
+        try:
+            size, md5 = os.fstat(tfd).st_size, _md5_of(tfd)
+        finally:
+            os.close(tfd)
+    finally:
+        os.close(ddir)
+    if note.get("path") != rel or (size, md5) != (note.get("size"), note.get("md5")):
+        raise Conflict(f"{rel} no longer holds what this request published; the staged"
+                       " file is gone")
+    return {"filename": filename, "path": rel, "size": size, "md5": md5, "already": True}
 
 
 INGEST_UPLOAD = Operation(
@@ -307,12 +427,16 @@ INGEST_UPLOAD = Operation(
     validate=validate_ingest,
     targets=ingest_targets,
     allowed_users=SITE_DEFAULT,
-    idempotent=False,
+    idempotent=True,
+    follow_up=True,
     description="Copy a staged upload into storage_root (md5-checked, fsynced, "
                 "published atomically), then remove the staged file.",
     schema={"filename": "file name in upload_staging_dir",
-            "path": "folder below storage_root (optional)",
-            "processed_cal": "bool (optional): from/to the processed_cals folders",
+            "path": "folder below storage_root, and below upload_staging_dir where"
+                    " it was staged (optional)",
+            "processed_cal": "bool (optional): to processed_cals_path",
             "md5": "expected md5, 32 hex digits (optional)",
-            "overwrite": "bool (optional, default false)"},
+            "overwrite": "bool (optional, default false)",
+            "fileuploadlog_id": "int (optional): passed on to the follow-up hooks",
+            "batch": "any (optional): passed on to the follow-up hooks"},
 )

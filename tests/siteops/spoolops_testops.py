@@ -7,6 +7,10 @@ may call ``restricted``.
 ``nonidem``: a non-idempotent op that sleeps (recovery tests).
 ``single``: an entry point naming one ``Operation`` directly (not a callable
 returning several); answers ``{"single": true}``.
+A data_label resolver (``labels``: a JSON map in ``$SPOOLOPS_TEST_LABELS``)
+and a follow-up hook (``record``: one JSON line per call appended to
+``$SPOOLOPS_TEST_HOOK_LOG``; it raises when ``$SPOOLOPS_TEST_HOOK_FAIL`` is
+set), both idle unless their variable is set.
 ``hold``: runs until the file ``release`` exists (or ``timeout`` passes),
 reporting progress 1/2 when it starts: a test holds a request running for
 as long as it needs, then releases it -- no sleep stands in for "still
@@ -98,3 +102,24 @@ def operations():
 
 SINGLE = Operation("single", lambda ctx, args: {"single": True}, targets=NO_TARGETS,
                    allowed_users=EVERYONE, idempotent=True)
+
+
+def resolve_label(data_label, ctx):
+    path = os.environ.get("SPOOLOPS_TEST_LABELS")
+    if not path:
+        return None
+    import json
+    with open(path) as f:
+        return json.load(f).get(data_label)
+
+
+def record_hook(op, args, result, ctx):
+    path = os.environ.get("SPOOLOPS_TEST_HOOK_LOG")
+    if not path:
+        return
+    import json
+    with open(path, "a") as f:
+        f.write(json.dumps({"op": op, "id": ctx.request_id, "args": args,
+                            "result": result}) + "\n")
+    if os.environ.get("SPOOLOPS_TEST_HOOK_FAIL"):
+        raise RuntimeError("deliberate failure of a follow-up hook")

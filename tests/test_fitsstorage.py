@@ -1,0 +1,405 @@
+"""The drop-in for Gemini FitsStorage: its request shapes, its follow-up
+ingest, retries that are safe, and its queue API (``spoolops.compat``).
+
+Operation-level checks run the operations in-process on real files (as
+``test_update_headers.py`` does); everything about hooks, resolvers,
+crashes and the compat API runs a real worker.  The site package of
+``docs/examples/fitsstorage_site`` is exercised against a fake archive
+database (sqlite) made here; ``test_deployment.py`` runs the emulation of
+their web handlers as real accounts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import fitsfiles
+import pytest
+from astropy.io import fits
+from conftest import SpoolEnv, make_env, require_fitsverify
+
+from spoolops import BadRequest, Conflict, NotFound
+from spoolops.config import Config
+from spoolops.ops import OpContext
+from spoolops.ops.headers import UPDATE_HEADERS
+from spoolops.ops.ingest import INGEST_UPLOAD
+
+PROJECT = Path(__file__).resolve().parent.parent
+SITE = PROJECT / "docs" / "examples" / "fitsstorage_site"
+KINDS = ["", "gz", "bz2"]
+# every value key, the way each shape sends it
+NESTED = {"values": {"qa_state": "pass", "raw_site": ["iq70", "cc50"],
+                     "release": "2027-01-01",
+                     "generic": {"OBSERVER": "Flat Form", "SEQNUM": 7}}}
+FLAT = {"qa_state": "Pass", "raw_site": ["iq70", "cc50"], "release": "2027-01-01",
+        "generic": [["OBSERVER", "Flat Form"], ["SEQNUM", 7]]}
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> OpContext:
+    for name in ("storage", "staging", "work"):
+        (tmp_path / name).mkdir()
+    config = Config(storage_root=tmp_path / "storage", upload_staging_dir=tmp_path / "staging",
+                    root=tmp_path / "spool")
+    return OpContext(config=config, work_dir=tmp_path / "work", request_id="req-1")
+
+
+def stored(ctx: OpContext, name: str, kind: str = "", seed: int = 0) -> str:
+    src = fitsfiles.simple_image(ctx.work_dir.parent / f"src-{seed}.fits", seed=seed)
+    dest = ctx.config.storage_root / name
+    shutil.copyfile(src, dest)
+    if kind:
+        packed = fitsfiles.compress_file(dest, kind)
+        dest.unlink()
+        dest = packed
+    return dest.name
+
+
+def edit(ctx: OpContext, **args) -> dict:
+    return UPDATE_HEADERS.run(ctx, UPDATE_HEADERS.validate(args, ctx))
+
+
+# -- the request shapes ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flat_and_nested_shapes_give_byte_identical_files(ctx: OpContext, kind: str) -> None:
+    require_fitsverify()
+    a = stored(ctx, "a.fits", kind)
+    b = stored(ctx, "b.fits", kind)
+    assert (ctx.config.storage_root / a).read_bytes() == (ctx.config.storage_root / b
+                                                          ).read_bytes()
+    nested = edit(ctx, filename=a, **NESTED)
+    flat = edit(ctx, filename=b, **FLAT)
+    assert nested["changes"] == flat["changes"] and nested["modified"] and flat["modified"]
+    data_a = (ctx.config.storage_root / a).read_bytes()
+    assert data_a == (ctx.config.storage_root / b).read_bytes()
+    hdr = fits.getheader(ctx.config.storage_root / a)
+    assert (hdr["RAWGEMQA"], hdr["RAWPIREQ"], hdr["RAWIQ"], hdr["RAWCC"], hdr["RELEASE"],
+            hdr["OBSERVER"], hdr["SEQNUM"]) == ("USABLE", "YES", "70-percentile",
+                                                "50-percentile", "2027-01-01", "Flat Form", 7)
+    assert fitsfiles.fitsverify_errors(ctx.config.storage_root / a) == 0
+
+
+@pytest.mark.parametrize("key,value", [("qa_state", "FAIL"), ("raw_site", "bgany"),
+                                       ("raw_site", ["wv20", "bg80"]),
+                                       ("release", "2028-02-29"),
+                                       ("generic", {"OBJECT": "x"}),
+                                       ("generic", [["OBJECT", "x"], ["AIRMASS", 1.5]])])
+def test_each_value_key_in_each_shape(ctx: OpContext, key: str, value: object) -> None:
+    one = stored(ctx, "one.fits")
+    two = stored(ctx, "two.fits")
+    assert edit(ctx, filename=one, values={key: value})["changes"] == \
+        edit(ctx, filename=two, **{key: value})["changes"]
+
+
+def test_shapes_are_never_mixed_and_unknown_keys_stay_errors(ctx: OpContext) -> None:
+    name = stored(ctx, "m.fits")
+    for bad in ({"values": {"qa_state": "Pass"}, "release": "2027-01-01"},
+                {"qa_stat": "Pass"}, {"values": {"qa_state": "Pass"}, "bogus": 1},
+                {"generic": [["OBJECT", "a"], ["object", "b"]]},
+                {"generic": [["OBJECT"]]}, {"generic": []}):
+        with pytest.raises(BadRequest):
+            UPDATE_HEADERS.validate({"filename": name, **bad}, ctx)
+
+
+def test_pair_list_keeps_its_order(ctx: OpContext) -> None:
+    name = stored(ctx, "order.fits")
+    result = edit(ctx, filename=name, generic=[["ZEBRA", 1], ["ALPHA", 2], ["MIDDLE", 3]])
+    assert [c["keyword"] for c in result["changes"]] == ["ZEBRA", "ALPHA", "MIDDLE"]
+    keys = list(fits.getheader(ctx.config.storage_root / name))
+    assert keys.index("ZEBRA") < keys.index("ALPHA") < keys.index("MIDDLE")
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2"])
+def test_a_name_without_bz2_finds_the_stored_file(ctx: OpContext, kind: str) -> None:
+    packed = stored(ctx, "N1.fits", kind)
+    assert packed == f"N1.fits.{kind}"
+    result = edit(ctx, filename="N1.fits", values={"qa_state": "Check"})
+    assert result["filename"] == packed
+    assert fits.getheader(ctx.config.storage_root / packed)["RAWGEMQA"] == "CHECK"
+    stored(ctx, "N1.fits")                               # now two candidates
+    with pytest.raises(Conflict, match="could be any of"):
+        UPDATE_HEADERS.validate({"filename": "N1.fits", "qa_state": "Pass"}, ctx)
+    with pytest.raises(NotFound):
+        UPDATE_HEADERS.validate({"filename": "N9.fits", "qa_state": "Pass"}, ctx)
+
+
+def test_data_label_needs_a_resolver(ctx: OpContext) -> None:
+    name = stored(ctx, "dl.fits")
+    with pytest.raises(BadRequest, match="no resolver"):
+        UPDATE_HEADERS.validate({"data_label": "GN-2026B-Q-1-1-001", "qa_state": "Pass"}, ctx)
+    ctx.resolver = lambda label, c: {"GN-2026B-Q-1-1-001": name}.get(label)
+    clean = UPDATE_HEADERS.validate({"data_label": "GN-2026B-Q-1-1-001", "qa_state": "Pass"},
+                                    ctx)
+    assert clean["filename"] == name and clean["data_label"] == "GN-2026B-Q-1-1-001"
+    with pytest.raises(NotFound):
+        UPDATE_HEADERS.validate({"data_label": "GN-none", "qa_state": "Pass"}, ctx)
+    with pytest.raises(BadRequest, match="one of them"):
+        UPDATE_HEADERS.validate({"data_label": "x", "filename": name, "qa_state": "Pass"}, ctx)
+
+
+# -- ingest_upload: where FitsStorage stages, and retries ------------------------------
+
+def stage(ctx: OpContext, rel: str, data: bytes) -> Path:
+    path = ctx.config.upload_staging_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def ingest(ctx: OpContext, **args) -> dict:
+    return INGEST_UPLOAD.run(ctx, INGEST_UPLOAD.validate(args, ctx))
+
+
+def test_staged_at_path_else_at_the_top_never_both(ctx: OpContext) -> None:
+    stage(ctx, "2026/a.fits", b"current web code")
+    assert ingest(ctx, filename="a.fits", path="2026")["path"] == "2026/a.fits"
+    stage(ctx, "b.fits", b"older web code")
+    assert ingest(ctx, filename="b.fits", path="2026")["path"] == "2026/b.fits"
+    stage(ctx, "cal.fits", b"a processed calibration")
+    result = ingest(ctx, filename="cal.fits", processed_cal=True, fileuploadlog_id=12,
+                    batch="nightly")
+    assert result["path"] == "processed_cals/cal.fits"
+    stage(ctx, "2026/c.fits", b"one")
+    stage(ctx, "c.fits", b"two")
+    with pytest.raises(Conflict, match="staged twice"):
+        INGEST_UPLOAD.validate({"filename": "c.fits", "path": "2026"}, ctx)
+
+
+def test_a_repeated_upload_is_ok_already_and_other_bytes_conflict(ctx: OpContext) -> None:
+    data = b"x" * 5000
+    md5 = hashlib.md5(data).hexdigest()
+    stage(ctx, "2026/r.fits", data)
+    first = ingest(ctx, filename="r.fits", path="2026", md5=md5)
+    assert "already" not in first
+    stage(ctx, "2026/r.fits", data)                        # the same upload, again
+    again = ingest(ctx, filename="r.fits", path="2026", md5=md5)
+    assert again["already"] is True and again["md5"] == md5
+    assert not (ctx.config.upload_staging_dir / "2026" / "r.fits").exists()
+    stage(ctx, "2026/r.fits", b"y" * 5000)                 # other bytes
+    with pytest.raises(Conflict, match="other contents"):
+        ingest(ctx, filename="r.fits", path="2026")
+    assert (ctx.config.storage_root / "2026" / "r.fits").read_bytes() == data
+    assert INGEST_UPLOAD.idempotent
+
+
+# -- hooks, resolver and crashes through a real worker ----------------------------------
+
+@pytest.fixture
+def site(tmp_path: Path):
+    env = make_env(tmp_path / "tree", durable=True)
+    env.hook_log = tmp_path / "hooks.jsonl"
+    env.labels = tmp_path / "labels.json"
+    yield env
+    env.close()
+
+
+def _worker(env: SpoolEnv, *args: str, **extra: str):
+    return env.start_worker(*args, SPOOLOPS_TEST_HOOK_LOG=str(env.hook_log),
+                            SPOOLOPS_TEST_LABELS=str(env.labels), **extra)
+
+
+def _hook_calls(env: SpoolEnv) -> list[dict]:
+    if not env.hook_log.exists():
+        return []
+    return [json.loads(line) for line in env.hook_log.read_text().splitlines()]
+
+
+def _fits_in_storage(env: SpoolEnv, name: str) -> Path:
+    src = fitsfiles.simple_image(env.base / f"src-{name}", shape=(32, 32))
+    dest = env.config.storage_root / name
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def test_hooks_get_op_args_result_once_and_data_label_resolves(site: SpoolEnv) -> None:
+    path = _fits_in_storage(site, "h.fits")
+    site.labels.write_text(json.dumps({"GS-2026B-Q-7-1-001": "h.fits"}))
+    _worker(site)
+    client = site.client()
+    result = client.call("update_headers", {"data_label": "GS-2026B-Q-7-1-001",
+                                            "qa_state": "Fail", "batch": "b1"}, timeout=60)
+    assert result["filename"] == "h.fits" and fits.getheader(path)["RAWGEMQA"] == "BAD"
+    stage_dir = site.config.upload_staging_dir / "2026"
+    stage_dir.mkdir()
+    (stage_dir / "u.fits").write_bytes(path.read_bytes())
+    client.call("ingest_upload", {"filename": "u.fits", "path": "2026",
+                                  "fileuploadlog_id": 41, "batch": "b2"}, timeout=60)
+    assert client.call("echo", {"x": 1}, timeout=30) == {"x": 1}     # no hook for echo
+    calls = _hook_calls(site)
+    assert [c["op"] for c in calls] == ["update_headers", "ingest_upload"]
+    assert calls[0]["args"]["batch"] == "b1" and calls[0]["result"]["filename"] == "h.fits"
+    assert calls[0]["args"]["data_label"] == "GS-2026B-Q-7-1-001"
+    assert (calls[1]["args"]["fileuploadlog_id"], calls[1]["args"]["batch"]) == (41, "b2")
+    assert calls[1]["result"]["path"] == "2026/u.fits"
+
+
+def test_a_failing_hook_leaves_the_change_and_warns(site: SpoolEnv) -> None:
+    path = _fits_in_storage(site, "w.fits")
+    _worker(site, SPOOLOPS_TEST_HOOK_FAIL="1")
+    reply = site.client().call_reply("update_headers", {"filename": "w.fits",
+                                                        "qa_state": "Pass"}, timeout=60)
+    assert reply.ok and reply.result["modified"] is True
+    assert reply.raw["warnings"] == [{"hook": "record", "error": "RuntimeError: deliberate"
+                                      " failure of a follow-up hook"}]
+    assert fits.getheader(path)["RAWGEMQA"] == "USABLE"
+    log = site.workers[0].log_path.read_text()
+    assert "event=hook_failed" in log and "hook=record" in log
+
+
+@pytest.mark.parametrize("point", ["follow_up.start:1", "follow_up.noted:1"])
+def test_hooks_run_once_per_change_across_a_crash(site: SpoolEnv, point: str) -> None:
+    """SIGKILL after the change is committed -- before the hooks, or after a
+    hook and its note -- then restart: the request is re-run (idempotent)
+    and the hook has run exactly once."""
+    path = _fits_in_storage(site, "k.fits")
+    first = _worker(site, SPOOLOPS_FAULT=point)
+    client = site.client()
+    rid = client.submit("update_headers", {"filename": "k.fits", "qa_state": "Check"})
+    assert first.wait(60) == -signal.SIGKILL
+    assert fits.getheader(path)["RAWGEMQA"] == "CHECK"           # committed before the kill
+    _worker(site)
+    reply = client.wait(rid, timeout=60)
+    assert reply.ok and reply.result["modified"] is False        # the re-run found it done
+    assert [c["id"] for c in _hook_calls(site)] == [rid]
+
+
+@pytest.mark.parametrize("point", ["bytes:1048577", "ingest.after_publish:1",
+                                   "ingest.after_staged_unlink:1"])
+def test_a_crash_during_ingest_is_re_run_to_completion(site: SpoolEnv, point: str) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    staged = site.config.upload_staging_dir / "big.fits"
+    staged.write_bytes(data)
+    first = _worker(site, SPOOLOPS_FAULT=point)
+    client = site.client()
+    rid = client.submit("ingest_upload", {"filename": "big.fits", "path": "2026"})
+    assert first.wait(60) == -signal.SIGKILL
+    _worker(site)
+    reply = client.wait(rid, timeout=60)
+    assert reply.ok, reply.error                                  # not Interrupted
+    assert (site.config.storage_root / "2026" / "big.fits").read_bytes() == data
+    assert not staged.exists()
+    assert reply.result["md5"] == hashlib.md5(data).hexdigest()
+    assert len(_hook_calls(site)) == 1
+
+
+# -- the compat API and the sample site package ------------------------------------------
+
+def test_compat_queue_api_returns_their_shapes(site: SpoolEnv) -> None:
+    _fits_in_storage(site, "c.fits")
+    _worker(site)
+    code = """
+import json
+from spoolops.compat.fitsstorage import FileOpsRequest, FileopsQueue, submit
+fq = FileopsQueue(session=None, logger=None)
+fqe = fq.add(FileOpsRequest(request="echo", args={"echo": "Hello, world"}),
+             response_required=True)
+ping = fq.poll_for_response(fqe.id).dict()
+bad = fq.poll_for_response(fq.add(FileOpsRequest("update_headers",
+                                                 {"filename": "c.fits", "qa_state": "??"})).id)
+flat = submit({"request": "update_headers", "args": {"filename": "c.fits",
+               "raw_site": "iq20"}}, response_required=True, batch="b9")
+rid = submit({"request": "echo", "args": {}})
+print(json.dumps([ping, bad.dict(), flat, isinstance(rid, str)]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, env=site.env())
+    assert done.returncode == 0, done.stderr
+    ping, bad, flat, async_id = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ping == {"ok": True, "error": "", "value": {"echo": "Hello, world"}}
+    assert bad["ok"] is False and bad["error"].startswith("BadRequest: qa_state")
+    assert flat["ok"] is True and flat["value"]["modified"] is True and async_id
+    assert _hook_calls(site)[-1]["args"]["batch"] == "b9"
+
+
+def fake_archive(db: Path, storage: Path, files: dict[str, str]) -> None:
+    """An sqlite database with FitsStorage's tables, for ``files`` {name: data_label}."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE file (id INTEGER PRIMARY KEY, name TEXT UNIQUE);
+        CREATE TABLE diskfile (id INTEGER PRIMARY KEY, file_id INTEGER, filename TEXT,
+                               path TEXT, present BOOLEAN, canonical BOOLEAN);
+        CREATE TABLE header (id INTEGER PRIMARY KEY, diskfile_id INTEGER, data_label TEXT);
+        CREATE TABLE ingestqueue (id INTEGER PRIMARY KEY, filename TEXT, path TEXT,
+                                  inprogress BOOLEAN, added REAL, after REAL, batch TEXT,
+                                  header_update BOOLEAN, md5_before_header_update TEXT,
+                                  md5_after_header_update TEXT);
+    """)
+    for n, (name, label) in enumerate(files.items(), 1):
+        folder, base = os.path.split(name)
+        conn.execute("INSERT INTO file VALUES (?, ?)", (n, base.removesuffix(".bz2")))
+        conn.execute("INSERT INTO diskfile VALUES (?, ?, ?, ?, 1, 1)", (n, n, base, folder))
+        conn.execute("INSERT INTO header VALUES (?, ?, ?)", (n, n, label))
+    conn.commit()
+    conn.close()
+
+
+def site_package(where: Path) -> Path:
+    """docs/examples/fitsstorage_site made importable, with the entry points its
+    pyproject.toml declares (as installing it would)."""
+    import re
+    where.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SITE / "fitsstorage_site.py", where)
+    dist = where / "fitsstorage_spoolops_site-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fitsstorage-spoolops-site\n"
+                                   "Version: 0.1\n")
+    lines, group = [], None
+    for line in (SITE / "pyproject.toml").read_text().splitlines():
+        header = re.match(r'^\[project\.entry-points\."([^"]+)"\]$', line)
+        if header:
+            group = header.group(1)
+            lines.append(f"[{group}]")
+        elif line.startswith("["):
+            group = None
+        elif group and "=" in line:
+            name, value = (part.strip() for part in line.split("=", 1))
+            lines.append(f"{name} = {value.strip(chr(34))}")
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return where
+
+
+def test_the_sample_site_package_against_a_fake_archive(site: SpoolEnv, tmp_path: Path
+                                                         ) -> None:
+    """The resolver finds a file by data label in the archive's tables; the
+    hook queues every changed file for re-ingest, with batch and md5s."""
+    import sqlite3
+    _fits_in_storage(site, "N20261129S0001.fits")
+    (site.config.storage_root / "2026").mkdir()
+    db = tmp_path / "archive.sqlite"
+    fake_archive(db, site.config.storage_root, {"N20261129S0001.fits": "GN-2026B-Q-1-1-001"})
+    code = site_package(tmp_path / "sitepkg")
+    # the site's package instead of the tests' (one data_label resolver per worker)
+    paths = [p for p in site.env()["PYTHONPATH"].split(os.pathsep) if not p.endswith("siteops")]
+    site.start_worker(PYTHONPATH=os.pathsep.join([str(code), *paths]),
+                      FITSSTORAGE_SPOOLOPS_DSN=f"sqlite:{db}")
+    client = site.client()
+    result = client.call("update_headers", {"data_label": "GN-2026B-Q-1-1-001",
+                                            "qa_state": "Usable", "md5": True,
+                                            "batch": "nightly"}, timeout=60)
+    assert result["filename"] == "N20261129S0001.fits"
+    (site.config.upload_staging_dir / "2026").mkdir()
+    (site.config.upload_staging_dir / "2026" / "N20261129S0002.fits").write_bytes(b"u" * 2880)
+    client.call("ingest_upload", {"filename": "N20261129S0002.fits", "path": "2026",
+                                  "fileuploadlog_id": 3, "batch": None}, timeout=60)
+    # the same file again while its row waits: one row, not two
+    client.call("update_headers", {"filename": "N20261129S0001.fits", "qa_state": "Usable"},
+                timeout=60)
+    rows = sqlite3.connect(db).execute(
+        "SELECT filename, path, batch, header_update, md5_before_header_update,"
+        " md5_after_header_update FROM ingestqueue ORDER BY id").fetchall()
+    assert rows == [("N20261129S0001.fits", "", "nightly", 1, result["md5_before"],
+                     result["md5_after"]),
+                    ("N20261129S0002.fits", "2026", None, 0, None, None)]
+    from spoolops import NotFound as Missing
+    with pytest.raises(Missing):
+        client.call("update_headers", {"data_label": "GN-none", "qa_state": "Pass"},
+                    timeout=60)
