@@ -111,6 +111,14 @@ def fsync(fd: int) -> None:
     hit("fsync")
 
 
+def snapshot() -> dict[str, int]:
+    """Every point's count since the variable last changed (for calibrating
+    a crash test: which points a complete run passes, how often)."""
+    with _lock:
+        _sync_spec()
+        return dict(_counts)
+
+
 def counts() -> tuple[int, int]:
     """(bytes written, fsyncs) since the variable last changed."""
     with _lock:

@@ -56,7 +56,7 @@ clean = INGEST_UPLOAD.validate(args, ctx)
 print("ready", flush=True)
 sys.stdin.readline()
 result = INGEST_UPLOAD.run(ctx, clean)
-print(json.dumps({"result": result, "counts": faults._counts}), flush=True)
+print(json.dumps({"result": result, "counts": faults.snapshot()}), flush=True)
 """
 
 # name -> (args, size of the upload, folder of the target, old target contents or None)
