@@ -24,6 +24,7 @@ import os
 import pwd
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Config
 from .dispatch import Dispatcher, Request
@@ -90,9 +91,12 @@ def become_worker_user(config: Config) -> str | None:
     return pw.pw_name
 
 
-def init_tree(config: Config, accounts: Accounts) -> list[str]:
+def init_tree(config: Config, accounts: Accounts, **options: Any) -> list[str]:
     """Create or repair the spool (and the data folders, if missing); returns
-    one line per change made."""
+    one line per change made.  ``options`` go to the transport (the
+    PostgreSQL queue's administrator connection and login roles)."""
+    if options.get("database_only"):
+        return open_transport(config).create(accounts.worker_uid, accounts.gid, **options)
     is_root = os.geteuid() == 0
     if not is_root:
         if accounts.worker_uid != os.geteuid():
@@ -102,7 +106,7 @@ def init_tree(config: Config, accounts: Accounts) -> list[str]:
         if accounts.gid not in os.getgroups() and accounts.gid != os.getegid():
             raise SpoolSetupError(f"only root can give the spool to group {accounts.group!r}"
                                   " (you are not a member); run 'spoolops init' as root")
-    changes = open_transport(config).create(accounts.worker_uid, accounts.gid)
+    changes = open_transport(config).create(accounts.worker_uid, accounts.gid, **options)
     for path, mode in ((config.storage_root, STORAGE_MODE),
                        (config.upload_staging_dir, STAGING_MODE)):
         if not os.path.lexists(path):
@@ -123,24 +127,18 @@ def cancel_request(config: Config, rid: str) -> bool:
     transport = open_transport(config)
     if not valid_id(rid):
         return False
-    info = transport.describe(rid) or {}
-    if not transport.withdraw(rid):
-        return False
-    try:
-        # only the worker user writes replies a client trusts (root switched
-        # to it before calling this: see become_worker_user)
-        if os.geteuid() == transport.worker_uid():
-            since = info.get("since")
-            request = Request(id=rid, op="", args=None, uid=-1,
-                              user=info.get("owner") or "unknown",
-                              queued_at=parse_iso(since) if since else time.time())
-            reply = Dispatcher(Registry(), config, transport.work_dir).reply(
-                request, op=None, error=Cancelled(
-                    f"withdrawn by {_invoker()} with 'spoolops cancel'"))
-            transport.reply(rid, reply, started=False)
-    except OSError:
-        pass  # the cancel itself succeeded; the courtesy reply is best effort
-    return True
+    answer = None
+    # only the worker's identity writes replies a client trusts (root switched
+    # to the worker user before calling this: see become_worker_user)
+    if transport.may_answer():
+        info = transport.describe(rid) or {}
+        since = info.get("since")
+        request = Request(id=rid, op="", args=None, user=info.get("owner") or "unknown",
+                          queued_at=parse_iso(since) if since else time.time())
+        answer = Dispatcher(Registry(), config, transport.work_dir).reply(
+            request, op=None, error=Cancelled(
+                f"withdrawn by {_invoker()} with 'spoolops cancel'"))
+    return transport.withdraw(rid, answer)
 
 
 def _invoker() -> str:

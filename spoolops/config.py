@@ -31,6 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "worker_user": ("str", ""),      # empty: the owner of <root>/active
         "durable": ("bool", "yes"),
         "max_request_bytes": ("size", "65536"),
+        "transport": ("str", "spool"),   # spool, or postgresql (see [postgresql])
     },
     "worker": {
         "concurrency": ("int", "4"),
@@ -45,6 +46,14 @@ SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "failed_ttl": ("duration", "30d"),
         "stuck_after": ("duration", "15m"),
     },
+    "postgresql": {
+        "dsn": ("str", ""),              # libpq connection string; no password here
+        "schema": ("str", "spoolops"),
+        "channel": ("str", ""),          # NOTIFY channel prefix; empty: the schema name
+        "submit_role": ("str", "spoolops_submit"),
+        "worker_role": ("str", "spoolops_worker"),
+        "lock_grace": ("duration", "30s"),
+    },
     "storage": {
         "storage_root": ("path", "/data/fits"),
         "upload_staging_dir": ("path", "/data/upload_staging"),
@@ -58,6 +67,7 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmM]?)\s*$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+_SQL_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?$")
 
 
@@ -144,6 +154,13 @@ class Config:
     worker_user: str = _default("spool", "worker_user")
     durable: bool = _default("spool", "durable")
     max_request_bytes: int = _default("spool", "max_request_bytes")
+    transport: str = _default("spool", "transport")
+    dsn: str = _default("postgresql", "dsn")
+    schema: str = _default("postgresql", "schema")
+    channel: str = _default("postgresql", "channel")
+    submit_role: str = _default("postgresql", "submit_role")
+    worker_role: str = _default("postgresql", "worker_role")
+    lock_grace: float = _default("postgresql", "lock_grace")
     concurrency: int = _default("worker", "concurrency")
     rescan_interval: float = _default("worker", "rescan_interval")
     log: str = _default("worker", "log")
@@ -220,6 +237,17 @@ class Config:
             raise ConfigError("[spool] max_request_bytes: must be at least 256")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("[worker] log_level: one of debug, info, warning, error")
+        if self.transport not in ("spool", "postgresql"):
+            raise ConfigError("[spool] transport: spool or postgresql")
+        for key in ("schema", "submit_role", "worker_role"):
+            if not _SQL_NAME_RE.match(getattr(self, key)):
+                raise ConfigError(f"[postgresql] {key}: a lower-case SQL name (letters,"
+                                  " digits, _), at most 40 characters")
+        if self.channel and not _SQL_NAME_RE.match(self.channel):
+            raise ConfigError("[postgresql] channel: a lower-case SQL name, at most 40"
+                              " characters")
+        if self.lock_grace < 2:
+            raise ConfigError("[postgresql] lock_grace: at least 2s")
         if self.compressed_layout not in ("single", "streams"):
             raise ConfigError("[storage] compressed_layout: single or streams")
         if os.path.isabs(self.processed_cals_path) or ".." in Path(
@@ -272,6 +300,8 @@ def render_config(config: Config) -> str:
     ``spoolops init --write-config``)."""
     lines: list[str] = []
     for section, keys in SCHEMA.items():
+        if section == "postgresql" and config.transport != "postgresql":
+            continue
         lines.append(f"[{section}]")
         lines += [f"{key} = {_render(kind, getattr(config, key))}"
                   for key, (kind, _default_text) in keys.items()]

@@ -43,7 +43,6 @@ from .errors import (
 from .formats import PROTOCOL_VERSION, decode_json_object, parse_iso, utc_iso, valid_id
 from .memos import Memo
 from .ops import OpContext, Operation, Registry
-from .users import user_name
 
 log = logging.getLogger("spoolops.dispatch")
 
@@ -54,12 +53,11 @@ _ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted",
 
 @dataclass
 class Request:
-    """A parsed request envelope.  ``user``/``uid`` come from the transport."""
+    """A parsed request envelope.  ``user`` comes from the transport."""
 
     id: str
     op: str
     args: Any
-    uid: int
     user: str
     queued_at: float
     priority: int = 0
@@ -100,7 +98,7 @@ class Dispatcher:
 
     # -- validation ---------------------------------------------------------
 
-    def parse(self, data: bytes, rid: str, uid: int, queued_at: float) -> Request:
+    def parse(self, data: bytes, rid: str, user: str, queued_at: float) -> Request:
         """The envelope from the request bytes; ``rid`` is the id the
         transport attributes the request to (the file name)."""
         obj = decode_json_object(data)
@@ -137,7 +135,7 @@ class Dispatcher:
         client = obj.get("client")
         if client is not None and not isinstance(client, dict):
             raise BadRequest("'client' must be an object")
-        return Request(id=rid, op=op, args=args, uid=uid, user=user_name(uid),
+        return Request(id=rid, op=op, args=args, user=user,
                        queued_at=queued_at, priority=priority, deadline=deadline,
                        submitted=submitted, client=client)
 

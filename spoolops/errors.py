@@ -37,6 +37,11 @@ class WorkerRunning(SpoolError, RuntimeError):
     """Another worker already holds the spool's worker lock."""
 
 
+class TransportUnavailable(SpoolError, ConnectionError):
+    """The queue cannot be reached now (its database is down or unreachable);
+    nothing was queued or answered by the call that raised it."""
+
+
 class Timeout(SpoolError, TimeoutError):
     """No reply arrived within the time the caller allowed."""
 

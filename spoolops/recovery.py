@@ -39,7 +39,8 @@ from .users import user_name
 
 log = logging.getLogger("spoolops.recovery")
 
-REQUEUE, CLEAR, INTERRUPT, QUARANTINE = "requeue", "clear", "interrupt", "quarantine"
+REQUEUE, CLEAR, INTERRUPT, QUARANTINE, LEAVE = ("requeue", "clear", "interrupt",
+                                                "quarantine", "leave")
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,19 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
         done.did(None, "remove", path, "staging leftover of a dead worker")
     for rid, reply in transport.unpublished():
         _finish_reply(transport, dispatcher, rid, reply, done)
+    recover_orphans(transport, registry, dispatcher, done)
+    return done
+
+
+def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispatcher,
+                    done: Recovery | None = None, quiet: set[str] | None = None
+                    ) -> Recovery:
+    """Step 4 alone: what a worker of a shared transport does now and then
+    for the requests of workers that died elsewhere.  ``quiet``: orphans
+    already reported as left to their own host (not logged again)."""
+    done = done if done is not None else Recovery()
     for orphan in transport.orphans():
-        _recover_orphan(transport, registry, dispatcher, orphan, done)
+        _recover_orphan(transport, registry, dispatcher, orphan, done, quiet)
     return done
 
 
@@ -134,7 +146,9 @@ def plan_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher
     ``clear``: its reply was already published; ``requeue``: it never started
     (no run record), its op is idempotent, or it cannot be parsed (the claim
     will answer it); ``interrupt``: a non-idempotent op that started;
-    ``quarantine``: its entry carries no id.
+    ``quarantine``: its entry carries no id; ``leave``: another host's
+    orphan whose op keeps on-disk state there (a journal only that host's
+    worker can roll back): its targets stay leased until that worker returns.
     """
     if orphan.rid is None:
         return QUARANTINE, None, None
@@ -146,22 +160,35 @@ def plan_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher
     claimed = transport.read_claimed(orphan.entry)
     if claimed is not None:
         try:
-            request = dispatcher.parse(claimed.data, claimed.rid, claimed.uid,
+            request = dispatcher.parse(claimed.data, claimed.rid, claimed.user,
                                        claimed.queued_ns / 1e9)
             op_name = request.op
             operation = registry.get(op_name)
             idempotent = operation is not None and operation.idempotent
         except OpError:
             pass  # invalid: it never ran; the claim will answer it
+    operation = registry.get(op_name) if op_name else None
+    if not orphan.local and orphan.started and operation is not None and \
+            operation.recover is not None:
+        return LEAVE, op_name, request
     if not orphan.started or idempotent or request is None:
         return REQUEUE, op_name, request
     return INTERRUPT, op_name, request
 
 
 def _recover_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
-                    orphan: Orphan, done: Recovery) -> None:
+                    orphan: Orphan, done: Recovery, quiet: set[str] | None = None) -> None:
     action, op_name, request = plan_orphan(transport, registry, dispatcher, orphan)
     rid = orphan.rid
+    if action == LEAVE:
+        if quiet is None or orphan.where not in quiet:
+            log.warning("event=orphan_left id=%s op=%s where=%r note=%r", rid, op_name,
+                        orphan.where, "its op keeps state on its own host: recovered when"
+                        " that host's worker starts")
+            if quiet is not None:
+                quiet.add(orphan.where)
+        done.did(None, "leave", orphan.where, f"another host's orphan of {op_name!r}")
+        return
     if action == QUARANTINE:
         transport.quarantine(orphan.entry, "Found in active/ at start-up with a name that"
                              " is not <id>.json", claimed=True)
@@ -206,5 +233,5 @@ def _interruption_op(reply: dict) -> str | None:
 
 
 def _nobody() -> Request:
-    return Request(id="recovery", op="", args=None, uid=os.getuid(),
-                   user=user_name(os.getuid()), queued_at=0.0)
+    return Request(id="recovery", op="", args=None, user=user_name(os.getuid()),
+                   queued_at=0.0)

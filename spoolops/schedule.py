@@ -137,13 +137,31 @@ class Queue:
 
 
 class TargetGate:
-    """The targets of the requests running now."""
+    """The targets of the requests running now (here), and of those another
+    worker holds (a shared transport's lease failed): passed over until
+    ``until``, then tried again."""
 
     def __init__(self) -> None:
         self.busy: set[str] = set()
+        self.elsewhere: dict[str, float] = {}   # target -> monotonic retry time
 
     def is_free(self, targets: Iterable[str]) -> bool:
-        return not any(t in self.busy for t in targets)
+        if self.elsewhere:
+            now = time.monotonic()
+            for target in [t for t, until in self.elsewhere.items() if until <= now]:
+                del self.elsewhere[target]
+        return not any(t in self.busy or t in self.elsewhere for t in targets)
+
+    def held_elsewhere(self, targets: Iterable[str], for_s: float) -> None:
+        until = time.monotonic() + for_s
+        for target in targets:
+            self.elsewhere[target] = until
+
+    def next_retry(self) -> float | None:
+        """Seconds until a target held elsewhere is tried again."""
+        if not self.elsewhere:
+            return None
+        return max(0.0, min(self.elsewhere.values()) - time.monotonic())
 
     def acquire(self, targets: Iterable[str]) -> None:
         self.busy.update(targets)

@@ -43,11 +43,14 @@ from .schedule import Queue, TargetGate, request_key
 from .stats import Stats
 from .transport import Transport, open_transport
 from .transport.base import STATES, Claimed, Quarantined, Refused
-from .users import user_name
 
 log = logging.getLogger("spoolops.worker")
 
 PUBLISH_RETRY_S = 1.0
+# a target another worker holds (shared transports) is tried again this soon
+ELSEWHERE_RETRY_S = 0.05
+# how often a worker of a shared transport looks for other workers' orphans
+ORPHAN_CHECK_S = 2.0
 # After a request, look for the next one this long before sleeping in select(),
 # but only while requests have been arriving that quickly (a caller running
 # requests one after another, e.g. a QA tool marking files in turn): a sleeping
@@ -79,6 +82,8 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool: ThreadPoolExecutor | None = None
         self._loop_thread = threading.current_thread()
+        self._scan_partial = False     # the last scan stopped at the transport's limit
+        self._left_orphans: set[str] = set()   # orphans left to their host, said once
 
     # -- signals: flags only ------------------------------------------------------
 
@@ -139,6 +144,7 @@ class Worker:
 
     def _loop(self, arrivals: int) -> None:
         next_rescan = time.monotonic() + self.config.rescan_interval
+        next_orphans = time.monotonic() + ORPHAN_CHECK_S if self.transport.shared else None
         fds = [arrivals, self._wake_r]
         back_to_back = False   # did the last request come within POLL_BEFORE_SLEEP_S?
         while True:
@@ -153,6 +159,11 @@ class Worker:
             save_in = self.stats.save_due_in()
             if save_in is not None:
                 timeout = min(timeout, save_in)
+            if next_orphans is not None:
+                timeout = min(timeout, max(0.0, next_orphans - time.monotonic()))
+            retry = self.gate.next_retry()
+            if retry is not None:
+                timeout = min(timeout, retry)
             if self._done:  # a pool job finished meanwhile: reap it now
                 timeout = 0.0
             idle_since = time.perf_counter()
@@ -182,6 +193,9 @@ class Worker:
             if time.monotonic() >= next_rescan:
                 self._rescan()
                 next_rescan = time.monotonic() + self.config.rescan_interval
+            if next_orphans is not None and time.monotonic() >= next_orphans:
+                self._recover_others()
+                next_orphans = time.monotonic() + ORPHAN_CHECK_S
             if self.unpublished:
                 self._retry_unpublished()
             if self._stats_wanted:
@@ -230,7 +244,25 @@ class Worker:
     # -- intake ------------------------------------------------------------------
 
     def _rescan(self) -> None:
-        self.queue.sync(self.transport.scan())
+        try:
+            names = self.transport.scan()
+        except OSError as exc:   # a database that is away: the next round tries again
+            log.error("event=scan_failed error=%r", str(exc))
+            return
+        limit = self.transport.scan_limit
+        self._scan_partial = limit is not None and len(names) >= limit
+        self.queue.sync(names)
+
+    def _recover_others(self) -> None:
+        """A shared transport: answer or requeue the requests of workers that
+        died elsewhere (theirs is the only copy of that work)."""
+        try:
+            recovery.recover_orphans(self.transport, self.registry, self.dispatcher,
+                                     quiet=self._left_orphans)
+        except OSError as exc:
+            log.error("event=orphan_check_failed error=%r", str(exc))
+        except Exception:
+            log.exception("event=orphan_check_crashed")
 
     def _prekey(self) -> None:
         """Read queued requests early to learn their priority and targets."""
@@ -241,7 +273,7 @@ class Worker:
                 continue
             priority, targets = 0, None
             try:
-                request = self.dispatcher.parse(seen.data, seen.rid, seen.uid,
+                request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
                                                 seen.queued_ns / 1e9)
                 priority = request.priority
                 targets = self.dispatcher.prepare(request).targets
@@ -257,6 +289,8 @@ class Worker:
         known, and is passed over until the target is free."""
         while True:
             free = self.config.concurrency - self.running
+            if self._scan_partial and len(self.queue) < (self.transport.scan_limit or 0) // 2:
+                self._rescan()      # the backlog beyond the last partial scan
             if free <= 0 or not self.queue:
                 return
             if len(self.queue) > free:
@@ -268,7 +302,7 @@ class Worker:
             batch.sort(key=_job_key)
             started = 0
             for job in batch:
-                if self.gate.is_free(job.targets):
+                if self.gate.is_free(job.targets) and self._lease(job):
                     self.gate.acquire(job.targets)
                     self._start(job, alone=len(batch) == 1)
                     started += 1
@@ -277,6 +311,16 @@ class Worker:
             if not started:
                 return
             self._finish_done()  # inline jobs are over already: their slots are free
+
+    def _lease(self, job: Job) -> bool:
+        """Hold the job's targets against other workers (shared transports)."""
+        try:
+            if self.transport.lease(job.request.id, job.targets):
+                return True
+        except OSError as exc:
+            log.error("event=lease_failed id=%s error=%r", job.request.id, str(exc))
+        self.gate.held_elsewhere(job.targets, ELSEWHERE_RETRY_S)
+        return False
 
     def _put_back(self, job: Job) -> None:
         """Return a claimed, not started request to its place in line."""
@@ -300,14 +344,14 @@ class Worker:
             return None
         queued_at = claimed.queued_ns / 1e9
         if isinstance(claimed, Refused):
-            self._answer(_unparsed(claimed.rid, claimed.uid, queued_at),
+            self._answer(_unparsed(claimed.rid, claimed.user, queued_at),
                          BadRequest(claimed.problem))
             return None
         assert isinstance(claimed, Claimed)
         try:
-            request = self.dispatcher.parse(claimed.data, claimed.rid, claimed.uid, queued_at)
+            request = self.dispatcher.parse(claimed.data, claimed.rid, claimed.user, queued_at)
         except OpError as exc:
-            self._answer(_unparsed(claimed.rid, claimed.uid, queued_at), exc,
+            self._answer(_unparsed(claimed.rid, claimed.user, queued_at), exc,
                          op=_peek_op(claimed.data))
             return None
         try:
@@ -458,9 +502,9 @@ def _job_key(job: Job) -> tuple[int, int, str]:
     return request_key(job.request.priority, job.extra["queued_ns"], job.request.id)
 
 
-def _unparsed(rid: str, uid: int, queued_at: float) -> Request:
+def _unparsed(rid: str, user: str, queued_at: float) -> Request:
     """A request known only by its id and sender (its bytes did not parse)."""
-    return Request(id=rid, op="", args=None, uid=uid, user=user_name(uid), queued_at=queued_at)
+    return Request(id=rid, op="", args=None, user=user, queued_at=queued_at)
 
 
 class _ProgressWriter:

@@ -261,3 +261,48 @@ class Lines:
             return self._queue.get(timeout=max(0.0, until - time.monotonic()))
         except queue.Empty:
             return None
+
+
+# -- both transports ------------------------------------------------------------
+
+TRANSPORTS = ("spool", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (the machine's server
+    binaries, run as an unprivileged account when the tests run as root)."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"psycopg 3 / psycopg_pool are not installed ({exc}): pip install"
+                    " '.[postgresql]'")
+    from spoolops.pgcluster import PgUnavailable, start_cluster
+    try:
+        cluster = start_cluster()
+    except PgUnavailable as exc:
+        unavailable(f"no PostgreSQL to test with: {exc}")
+    yield cluster
+    cluster.destroy()
+
+
+def queue_for(request, tmp_path: Path, kind: str, **kw):
+    from queues import make_queue
+    cluster = request.getfixturevalue("pg_cluster") if kind == "postgresql" else None
+    env = make_queue(kind, cluster, tmp_path / "q", **kw)
+    request.addfinalizer(env.close)
+    return env
+
+
+@pytest.fixture(params=TRANSPORTS)
+def queue(request, tmp_path: Path):
+    """An empty queue of each transport (no worker yet)."""
+    return queue_for(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def served(queue):
+    """A queue of each transport with its worker running."""
+    queue.start_worker()
+    return queue

@@ -110,21 +110,6 @@ def test_wait_after_reply_arrived(running: SpoolEnv) -> None:
     assert client.wait(rid, timeout=5).result == {"late": 1}
 
 
-def test_client_works_in_forked_child(running: SpoolEnv) -> None:
-    client = running.client()
-    assert client.call("echo", {"parent": 1}, timeout=30) == {"parent": 1}
-    pid = os.fork()
-    if pid == 0:  # child: the parent's watcher thread does not exist here
-        code = 1
-        try:
-            code = 0 if client.call("echo", {"child": 1}, timeout=30) == {"child": 1} else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert client.call("echo", {"parent": 2}, timeout=30) == {"parent": 2}
-
-
 def test_client_without_spool_says_so(tmp_path: Path) -> None:
     from spoolops import SpoolError
     client = Client(root=tmp_path / "nothing-here")

@@ -121,7 +121,7 @@ def test_staged_reply_is_published_and_answered_orphan_cleared(spool_env: SpoolE
         request = {"version": 1, "id": rid, "op": "echo", "args": {"x": rid}}
         (sp.active / f"{rid}.json").write_bytes(encode_json(request))
         (sp.active / f"{rid}.json.run").write_text("{}")
-        reply = disp.reply(Request(id=rid, op="echo", args={}, uid=0, user="root",
+        reply = disp.reply(Request(id=rid, op="echo", args={}, user="root",
                                    queued_at=time.time()), result={"x": rid})
         sp.record_reply(rid, reply)                      # finished, not published
     sp.publish_recorded("answered")
@@ -173,7 +173,7 @@ def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
     from spoolops.formats import encode_json
     from spoolops.ops import Registry
     disp = Dispatcher(Registry(), spool_env.config, sp.work)
-    request = Request(id="done", op="echo", args={}, uid=0, user="root", queued_at=0.0)
+    request = Request(id="done", op="echo", args={}, user="root", queued_at=0.0)
     (sp.active / "done.json").write_bytes(encode_json({"version": 1, "id": "done",
                                                        "op": "echo", "args": {}}))
     sp.record_reply("done", disp.reply(request, result={"n": 1}))
@@ -382,7 +382,7 @@ def test_recovery_killed_between_interrupted_reply_and_quarantine(spool_env: Spo
     sp.start(rid, {"id": rid}, durable=False)
     registry = default_registry()
     dispatcher = Dispatcher(registry, spool_env.config, sp.work)
-    request = dispatcher.parse(claimed.data, rid, claimed.uid, claimed.queued_ns / 1e9)
+    request = dispatcher.parse(claimed.data, rid, claimed.user, claimed.queued_ns / 1e9)
     sp.record_reply(rid, dispatcher.reply(request, error=Interrupted("cut off")))
     recover(sp, registry, dispatcher)
     assert os.listdir(sp.active) == [] and os.listdir(sp.new) == []

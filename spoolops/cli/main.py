@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
                    " worker_user, else you)")
     p.add_argument("--write-config", metavar="FILE",
                    help="also write a configuration file for this tree")
+    p.add_argument("--transport", choices=("spool", "postgresql"),
+                   help="how requests travel (default: [spool] transport)")
+    pg = p.add_argument_group("with --transport postgresql")
+    pg.add_argument("--dsn", help="the queue's database, as clients and worker connect"
+                    " (default: [postgresql] dsn)")
+    pg.add_argument("--admin-dsn", metavar="DSN",
+                    help="connect as this to create roles and the schema (default: --dsn"
+                         " as user postgres)")
+    pg.add_argument("--web-login", action="append", default=[], metavar="ROLE",
+                    help="a login role that may submit (repeat; created when missing)")
+    pg.add_argument("--worker-login", action="append", default=[], metavar="ROLE",
+                    help="a login role the worker connects as (default: the worker user)")
+    pg.add_argument("--database-only", action="store_true",
+                    help="only the database part (run as the database administrator)")
 
     p = add("worker", "run the worker (until SIGTERM/SIGINT)")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
@@ -126,11 +140,25 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from ..admin import init_tree, resolve_accounts
     config = config_of(args)
+    if args.transport:
+        config = replace_config(config, transport=args.transport)
+    if args.dsn is not None:
+        config = replace_config(config, dsn=args.dsn)
     accounts = resolve_accounts(config, args.worker_user, args.group)
-    for line in init_tree(config, accounts):
+    options = {}
+    if config.transport == "postgresql":
+        options = {"admin_dsn": args.admin_dsn or f"{config.dsn} user=postgres",
+                   "web_logins": args.web_login,
+                   "worker_logins": args.worker_login or [accounts.worker_user],
+                   "database_only": args.database_only}
+    for line in init_tree(config, accounts, **options):
         print(line)
-    print(f"spool ready at {config.root} (worker {accounts.worker_user},"
-          f" group {accounts.group})")
+    if config.transport == "postgresql":
+        print(f"queue ready in schema {config.schema} (worker folder {config.root}/work,"
+              f" worker {accounts.worker_user})")
+    else:
+        print(f"spool ready at {config.root} (worker {accounts.worker_user},"
+              f" group {accounts.group})")
     if args.write_config:
         written = replace_config(config, worker_user=accounts.worker_user,
                                  group=accounts.group)

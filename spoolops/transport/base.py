@@ -11,7 +11,8 @@ again as an *orphan* and re-run, put back, or *failed* with an
 the worker wrote -- and the janitor *reaps* what is stale.
 
 ``spool.SpoolTransport`` (the filesystem spool, the default) is one
-implementation; a database queue is another.  Worker, recovery, janitor,
+implementation; ``pg.PgTransport`` (a PostgreSQL table, for workers and
+clients on different hosts) the other.  Worker, recovery, janitor,
 admin, status and the CLI hold policy and call only this interface; dispatch
 and the operations know no transport at all.  Implementations own their
 names, paths and formats at rest, and decide what they trust.
@@ -36,14 +37,15 @@ STATE_WORDS = {"new": "queued", "active": "running", "failed": "failed", "replie
 class Claimed:
     """A request taken from the queue: its id, sender and bytes.
 
-    ``uid`` is the submitter as the transport knows it (the owner of a
-    request file), never a field of the request; ``queued_ns`` its place in
-    line (submission time, a future one counted as now)."""
+    ``user`` is the submitter as the transport knows it (the owner of a
+    request file, the database role that inserted a row), never a field of
+    the request; ``queued_ns`` its place in line (submission time, a future
+    one counted as now)."""
 
     entry: str
     rid: str
     data: bytes
-    uid: int
+    user: str
     queued_ns: int
 
 
@@ -54,7 +56,7 @@ class Refused:
 
     entry: str
     rid: str
-    uid: int
+    user: str
     queued_ns: int
     problem: str
 
@@ -77,6 +79,10 @@ class Orphan:
     rid: str | None          # None: its entry carries no request id
     started: bool            # its run record exists: it may have done something
     where: str = ""          # where an operator finds it (a path, a row)
+    # claimed by a worker of this host (its on-disk state, e.g. a journal,
+    # is here): only then may this worker re-run or interrupt it when its op
+    # keeps such state (``Operation.recover``)
+    local: bool = True
 
 
 @dataclass
@@ -157,6 +163,11 @@ class Transport(ABC):
     # the worker's private folder on its own host: target locks, journals,
     # records of temporary files (``OpContext.work_dir``)
     work_dir: Path
+    # several workers (hosts) may serve it at once: each recovers the orphans
+    # of dead ones while it runs, and targets are leased across them
+    shared: bool = False
+    # a scan returns at most this many entries (the best first); None: all
+    scan_limit: int | None = None
 
     # -- set-up -------------------------------------------------------------------
 
@@ -183,9 +194,15 @@ class Transport(ABC):
         ``spoolops doctor`` to check."""
 
     @abstractmethod
-    def create(self, uid: int, gid: int) -> list[str]:
+    def create(self, uid: int, gid: int, **options: Any) -> list[str]:
         """Create or repair the spool for worker ``uid`` and submit group
-        ``gid`` (``spoolops init``); one line per change."""
+        ``gid`` (``spoolops init``; ``options`` are the transport's own);
+        one line per change."""
+
+    @abstractmethod
+    def may_answer(self) -> bool:
+        """Whether this process writes replies that clients trust (it runs
+        as the worker's identity)."""
 
     # -- the client ---------------------------------------------------------------
 
@@ -195,8 +212,10 @@ class Transport(ABC):
         Raises and queues nothing otherwise."""
 
     @abstractmethod
-    def withdraw(self, rid: str) -> bool:
-        """Cancel: True if the request was still queued (it then never runs)."""
+    def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
+        """Cancel: True if the request was still queued (it then never runs).
+        ``answer``: also reply with it (an operator's cancel wakes the client;
+        only when ``may_answer``)."""
 
     @abstractmethod
     def expect(self, rid: str) -> Waiter:
@@ -250,6 +269,12 @@ class Transport(ABC):
     @abstractmethod
     def put_back(self, rid: str) -> None:
         """Return a claimed, not started request to its place in line."""
+
+    def lease(self, rid: str, targets: tuple[str, ...]) -> bool:
+        """Reserve ``targets`` for claimed ``rid`` against other workers of a
+        ``shared`` transport; False if one is in use elsewhere.  The reply
+        (or ``put_back``, ``fail``) releases them."""
+        return True
 
     # -- the worker: running and answering -------------------------------------------
 

@@ -52,6 +52,7 @@ from ..fsutil import (
     write_atomic,
     write_new_file,
 )
+from ..users import user_name
 from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .spoolcare import SpoolCare
 from .spoolclient import SpoolClientSide
@@ -209,8 +210,8 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         except FileNotFoundError:
             return None
         except (UnsafeEntry, OSError):
-            return Claimed(entry, id_from_name(entry) or entry, b"", -1, time.time_ns())
-        return Claimed(entry, id_from_name(entry) or entry, f.data, f.st.st_uid,
+            return Claimed(entry, id_from_name(entry) or entry, b"", "unknown", time.time_ns())
+        return Claimed(entry, id_from_name(entry) or entry, f.data, user_name(f.st.st_uid),
                        min(f.st.st_mtime_ns, time.time_ns()))
 
     def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
@@ -251,11 +252,11 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 return self.quarantine(entry, f"Not a request: {exc.reason}", claimed=True)
             # the id is trustworthy (a plain file in our active/, its owner the
             # submitter): too large or unreadable is a bad request, answered
-            return Refused(entry, rid, st.st_uid, min(st.st_mtime_ns, time.time_ns()), problem)
+            return Refused(entry, rid, user_name(st.st_uid), min(st.st_mtime_ns, time.time_ns()), problem)
         except OSError as exc:
             return self.quarantine(entry, f"Could not read it: {exc.strerror or exc}",
                                    claimed=True)
-        return Claimed(entry, rid, f.data, f.st.st_uid, min(f.st.st_mtime_ns, time.time_ns()))
+        return Claimed(entry, rid, f.data, user_name(f.st.st_uid), min(f.st.st_mtime_ns, time.time_ns()))
 
     def put_back(self, rid: str) -> None:
         """Back to ``new/`` (the mtime, its place in line, is kept)."""
@@ -447,7 +448,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         except (UnsafeEntry, OSError):
             return None
         rid = id_from_name(entry)
-        return None if rid is None else Claimed(entry, rid, f.data, f.st.st_uid,
+        return None if rid is None else Claimed(entry, rid, f.data, user_name(f.st.st_uid),
                                                 f.st.st_mtime_ns)
 
     def clear(self, rid: str) -> None:

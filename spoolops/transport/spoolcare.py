@@ -70,9 +70,11 @@ class SpoolCare:
                         (mode, 0o700) if name == "work" else (mode,)))
         return out
 
-    def create(self, uid: int, gid: int) -> list[str]:
+    def create(self, uid: int, gid: int, **options: Any) -> list[str]:
         """Create or repair the tree for worker ``uid`` and submit group ``gid``;
-        one line per change made."""
+        one line per change made.  (The spool takes no ``options``.)"""
+        if options:
+            raise SpoolSetupError(f"the spool takes no {', '.join(sorted(options))}")
         changes: list[str] = []
         ensure_dir(self.root, ROOT_MODE, uid, gid, changes)
         for name, mode in DIR_MODES.items():

@@ -60,7 +60,10 @@ class SpoolClientSide:
         rid = request["id"]
         if not valid_id(rid):
             raise BadRequest(f"invalid request id {rid!r}")
-        data = encode_json(request)
+        try:
+            data = encode_json(request)
+        except (ValueError, TypeError) as exc:   # NaN, a set, an object...
+            raise BadRequest(f"the request cannot be written as JSON: {exc}") from None
         if len(data) > self.max_request_bytes:
             raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
                              f" ({self.max_request_bytes})")
@@ -106,7 +109,23 @@ class SpoolClientSide:
             os.close(check)
         return rid
 
-    def withdraw(self, rid: str) -> bool:
+    def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
+        """See ``_withdraw``; with ``answer`` (an operator's cancel) the
+        reply follows the withdrawal, best effort: the cancel itself stands."""
+        if not self._withdraw(rid):
+            return False
+        if answer is not None:
+            try:
+                self.reply(rid, answer, started=False)
+            except OSError:
+                pass
+        return True
+
+    def may_answer(self) -> bool:
+        # only the worker user writes replies a client trusts
+        return os.geteuid() == self.worker_uid()
+
+    def _withdraw(self, rid: str) -> bool:
         """Cancel: take ``new/ID.json`` out of the queue.  Atomic against
         ``claim``'s rename, so either the worker has it or nobody ever will.
         With ``durable`` the request is moved aside to ``tmp/`` first and

@@ -1,0 +1,242 @@
+"""The PostgreSQL queue as operators see it: counts, listings, one request,
+live events; and its care: requeue, the janitor's removals, workers' health.
+
+The spool's state words map to the table's ``state``: queued, running,
+failed, and ``replies`` (answered rows nobody collected yet).  Read with the
+caller's own role: the worker role sees every row, a submit role only its
+own (row-level security), so a web user's ``spoolops ls`` lists its own
+requests.  ``tail`` LISTENs on the events channel the table's trigger
+feeds.  The janitor's clock is the caller's (``now``), never the server's,
+so that tests can age the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ..errors import SpoolSetupError, TransportUnavailable
+from ..formats import utc_iso
+from .base import Ages, Entry, Finding, Removal, StateCount
+from .pgconn import connect, listen
+
+if TYPE_CHECKING:
+    from .pg import PgTransport
+
+_STATE_OF = {"queued": "queued", "running": "running", "failed": "failed",
+             "replies": "answered"}
+# the time each state is counted from
+_SINCE = {"queued": "submitted", "running": "claimed_at", "failed": "finished",
+          "answered": "finished"}
+
+
+def _ts(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)  # noqa: UP017
+
+
+class PgView:
+    """Mixed into ``PgTransport``."""
+
+    def counts(self: PgTransport, now: float) -> dict[str, StateCount]:
+        where = f"{self.names.schema}.requests"
+        try:
+            rows = self.pools.run(lambda c: c.execute(
+                f"SELECT state, count(*), min(CASE state WHEN 'queued' THEN submitted WHEN"
+                f" 'running' THEN claimed_at ELSE finished END) FROM {self.s}.requests"
+                " GROUP BY state").fetchall())
+        except psycopg.errors.InsufficientPrivilege:
+            return {state: StateCount(None, where=where, problem="unreadable")
+                    for state in _STATE_OF}
+        found = {state: (count, oldest) for state, count, oldest in rows}
+        out = {}
+        for word, state in _STATE_OF.items():
+            count, oldest = found.get(state, (0, None))
+            age = None if oldest is None else round(max(0.0, now - oldest.timestamp()), 3)
+            out[word] = StateCount(count, age, where=f"{where} ({state})")
+        return out
+
+    def entries(self: PgTransport, state: str) -> list[Entry]:
+        column = _SINCE[_STATE_OF[state]]
+        rows = self.pools.run(lambda c: c.execute(
+            f"SELECT id, {column}, op, submitter, priority, args->>'filename', targets,"
+            f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self.s}.requests"
+            f" WHERE state = %s ORDER BY {column}, id", (_STATE_OF[state],)).fetchall())
+        out = []
+        for rid, since, op, user, priority, filename, targets, pid, reason, ok, error in rows:
+            fields: dict[str, Any] = {"op": op, "user": user, "priority": priority,
+                                      "target": ",".join(targets or []) or filename}
+            if state == "running":
+                fields["pid"] = pid
+            if state == "failed":
+                fields["reason"] = reason
+            if state == "replies":
+                fields["outcome"] = "ok" if ok == "true" else error
+                fields["priority"] = None
+            out.append(Entry(state, rid, rid, _ts(since) or 0.0, fields))
+        return out
+
+    def find(self: PgTransport, prefix: str) -> list[str]:
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.pools.run(lambda c: c.execute(
+            f"SELECT id FROM {self.s}.requests WHERE id LIKE %s ORDER BY id LIMIT 100",
+            (pattern,)).fetchall())
+        found = [r[0] for r in rows]
+        return [prefix] if prefix in found else found
+
+    def describe(self: PgTransport, rid: str) -> dict[str, Any] | None:
+        from .pg import REQUEST_COLUMNS, envelope
+        row = self.pools.run(lambda c: c.execute(
+            f"SELECT state, submitter, submitted, claimed_at, finished, run, reply, reason,"
+            f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self.s}.requests"
+            " WHERE id = %s", (rid,)).fetchone())
+        if row is None:
+            return None
+        state, submitter, submitted, claimed_at, finished, run, reply, reason = row[:8]
+        since = {"queued": submitted, "running": claimed_at}.get(state, finished)
+        info: dict[str, Any] = {
+            "id": rid, "state": "done" if state == "answered" else state,
+            "path": f"{self.names.schema}.requests id={rid}",
+            "since": utc_iso(since.timestamp()) if since else None, "owner": submitter,
+            "request": json.loads(envelope(row[11:20])),
+            "claimed_by": row[8], "attempt": row[9], "targets": row[10]}
+        if state == "running":
+            info["run"] = run
+        if reply is not None:
+            info["reply"] = reply
+        if state == "failed":
+            info["reason"] = reason
+        return info
+
+    def follow(self: PgTransport, should_stop: Callable[[], bool], poll_s: float = 0.5
+               ) -> Iterator[dict[str, Any]]:
+        conn = connect(self.dsn)
+        try:
+            listen(conn, self.names.events_channel)
+            while not should_stop():
+                _ready, _, _ = select.select([conn.fileno()], [], [], poll_s)
+                try:
+                    notes = list(conn.notifies(timeout=0))
+                except psycopg.Error:
+                    yield {"time": utc_iso(), "event": "overflow",
+                           "note": "the connection to the database was lost; reconnecting"}
+                    conn.close()
+                    conn = connect(self.dsn)
+                    listen(conn, self.names.events_channel)
+                    continue
+                for note in notes:
+                    try:
+                        event = json.loads(note.payload)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        yield {"time": utc_iso(), **{k: v for k, v in event.items()
+                                                     if v is not None}}
+        finally:
+            conn.close()
+
+    # -- care -----------------------------------------------------------------------
+
+    def requeue(self: PgTransport, rid: str) -> str:
+        """Back in line (its place kept: ``submitted`` is unchanged) from failed,
+        or from running when its worker is gone."""
+        def work(conn: psycopg.Connection) -> str | None:
+            cur = conn.execute(
+                f"UPDATE {self.s}.requests SET state = 'queued', reply = NULL, reason = NULL,"
+                " finished = NULL, run = NULL, claimed_by = NULL, claimed_at = NULL,"
+                " targets = NULL WHERE id = %s AND state = 'failed'", (rid,))
+            if cur.rowcount:
+                return "failed"
+            dead = {r[0] for r in conn.execute(
+                self._dead_workers_sql(), {"me": self.me, "space": self.names.lock_space}
+            ).fetchall()}
+            if rid in dead:
+                conn.execute(
+                    f"UPDATE {self.s}.requests SET state = 'queued', run = NULL, claimed_by ="
+                    " NULL, claimed_at = NULL, targets = NULL WHERE id = %s AND state ="
+                    " 'running'", (rid,))
+                return "running"
+            return None
+        origin = self.pools.run(work)
+        if origin is None:
+            raise SpoolSetupError(f"{rid} is neither failed nor the orphan of a dead worker")
+        return origin
+
+    def reap(self: PgTransport, now: float, ages: Ages, worker_alive: bool, dry_run: bool
+             ) -> tuple[list[Removal], list[Finding]]:
+        removals: list[Removal] = []
+        findings: list[Finding] = []
+        table = f"{self.names.schema}.requests"
+
+        def work(conn: psycopg.Connection) -> None:
+            for state, ttl, why in (
+                    ("answered", ages.reply_ttl, "uncollected reply older than reply_ttl"),
+                    ("failed", ages.failed_ttl, "failed request older than failed_ttl")):
+                cutoff = _at(now - ttl)
+                verb = "SELECT id, finished FROM" if dry_run else "DELETE FROM"
+                rows = conn.execute(
+                    f"{verb} {self.s}.requests WHERE state = %s AND finished < %s"
+                    + ("" if dry_run else " RETURNING id, finished"), (state, cutoff)
+                ).fetchall()
+                removals.extend(Removal("remove", f"{table} id={rid}", why,
+                                        round(now - finished.timestamp(), 3), done=not dry_run)
+                                for rid, finished in rows)
+            for rid, submitted in conn.execute(
+                    f"SELECT id, submitted FROM {self.s}.requests WHERE state = 'queued' AND"
+                    " submitted < %s ORDER BY submitted LIMIT 1000",
+                    (_at(now - ages.stuck_after),)).fetchall():
+                findings.append(Finding("stuck", f"{table} id={rid}",
+                                        f"queued longer than stuck_after"
+                                        f" ({ages.stuck_after:g} s)",
+                                        round(now - submitted.timestamp(), 3)))
+            for rid, since in conn.execute(
+                    f"SELECT id, coalesce((run->'progress'->>'updated_at')::timestamptz,"
+                    f" claimed_at) FROM {self.s}.requests WHERE state = 'running' AND"
+                    " coalesce((run->'progress'->>'updated_at')::timestamptz, claimed_at) < %s",
+                    (_at(now - ages.stuck_after),)).fetchall():
+                findings.append(Finding("running_long", f"{table} id={rid}",
+                                        f"running with no progress for longer than"
+                                        f" stuck_after ({ages.stuck_after:g} s)",
+                                        round(now - since.timestamp(), 3)))
+            # registrations of dead workers with nothing left running
+            if not dry_run:
+                conn.execute(
+                    f"DELETE FROM {self.s}.workers w WHERE NOT EXISTS (SELECT 1 FROM"
+                    f" {self.s}.requests r WHERE r.state = 'running' AND r.claimed_by = w.id)"
+                    " AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'"
+                    " AND l.classid::bigint = %s AND l.objid::bigint = w.id AND"
+                    " l.objsubid = 2 AND l.granted)", (self.names.lock_space,))
+        self.pools.run(work, retry=False)
+        return removals, findings
+
+    def _live_workers(self: PgTransport) -> list[tuple]:
+        return self.pools.run(lambda c: c.execute(
+            f"SELECT w.id, w.pid, w.host, w.stats FROM {self.s}.workers w WHERE EXISTS"
+            " (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.classid::bigint"
+            " = %s AND l.objid::bigint = w.id AND l.objsubid = 2 AND l.granted) ORDER BY"
+            " w.stats_at DESC NULLS LAST", (self.names.lock_space,)).fetchall())
+
+    def worker_alive(self: PgTransport) -> tuple[bool | None, int | None]:
+        try:
+            live = self._live_workers()
+        except (psycopg.errors.InsufficientPrivilege, TransportUnavailable):
+            return None, None
+        return (True, live[0][1]) if live else (False, None)
+
+    def load_stats(self: PgTransport, fresh: bool = False) -> dict[str, Any] | None:
+        try:
+            live = self._live_workers()
+        except (psycopg.errors.InsufficientPrivilege, TransportUnavailable):
+            return None
+        for _wid, _pid, _host, stats in live:
+            if isinstance(stats, dict):
+                return stats
+        return None
