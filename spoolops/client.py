@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config, replace_config
-from .errors import Timeout, error_for
+from .errors import Timeout, TransportUnavailable, error_for
 from .formats import PROTOCOL_VERSION, new_request_id, utc_iso
 from .transport import Transport, open_transport
 from .transport.base import Waiter
@@ -124,15 +124,18 @@ class Client:
         poll = BACKSTOP_POLL_S if on_progress is None else PROGRESS_POLL_S
         shown = None
         while True:
-            obj = self.transport.collect(rid) if look_first else None
-            look_first = True
-            if obj is not None:
-                return Reply.from_dict(obj)
-            if on_progress is not None:
-                progress = self.transport.progress_of(rid)
-                if progress is not None and progress != shown:
-                    on_progress(progress)
-                    shown = progress
+            try:
+                obj = self.transport.collect(rid) if look_first else None
+                look_first = True
+                if obj is not None:
+                    return Reply.from_dict(obj)
+                if on_progress is not None:
+                    progress = self.transport.progress_of(rid)
+                    if progress is not None and progress != shown:
+                        on_progress(progress)
+                        shown = progress
+            except TransportUnavailable:
+                pass   # a database restarting: the request and its reply wait there
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise Timeout(f"no reply to {rid} within {timeout:g} s"

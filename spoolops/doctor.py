@@ -65,12 +65,30 @@ def run_checks(config_path: str | os.PathLike | None = None,
                         "correct the file (see etc/spoolops.conf for a sample)")]
     source = config.source or "defaults (no config file found)"
     findings = [Finding("config", True, f"parsed {source}")]
+    if config.transport == "postgresql":
+        # the worker's host: its account, its folder and the data; the queue
+        # itself is the database's (roles, grants, row-level security)
+        findings += check_accounts(config, groups=False)
+        findings += check_tree(config)
+        findings += check_filesystems(config)
+        findings += check_transport(config)
+        return findings
     findings += check_accounts(config)
     findings += check_tree(config)
     findings += check_groups(config)
     findings += check_filesystems(config)
     findings += check_inotify()
     return findings
+
+
+def check_transport(config: Config) -> list[Finding]:
+    """What the transport knows to check about itself (the database's schema,
+    roles and row-level security)."""
+    try:
+        transport = open_transport(config)
+        return [Finding(*item) for item in transport.diagnose()]
+    except (SpoolSetupError, OSError) as exc:
+        return [Finding("queue", False, str(exc), "see README, 'Deploying over PostgreSQL'")]
 
 
 def _names(config: Config) -> tuple[str | None, str | None]:
@@ -89,7 +107,7 @@ def _names(config: Config) -> tuple[str | None, str | None]:
     return user, group
 
 
-def check_accounts(config: Config) -> list[Finding]:
+def check_accounts(config: Config, groups: bool = True) -> list[Finding]:
     user, group = _names(config)
     out: list[Finding] = []
     if user is None:
@@ -107,6 +125,8 @@ def check_accounts(config: Config) -> list[Finding]:
                            " and run 'spoolops init'"))
     else:
         out.append(Finding("worker user", True, f"{user} (uid {pw.pw_uid})"))
+    if not groups:
+        return out
     if group is None:
         out.append(Finding("submit group", False, "not set and no spool to learn it from",
                            "set [spool] group and run 'spoolops init'"))
@@ -301,6 +321,8 @@ def check_filesystems(config: Config) -> list[Finding]:
     out = []
     for label, path in (("spool", config.root), ("storage_root", config.storage_root),
                         ("upload_staging_dir", config.upload_staging_dir)):
+        if label == "spool" and config.transport != "spool":
+            continue
         try:
             point, fstype = mount_of(path)
         except OSError as exc:

@@ -335,7 +335,13 @@ class Worker:
     def _claim(self, name: str) -> Job | None:
         """Claim an entry, validate it: a job to run, or None when it was
         answered, quarantined or gone."""
-        claimed = self.transport.claim(name)
+        try:
+            claimed = self.transport.claim(name)
+        except OSError as exc:
+            # the queue is out of reach (a database restarting): the entry stays
+            # queued there, and the scan after reconnecting finds it again
+            log.error("event=claim_failed name=%s error=%r", name, str(exc))
+            return None
         if claimed is None:
             return None
         if isinstance(claimed, Quarantined):

@@ -1,4 +1,5 @@
-"""Fault injection: SIGKILL the worker at random moments under load.
+"""Fault injection: SIGKILL the worker at random moments under load (the
+kill-and-restart test on both transports).
 
 Four client processes submit a stream of mixed requests (``echo``,
 ``update_headers`` setting a distinct ``SEQ`` on one of three FITS files, a
@@ -11,7 +12,7 @@ could produce and passes astropy's verify, every ingested file is whole, and
 ``new/``, ``active/`` and ``work/`` hold nothing stale.  A third test runs the
 janitor in a tight loop beside a busy worker: nothing is lost.
 
-CI sizes: 50 kills (restart), 30 (standby).  ``SPOOLOPS_SOAK=1`` runs 500;
+CI sizes: 50 kills (restart; 30 over PostgreSQL), 30 (standby).  ``SPOOLOPS_SOAK=1`` runs 500;
 ``SPOOLOPS_SOAK_KILLS=N`` runs N.
 """
 
@@ -29,7 +30,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, make_env, wait_for
+from conftest import TRANSPORTS, SpoolEnv, make_env, queue_for, wait_for
 
 from spoolops.transport.spoollock import worker_alive
 
@@ -146,7 +147,8 @@ class Load:
         self.procs = [subprocess.Popen(
             [sys.executable, "-c", CLIENT, str(i), str(out), str(self.stop),
              str(env.config.upload_staging_dir), ",".join(FITS_NAMES)],
-            env=env.env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            env=env.client_env() if hasattr(env, "client_env") else env.env(),
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for i, out in enumerate(self.outs)]
 
     def finish(self, timeout: float = 300) -> list[dict]:
@@ -173,7 +175,6 @@ def lock_holder(env: SpoolEnv) -> int | None:
 
 def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes]) -> dict:
     """Every assertion of the issue's end state; returns counts for the report."""
-    sp = env.spool
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids))
     counts: dict[str, int] = {}
@@ -191,16 +192,19 @@ def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes
             assert r["result"] == r["args"]
     # exactly one reply: the clients collected theirs; anything left is a
     # duplicate or for an unknown id
-    assert os.listdir(sp.replies) == []
-    assert os.listdir(sp.new) == [] and os.listdir(sp.active) == []
-    failed = {n[: -len(".json")] for n in os.listdir(sp.failed) if n.endswith(".json")}
+    transport = env.transport() if hasattr(env, "transport") else env.spool
+    counts_now = transport.counts(time.time())
+    assert counts_now["replies"].count == 0
+    assert counts_now["queued"].count == 0 and counts_now["running"].count == 0
+    failed = {e.id for e in transport.entries("failed")}
     assert failed == interrupted
-    stale = [n for n in os.listdir(sp.work)
+    work = transport.work_dir
+    stale = [n for n in os.listdir(work)
              if n not in ("worker.lock", "stats.json", "locks", "temps", "journals", "memos")]
     assert stale == []
     for sub in ("temps", "journals", "memos"):
-        if (sp.work / sub).exists():
-            assert os.listdir(sp.work / sub) == []
+        if (work / sub).exists():
+            assert os.listdir(work / sub) == []
     # FITS files: byte-identical to the original or to one requested SEQ edit
     from astropy.io import fits
     requested = {name: set() for name in FITS_NAMES}
@@ -252,9 +256,10 @@ def _final_drain(env: SpoolEnv, load: Load) -> list[dict]:
     return records
 
 
-def test_kill_and_restart(fault_env: SpoolEnv):
-    env = fault_env
-    kills = kill_count(50)
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_kill_and_restart(request, tmp_path: Path, kind: str):
+    env = queue_for(request, tmp_path, kind)
+    kills = kill_count(50 if kind == "spool" else 30)
     originals = make_fits(env)
     rng = random.Random(1234)
     load = Load(env)
@@ -268,7 +273,7 @@ def test_kill_and_restart(fault_env: SpoolEnv):
     finally:
         load.kill()
     counts = check_outcome(env, records, originals)
-    print(f"\nkill+restart: {kills} kills, {time.monotonic() - t0:.1f} s, {counts}")
+    print(f"\nkill+restart ({kind}): {kills} kills, {time.monotonic() - t0:.1f} s, {counts}")
 
 
 def test_kill_with_standby_takeover(fault_env: SpoolEnv):

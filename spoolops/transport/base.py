@@ -204,6 +204,11 @@ class Transport(ABC):
         """Whether this process writes replies that clients trust (it runs
         as the worker's identity)."""
 
+    def diagnose(self) -> list[tuple[str, bool, str, str]]:
+        """(check, ok, message, fix) the transport can tell about itself for
+        ``spoolops doctor``, beyond folders and accounts."""
+        return []
+
     # -- the client ---------------------------------------------------------------
 
     @abstractmethod

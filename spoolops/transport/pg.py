@@ -175,6 +175,20 @@ class PgTransport(PgView, Transport):
         return [(f"connected as {role!r}, a superuser or BYPASSRLS role: give the worker a"
                 " plain login role")] if bypass else []
 
+    def diagnose(self) -> list[tuple[str, bool, str, str]]:
+        try:
+            conn = connect(self.dsn)
+        except TransportUnavailable as exc:
+            return [("database", False, str(exc), ("check [postgresql] dsn, pg_hba.conf and"
+                     " that the server runs"))]
+        try:
+            server = conn.execute("SHOW server_version").fetchone()[0]
+            out = [("database", True, (f"connected (PostgreSQL {server}, database"
+                    f" {conn.info.dbname})"), "")]
+            return out + pgschema.check(conn, self.names)
+        finally:
+            conn.close()
+
     def may_answer(self) -> bool:
         try:
             return bool(self.pools.run(self._role_check)[1])
@@ -225,6 +239,10 @@ class PgTransport(PgView, Transport):
             tries += 1
             try:
                 conn.execute(insert, values)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise SpoolSetupError(
+                    f"this role may not submit ({_message(exc)}): it must be a member of"
+                    f" {self.names.submit_role}") from None
             except psycopg.errors.UniqueViolation:
                 if tries == 1:
                     raise BadRequest(f"request id {rid!r} is already in use") from None
@@ -282,10 +300,7 @@ class PgTransport(PgView, Transport):
         host_lock = FlockWorkerLock(self.work_dir / LOCK_NAME)
         host_lock.acquire(wait, should_stop)
         try:
-            self.me = self.pools.run(lambda c: c.execute(
-                f"INSERT INTO {self.s}.workers (host, work_dir, pid) VALUES (%s, %s, %s)"
-                " RETURNING id", (self.host, str(self.work_dir), os.getpid())).fetchone()[0],
-                retry=False)
+            self.me = self.pools.run(self._register, retry=False)
             self.listener = IntakeListener(self.dsn, self.names.new_channel,
                                            (self.names.lock_space, self.me),
                                            self.config.lock_grace)
@@ -295,6 +310,17 @@ class PgTransport(PgView, Transport):
             raise
         log.info("event=worker_registered worker=%d host=%s", self.me, self.host)
         return _PgWorkerLock(self, host_lock, self.listener)
+
+    def _register(self, conn: psycopg.Connection) -> int:
+        with conn.transaction():
+            # this host's earlier workers are dead (we hold its lock): their
+            # rows go, unless they left requests for recovery
+            conn.execute(f"DELETE FROM {self.s}.workers w WHERE host = %s AND work_dir = %s"
+                         f" AND NOT EXISTS (SELECT 1 FROM {self.s}.requests r WHERE r.state ="
+                         " 'running' AND r.claimed_by = w.id)", (self.host, str(self.work_dir)))
+            return conn.execute(f"INSERT INTO {self.s}.workers (host, work_dir, pid) VALUES"
+                                " (%s, %s, %s) RETURNING id",
+                                (self.host, str(self.work_dir), os.getpid())).fetchone()[0]
 
     def watch(self) -> int:
         assert self.listener is not None, "lock_worker first"
@@ -405,9 +431,15 @@ class PgTransport(PgView, Transport):
                      (Json(record), rid))
 
     def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
-        self._fenced(rid, "reply",
-                     f"UPDATE {self.s}.requests SET state = 'answered', reply = %s, finished ="
-                     " clock_timestamp(), run = NULL WHERE id = %s", (Json(reply), rid))
+        query = (f"UPDATE {self.s}.requests SET state = 'answered', reply = %s, finished ="
+                 " clock_timestamp(), run = NULL WHERE id = %s")
+        try:
+            self._fenced(rid, "reply", query, (Json(reply), rid))
+        except (psycopg.DataError, ValueError) as exc:
+            # a result the database cannot hold (a NUL in a string): the
+            # request must still be answered, and the reason said
+            log.error("event=reply_refused id=%s error=%r", rid, _message(exc))
+            self._fenced(rid, "reply", query, (Json(_unstorable(reply, exc)), rid))
 
     def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
         if claimed and entry in self._claims:
@@ -502,6 +534,12 @@ class PgTransport(PgView, Transport):
         except TransportUnavailable:
             return False
         return True
+
+
+def _unstorable(reply: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    return dict(reply, ok=False, result=None, error={
+        "type": "OpFailed", "message": "the operation's reply could not be stored in the"
+        f" queue: {_message(exc)}"})
 
 
 def _message(exc: BaseException) -> str:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from ..errors import SpoolSetupError
+
 SCHEMA_VERSION = 1
 
 # the request columns a submitter may write (column privilege and the trigger)
@@ -115,7 +117,9 @@ def _version_1(n: Names) -> list[str]:
             reply json,
             reason text,
             finished timestamptz,
-            CHECK ((state IN ('answered', 'failed')) = (finished IS NOT NULL)))""",
+            CHECK ((state IN ('answered', 'failed')) = (finished IS NOT NULL)),
+            -- text PostgreSQL can hold (no NUL): refused at submit, not by the worker
+            CONSTRAINT args_are_text CHECK (args IS NULL OR args::jsonb IS NOT NULL))""",
         # the claim's order, over queued rows only
         f"""CREATE INDEX requests_queue ON {s}.requests (priority DESC, submitted, id)
             WHERE state = 'queued'""",
@@ -194,7 +198,10 @@ def _functions(n: Names) -> list[str]:
                     PERFORM pg_notify({events}, json_build_object('event', 'finished',
                         'id', NEW.id, 'op', NEW.op, 'ok', (NEW.reply->>'ok')::boolean,
                         'error', NEW.reply->'error'->>'type',
-                        'message', NEW.reply->'error'->>'message')::text);
+                        'message', NEW.reply->'error'->>'message',
+                        'duration_s', round(extract(epoch FROM
+                            (NEW.reply->>'finished_at')::timestamptz -
+                            (NEW.reply->>'started_at')::timestamptz)::numeric, 3))::text);
                     IF NEW.state = 'failed' THEN
                         PERFORM pg_notify({events}, json_build_object('event', 'failed',
                             'id', NEW.id, 'reason', NEW.reason)::text);
@@ -277,7 +284,7 @@ def install(conn, names: Names, web_logins: tuple[str, ...] = (),
             changes.append(f"created schema {names.schema}")
         version = installed_version(conn, names)
         if version is not None and version > SCHEMA_VERSION:
-            raise RuntimeError(f"schema {names.schema} is at version {version}, newer than"
+            raise SpoolSetupError(f"schema {names.schema} is at version {version}, newer than"
                                f" this spoolops ({SCHEMA_VERSION}): upgrade spoolops")
         # objects are made as their owner, so that no login role owns one
         cur.execute(f"SET LOCAL ROLE {_q(names.owner_role)}")
