@@ -182,7 +182,10 @@ class Deployment:
 
     @classmethod
     def create(cls, accounts: Accounts, access: dict[str, str] | None = None,
-               worker: dict[str, str] | None = None) -> Deployment:
+               worker: dict[str, str] | None = None, pg: Any = None) -> Deployment:
+        """``pg``: (cluster, database) -- the PostgreSQL transport instead, set
+        up by the same 'spoolops init' with the test accounts as login roles
+        (the cluster authenticates them by peer: role = unix account)."""
         base = Path(tempfile.mkdtemp(prefix="spoolops-deploy-", dir="/tmp"))
         os.chmod(base, 0o755)                    # every account must traverse it
         dep = cls(accounts, base)
@@ -197,8 +200,14 @@ class Deployment:
         first.write_text(f"[spool]\nroot = {base / 'spool'}\n\n[storage]\n"
                          f"storage_root = {base / 'storage'}\n"
                          f"upload_staging_dir = {base / 'staging'}\n")
+        transport: tuple[str, ...] = ()
+        if pg is not None:
+            cluster, dbname = pg
+            transport = ("--transport", "postgresql", "--dsn", cluster.dsn(dbname),
+                         "--admin-dsn", cluster.dsn(dbname, "postgres"),
+                         "--web-login", WEB, "--web-login", MEMBER, "--worker-login", WORKER)
         done = dep.run_as(None, accounts.python, "-m", "spoolops", "--config", str(first),
-                          "init", "--worker-user", WORKER, "--group", GROUP,
+                          "init", "--worker-user", WORKER, "--group", GROUP, *transport,
                           "--write-config", str(dep.config_path),
                           env=accounts.env(dep.home(None)))
         if done.returncode != 0:

@@ -25,6 +25,17 @@ def config_of(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), root=getattr(args, "root", None))
 
 
+def operator_config_of(args: argparse.Namespace) -> Config:
+    """``config_of`` for the read-only operator commands.  Over PostgreSQL,
+    root has no database role of its own: it looks as the worker user (with
+    peer authentication, the worker's role), as it would read the spool."""
+    config = config_of(args)
+    if config.transport == "postgresql":
+        from ..admin import become_worker_user
+        become_worker_user(config)
+    return config
+
+
 def age_text(seconds: float | None) -> str:
     if seconds is None:
         return "-"

@@ -6,6 +6,11 @@ requests through the real client (echo, header edits on a plain and a
 bz2-compressed file, an upload ingest, two requests that must fail), prints
 each reply and ``spoolops status``, and stops the worker with SIGTERM.
 Runs as any user: the tree belongs to whoever runs it.
+
+``--transport postgresql``: the same over a throwaway PostgreSQL cluster
+(``pgcluster``; the machine's server binaries), the queue set up by the
+same code as ``spoolops init --transport postgresql``, the worker and the
+client connecting as two roles (``demo_worker``, ``demo_web``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ CONFIG = """\
 [spool]
 root = spool
 durable = yes
-
+transport = {transport}
+{postgresql}
 [worker]
 concurrency = 4
 rescan_interval = 10s
@@ -55,13 +61,51 @@ def _sample_fits(path: Path, seed: int) -> None:
     hdu.writeto(path)
 
 
-def run_demo(directory: str | None = None, keep: bool = False) -> int:
+def _configure(base: Path, transport: str) -> tuple[Path, Path, object]:
+    """(worker config, client config, cluster or None)."""
+    config_path, client_path = base / "spoolops.conf", base / "client.conf"
+    if transport == "spool":
+        config_path.write_text(CONFIG.format(transport="spool", postgresql=""))
+        config = load_config(config_path)
+        init_tree(config, resolve_accounts(config))
+        return config_path, config_path, None
+    from ..pgcluster import start_cluster
+    print("starting a throwaway PostgreSQL cluster ...")
+    cluster = start_cluster()   # its own folder: the server account must reach it
+    try:
+        cluster.psql("CREATE DATABASE demo")
+        for path, role in ((config_path, "demo_worker"), (client_path, "demo_web")):
+            path.write_text(CONFIG.format(transport="postgresql", postgresql=(
+                f"\n[postgresql]\ndsn = {cluster.dsn('demo', role)}\n")))
+        config = load_config(config_path)
+        for line in init_tree(config, resolve_accounts(config),
+                              admin_dsn=cluster.dsn("demo", "postgres"),
+                              web_logins=["demo_web"], worker_logins=["demo_worker"]):
+            print(f"  {line}")
+    except BaseException:
+        cluster.destroy()
+        raise
+    print(f"  cluster in {cluster.base}, queue in schema {config.schema}")
+    return config_path, client_path, cluster
+
+
+def run_demo(directory: str | None = None, keep: bool = False,
+             transport: str = "spool") -> int:
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="spoolops-demo-"))
     base.mkdir(parents=True, exist_ok=True)
-    config_path = base / "spoolops.conf"
-    config_path.write_text(CONFIG)
+    config_path, client_path, cluster = _configure(base, transport)
+    try:
+        return _demo(base, config_path, client_path, directory, keep)
+    finally:
+        if cluster is not None:
+            from ..transport.pgconn import shutdown
+            shutdown()
+            cluster.destroy()
+
+
+def _demo(base: Path, config_path: Path, client_path: Path, directory: str | None,
+          keep: bool) -> int:
     config = load_config(config_path)
-    init_tree(config, resolve_accounts(config))
     night = config.storage_root / "20261128"
     night.mkdir(exist_ok=True)
     _sample_fits(night / "N20261128S0001.fits", 1)
@@ -91,7 +135,7 @@ def run_demo(directory: str | None = None, keep: bool = False) -> int:
                 return 1
             time.sleep(0.05)
         print(f"worker running, pid {worker.pid}")
-        client = Client(config=config)
+        client = Client(config=client_path)
         requests = [
             ("echo", {"hello": "world"}),
             ("update_headers", {"filename": "20261128/N20261128S0001.fits",
@@ -134,7 +178,7 @@ def run_demo(directory: str | None = None, keep: bool = False) -> int:
     print(log_path.read_text(), end="")
     ok = code == 0 and failures == 2
     if directory is None and not keep:
-        shutil.rmtree(base)
+        shutil.rmtree(base, ignore_errors=True)
     else:
         print(f"\nthe tree is kept in {base}")
     print("\ndemo " + ("finished: all replies as expected" if ok else "FAILED"))

@@ -17,9 +17,11 @@ from typing import Any
 from ..status import STATES, spool_status
 from ..transport import open_transport
 from ..transport.base import STATE_WORDS
-from .common import Exit, age_text, config_of, progress_text
+from .common import Exit, age_text, operator_config_of, progress_text
 
 STATE_LABELS = {state: word for word, state in STATE_WORDS.items()}
+# the PostgreSQL queue's row states, for the same lines
+PG_LABELS = {"queued": "queued", "running": "running", "failed": "failed", "replies": "answered"}
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = config_of(args)
+    config = operator_config_of(args)
     transport = open_transport(config)
     status = spool_status(config, refresh=True, transport=transport)
     if args.prometheus:
@@ -40,12 +42,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif args.json:
         print(json.dumps(status, indent=2))
     else:
-        print(f"spool {status['root']}")
-        print(f"{'state':<10}{'dir':<10}{'count':>8}  oldest")
+        if config.transport == "postgresql":
+            print(f"queue {config.schema} (PostgreSQL)")
+            labels, column = PG_LABELS, "row state"
+        else:
+            print(f"spool {status['root']}")
+            labels = {state: label + "/" for state, label in STATE_LABELS.items()}
+            column = "dir"
+        print(f"{'state':<10}{column:<10}{'count':>8}  oldest")
         for state in STATES:
             s = status[state]
             count = "?" if s["count"] is None else str(s["count"])
-            print(f"{state:<10}{STATE_LABELS[state] + '/':<10}{count:>8}"
+            print(f"{state:<10}{labels[state]:<10}{count:>8}"
                   f"  {age_text(s['oldest_age_s'])}")
         worker = status["worker"]
         if worker["alive"]:
@@ -66,7 +74,7 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    transport = open_transport(config_of(args))
+    transport = open_transport(operator_config_of(args))
     ids = transport.find(args.id)
     if not ids:
         print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
@@ -118,7 +126,7 @@ def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    transport = open_transport(config_of(args))
+    transport = open_transport(operator_config_of(args))
     folders = [args.state] if args.state else list(STATE_WORDS)
     now = time.time()
     if not args.json:
@@ -168,7 +176,7 @@ def tail_line(event: dict[str, Any]) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    transport = open_transport(config_of(args))
+    transport = open_transport(operator_config_of(args))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     seen = 0

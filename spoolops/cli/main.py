@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR", help="where to build the tree (default: a"
                    " temporary folder, removed afterwards)")
     p.add_argument("--keep", action="store_true", help="keep the tree afterwards")
+    p.add_argument("--transport", choices=("spool", "postgresql"), default="spool",
+                   help="postgresql: the same over a throwaway PostgreSQL cluster (needs"
+                        " the server binaries, e.g. Debian's postgresql package)")
     return parser
 
 
@@ -268,7 +271,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    return run_demo(args.dir, keep=args.keep)
+    return run_demo(args.dir, keep=args.keep, transport=args.transport)
 
 
 COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call,

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from ..errors import TransportUnavailable
+from ..errors import SpoolSetupError, TransportUnavailable
 from .base import Waiter
 
 log = logging.getLogger("spoolops.transport")
@@ -44,12 +44,24 @@ EX_TEMPFAIL = 75
 
 
 def connect(dsn: str, **options: Any) -> psycopg.Connection:
-    """A dedicated autocommit connection, or ``TransportUnavailable``."""
+    """A dedicated autocommit connection; ``SpoolSetupError`` when this
+    account may not connect (no such role or database, authentication
+    refused: retrying will not help), else ``TransportUnavailable``."""
     try:
         return psycopg.connect(dsn, autocommit=True, **options)
     except psycopg.Error as exc:
-        raise TransportUnavailable(f"cannot connect to the queue database: {_first(exc)}") \
-            from None
+        raise _connect_error(exc) from None
+
+
+def _connect_error(exc: psycopg.Error) -> Exception:
+    text = _first(exc)
+    state = getattr(exc, "sqlstate", None) or ""
+    refused = state.startswith("28") or state == "3D000" or any(
+        word in text for word in ("does not exist", "authentication failed",
+                                  "no pg_hba.conf entry"))
+    if refused:
+        return SpoolSetupError(f"the queue database refuses this account: {text}")
+    return TransportUnavailable(f"cannot connect to the queue database: {text}")
 
 
 def _first(exc: BaseException) -> str:
@@ -74,6 +86,10 @@ class Pools:
                 kwargs: dict[str, Any] = {"autocommit": True}
                 if self.options:
                     kwargs["options"] = self.options
+                # one connection first, so that a refused account or a server
+                # that is down is said at once, not after the pool's retries
+                probe = {"options": self.options} if self.options else {}
+                connect(self.dsn, **probe).close()
                 # the parent's pool (if any) is left alone: closing it here
                 # would close the parent's sockets
                 self._pool = ConnectionPool(self.dsn, min_size=1, max_size=self.max_size,
@@ -131,6 +147,21 @@ def shared_pools(dsn: str, max_size: int = 8, options: str = "") -> Pools:
         if pools is None:
             pools = _pools[key] = Pools(dsn, max_size, options)
         return pools
+
+
+def shutdown() -> None:
+    """Stop this process's reply listeners and close its pools (before the
+    database goes away on purpose, e.g. at the end of the demo)."""
+    with _listeners_lock:
+        listeners = list(_listeners.values()) if _listeners_pid == os.getpid() else []
+        _listeners.clear()
+    for listener in listeners:
+        listener.stop()
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for item in pools:
+        item.close()
 
 
 def listen(conn: psycopg.Connection, channel: str) -> None:
@@ -198,7 +229,8 @@ class ReplyListener:
             try:
                 conn = psycopg.connect(self.dsn, autocommit=True)
             except psycopg.Error as exc:
-                if attempt == 0:
+                if attempt == 0 and self._listening.is_set():
+                    # (a first connection that fails is the caller's to report)
                     log.warning("event=reply_listener_down error=%r", _first(exc))
                 time.sleep(RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)])
                 attempt += 1
@@ -218,6 +250,11 @@ class ReplyListener:
                 self._wake(None)
             finally:
                 conn.close()
+
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2.0)
 
 
 _listeners: dict[tuple[str, str], ReplyListener] = {}
