@@ -6,6 +6,7 @@ same assertions.  What is particular to one transport lives in
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -208,7 +209,9 @@ def test_hostile_requests_get_precise_errors(served) -> None:
     assert served.quiet()
 
 
-def test_fits_update_headers(served) -> None:
+def test_fits_operations(served) -> None:
+    """update_headers on a generated image and ingest_upload of another,
+    judged by astropy and by fitsverify."""
     fitsverify = require_fitsverify()
     (served.config.storage_root / "night").mkdir(parents=True)
     path = simple_image(served.config.storage_root / "night" / "img.fits")
@@ -221,6 +224,13 @@ def test_fits_update_headers(served) -> None:
     with fits.open(path) as hdul:
         assert hdul[0].header["OBJECT"] == "M31" and hdul[0].header["AIRMASS"] == 1.25
     assert fitsverify_errors(path) == 0, fitsverify
+    upload = simple_image(served.config.upload_staging_dir / "up.fits", seed=3)
+    digest = hashlib.md5(upload.read_bytes()).hexdigest()
+    result = client.call("ingest_upload", {"filename": "up.fits", "path": "night",
+                                           "md5": digest}, timeout=60)
+    stored = served.config.storage_root / "night" / "up.fits"
+    assert result["md5"] == digest and stored.exists() and not upload.exists()
+    assert fitsverify_errors(stored) == 0
 
 
 def test_operator_commands(served) -> None:

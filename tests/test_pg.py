@@ -153,7 +153,7 @@ def test_worker_lost_on_another_host(pg_cluster, tmp_path: Path) -> None:
         client = env.client()
         release = tmp_path / "never"
         idem = client.submit("hold", {"release": str(release), "target": "H", "timeout": 60})
-        nonidem = client.submit("nonidem", {"seconds": 30, "target": "N"})
+        nonidem = client.submit("nonidem", {"seconds": 4, "target": "N"})
         wait_for(lambda: env.running_targets() == ["H", "N"], what="both running on A")
         a_id = env.sql("SELECT id FROM spoolops.workers")[0][0]
         env.stop_worker(a, signal.SIGKILL)
@@ -173,6 +173,10 @@ def test_worker_lost_on_another_host(pg_cluster, tmp_path: Path) -> None:
         assert time.monotonic() - killed >= 2.5, "B waited for lock_grace"
         reply = client.wait(nonidem, timeout=60)
         assert reply.error["type"] == "Interrupted"
+        assert env.count("failed") == 1
+        requeued = env.spoolops("requeue", nonidem)
+        assert requeued.returncode == 0 and "(was in failed)" in requeued.stdout
+        assert client.wait(nonidem, timeout=60).ok        # B runs it again
         env.wait_log(b, "event=orphan_left id=uh1")
         assert env.sql("SELECT state FROM spoolops.requests WHERE id = 'uh1'") == [("running",)]
         assert env.sql("SELECT request_id FROM spoolops.leases") == [("uh1",)]
@@ -295,10 +299,16 @@ def test_doctor_status_and_tail(pgq) -> None:
     assert kinds == ["queued", "finished", "removed"], out
     status = json.loads(pgq.spoolops("status", "--json").stdout)
     assert status["worker"]["alive"] is True and status["queued"]["count"] == 0
+    prometheus = pgq.spoolops("status", "--prometheus").stdout
+    assert 'spoolops_requests{state="queued"} 0' in prometheus
+    assert "spoolops_worker_up 1" in prometheus
     # a web role's status sees its own rows, and says it cannot see the worker
     web = subprocess.run([sys.executable, "-m", "spoolops", "status", "--json"],
                          env=pgq.client_env(), capture_output=True, text=True, check=False)
-    assert json.loads(web.stdout)["worker"]["alive"] is False or web.returncode in (0, 1)
+    assert web.stdout, web.stderr
+    seen = json.loads(web.stdout)
+    assert seen["replies"]["count"] == 0 and web.returncode == 1
+    assert any("cannot tell whether a worker runs" in p for p in seen["problems"])
 
 
 def test_a_role_outside_both_groups_is_refused(pgq) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from . import report
 from .common import fs_type, loadavg, machine
 
-WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor", "idle")
+WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor", "idle", "pg")
 
 
 def _log(msg: str) -> None:

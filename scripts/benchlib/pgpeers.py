@@ -105,10 +105,10 @@ async def install_pgqueuer(dsn: str) -> None:
 
 
 async def _serve_pgqueuer(dsn: str) -> None:
+    import asyncpg
     from pgqueuer import PgQueuer
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.models import Job
-    import asyncpg
     # glue: the reply writers (a pool: jobs run concurrently, an asyncpg
     # connection runs one query at a time)
     out = await asyncpg.create_pool(min_size=2, max_size=8, **_asyncpg_args(dsn))

@@ -73,3 +73,7 @@ def _run_one(name: str, base: Path, systems: Systems | None, quick: bool,
         from . import w_idle
         results["idle"] = w_idle.run(base / "idle", quick, log)
         rows += w_idle.rows(results["idle"])
+    elif name == "pg":
+        from . import w_pg
+        results["pg"] = w_pg.run(base / "pg", quick, log)
+        rows += w_pg.rows(results["pg"])

@@ -265,7 +265,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     except SpoolSetupError as exc:
         print(f"spoolops requeue: {exc}", file=sys.stderr)
         return Exit.FAIL
-    print(f"requeued {args.id} (was in {origin}/)")
+    where = f"{origin}/" if config.transport == "spool" else origin
+    print(f"requeued {args.id} (was in {where})")
     return Exit.OK
 
 

@@ -38,12 +38,13 @@ import psycopg
 from psycopg.types.json import Json, Jsonb
 
 from ..config import Config
-from ..errors import BadRequest, SpoolSetupError, TransportUnavailable
+from ..errors import SpoolSetupError, TransportUnavailable
 from ..fsutil import ensure_dir
 from . import pgschema
-from .base import Claimed, Orphan, Quarantined, Refused, Transport, Waiter, WorkerLock
-from .pgconn import IntakeListener, connect, shared_pools, shared_reply_listener
-from .pgschema import Names, _q
+from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from .pgclient import PgClientSide, message_of
+from .pgconn import IntakeListener, connect, shared_pools
+from .pgschema import Names, sql_name
 from .pgview import PgView
 from .spoollock import FlockWorkerLock
 from .spoolnames import LOCK_NAME
@@ -103,7 +104,7 @@ class _PgWorkerLock(WorkerLock):
             self.host_lock.release()
 
 
-class PgTransport(PgView, Transport):
+class PgTransport(PgClientSide, PgView, Transport):
     """One queue in one PostgreSQL schema."""
 
     shared = True
@@ -117,7 +118,7 @@ class PgTransport(PgView, Transport):
         self.dsn = config.dsn
         self.names = Names(config.schema, config.channel or config.schema,
                            config.submit_role, config.worker_role)
-        self.s = _q(config.schema)
+        self.s = sql_name(config.schema)
         self.durable = config.durable
         self.max_request_bytes = config.max_request_bytes
         self.work_dir = Path(config.root) / "work"
@@ -221,77 +222,6 @@ class PgTransport(PgView, Transport):
         finally:
             admin.close()
         return changes
-
-    # -- the client ---------------------------------------------------------------
-
-    def publish(self, request: dict[str, Any]) -> str:
-        rid = request["id"]
-        values = (rid, request.get("version"), request.get("op"),
-                  Json(request.get("args")), request.get("priority", 0),
-                  request.get("deadline"), request.get("submitted"),
-                  Json(request.get("client")))
-        insert = (f"INSERT INTO {self.s}.requests ({', '.join(pgschema.CLIENT_COLUMNS)})"
-                  " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
-        tries = 0
-
-        def work(conn: psycopg.Connection) -> None:
-            nonlocal tries
-            tries += 1
-            try:
-                conn.execute(insert, values)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise SpoolSetupError(
-                    f"this role may not submit ({_message(exc)}): it must be a member of"
-                    f" {self.names.submit_role}") from None
-            except psycopg.errors.UniqueViolation:
-                if tries == 1:
-                    raise BadRequest(f"request id {rid!r} is already in use") from None
-                # the first attempt committed and lost its answer: it is queued
-            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
-                    ValueError, TypeError) as exc:
-                raise BadRequest(f"the queue refused the request: {_message(exc)}") from None
-        self.pools.run(work)
-        return rid
-
-    def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
-        if answer is None:
-            query, params = ((f"DELETE FROM {self.s}.requests WHERE id = %s AND state ="
-                             " 'queued'"), (rid,))
-        else:
-            query, params = ((f"UPDATE {self.s}.requests SET state = 'answered', reply = %s,"
-                             " finished = clock_timestamp() WHERE id = %s AND state ="
-                             " 'queued'"), (Json(answer), rid))
-        return self.pools.run(lambda c: c.execute(query, params).rowcount) > 0
-
-    def expect(self, rid: str) -> Waiter:
-        return shared_reply_listener(self.dsn, self._reply_channel).expect(rid)
-
-    def _reply_channel(self, conn: psycopg.Connection) -> str:
-        role = conn.execute("SELECT session_user").fetchone()[0]
-        return self.names.reply_channel(role)
-
-    def collect(self, rid: str, remove: bool = True) -> dict[str, Any] | None:
-        if remove:
-            # read and remove at once; a failed request keeps its row (and reply)
-            query = (f"WITH taken AS (DELETE FROM {self.s}.requests WHERE id = %s AND state"
-                     f" = 'answered' RETURNING reply) SELECT reply FROM taken UNION ALL"
-                     f" SELECT reply FROM {self.s}.requests WHERE id = %s AND state ="
-                     " 'failed' AND reply IS NOT NULL")
-            params: tuple = (rid, rid)
-        else:
-            query = (f"SELECT reply FROM {self.s}.requests WHERE id = %s AND state IN"
-                     " ('answered', 'failed') AND reply IS NOT NULL")
-            params = (rid,)
-        row = self.pools.run(lambda c: c.execute(query, params).fetchone())
-        if row is None or not isinstance(row[0], dict) or row[0].get("id") != rid:
-            return None
-        return row[0]
-
-    def progress_of(self, rid: str) -> dict[str, Any] | None:
-        row = self.pools.run(lambda c: c.execute(
-            f"SELECT run->'progress' FROM {self.s}.requests WHERE id = %s AND state ="
-            " 'running'", (rid,)).fetchone())
-        return row[0] if row and isinstance(row[0], dict) else None
 
     # -- the worker: intake ---------------------------------------------------------
 
@@ -438,7 +368,7 @@ class PgTransport(PgView, Transport):
         except (psycopg.DataError, ValueError) as exc:
             # a result the database cannot hold (a NUL in a string): the
             # request must still be answered, and the reason said
-            log.error("event=reply_refused id=%s error=%r", rid, _message(exc))
+            log.error("event=reply_refused id=%s error=%r", rid, message_of(exc))
             self._fenced(rid, "reply", query, (Json(_unstorable(reply, exc)), rid))
 
     def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
@@ -539,13 +469,7 @@ class PgTransport(PgView, Transport):
 def _unstorable(reply: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     return dict(reply, ok=False, result=None, error={
         "type": "OpFailed", "message": "the operation's reply could not be stored in the"
-        f" queue: {_message(exc)}"})
-
-
-def _message(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    text = getattr(diag, "message_primary", None) or str(exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        f" queue: {message_of(exc)}"})
 
 
 __all__ = ["PgTransport"]

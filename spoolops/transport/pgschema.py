@@ -70,7 +70,7 @@ class Names:
             & 0x7FFFFFFF
 
 
-def _q(name: str) -> str:
+def sql_name(name: str) -> str:
     """A quoted identifier (names are checked by the configuration too)."""
     return '"' + name.replace('"', '""') + '"'
 
@@ -80,7 +80,7 @@ def _lit(text: str) -> str:
 
 
 def _version_1(n: Names) -> list[str]:
-    s = _q(n.schema)
+    s = sql_name(n.schema)
     return [
         f"""CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL)""",
         f"""CREATE TABLE {s}.workers (
@@ -141,7 +141,7 @@ MIGRATIONS = {1: _version_1}   # version -> the statements that reach it
 
 def _functions(n: Names) -> list[str]:
     """Functions, triggers, security: re-made by every install (idempotent)."""
-    s, p = _q(n.schema), n.channel
+    s, p = sql_name(n.schema), n.channel
     events = _lit(n.events_channel)
     return [
         f"""CREATE OR REPLACE FUNCTION {s}.reply_channel(who name) RETURNS text
@@ -219,7 +219,7 @@ def _functions(n: Names) -> list[str]:
 
 
 def _security(n: Names) -> list[str]:
-    s, sub, wrk = _q(n.schema), _q(n.submit_role), _q(n.worker_role)
+    s, sub, wrk = sql_name(n.schema), sql_name(n.submit_role), sql_name(n.worker_role)
     out = [
         f"ALTER TABLE {s}.requests ENABLE ROW LEVEL SECURITY",
         f"ALTER TABLE {s}.requests FORCE ROW LEVEL SECURITY",
@@ -264,42 +264,42 @@ def install(conn, names: Names, web_logins: tuple[str, ...] = (),
         cur = conn.cursor()
         for role in (names.owner_role, names.submit_role, names.worker_role):
             if not _role_exists(cur, role):
-                cur.execute(f"CREATE ROLE {_q(role)} NOLOGIN")
+                cur.execute(f"CREATE ROLE {sql_name(role)} NOLOGIN")
                 changes.append(f"created role {role}")
         for group, logins in ((names.submit_role, web_logins),
                               (names.worker_role, worker_logins)):
             for login in logins:
                 if not _role_exists(cur, login):
-                    cur.execute(f"CREATE ROLE {_q(login)} LOGIN")
+                    cur.execute(f"CREATE ROLE {sql_name(login)} LOGIN")
                     changes.append(f"created role {login} (LOGIN)")
                 member = cur.execute("SELECT pg_has_role(%s, %s, 'MEMBER')",
                                      (login, group)).fetchone()[0]
                 if not member:
-                    cur.execute(f"GRANT {_q(group)} TO {_q(login)}")
+                    cur.execute(f"GRANT {sql_name(group)} TO {sql_name(login)}")
                     changes.append(f"granted {group} to {login}")
         exists = cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
                              (names.schema,)).fetchone()
         if not exists:
-            cur.execute(f"CREATE SCHEMA {_q(names.schema)} AUTHORIZATION {_q(names.owner_role)}")
+            cur.execute(f"CREATE SCHEMA {sql_name(names.schema)} AUTHORIZATION {sql_name(names.owner_role)}")
             changes.append(f"created schema {names.schema}")
         version = installed_version(conn, names)
         if version is not None and version > SCHEMA_VERSION:
             raise SpoolSetupError(f"schema {names.schema} is at version {version}, newer than"
                                f" this spoolops ({SCHEMA_VERSION}): upgrade spoolops")
         # objects are made as their owner, so that no login role owns one
-        cur.execute(f"SET LOCAL ROLE {_q(names.owner_role)}")
+        cur.execute(f"SET LOCAL ROLE {sql_name(names.owner_role)}")
         for step in range((version or 0) + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[step](names):
                 cur.execute(statement)
             changes.append(f"schema {names.schema}: version {step}")
         if version != SCHEMA_VERSION:
-            cur.execute(f"INSERT INTO {_q(names.schema)}.meta (key, value) VALUES"
+            cur.execute(f"INSERT INTO {sql_name(names.schema)}.meta (key, value) VALUES"
                         " ('schema_version', %s), ('channel', %s) ON CONFLICT (key) DO"
                         " UPDATE SET value = EXCLUDED.value",
                         (str(SCHEMA_VERSION), names.channel))
         for statement in _functions(names) + _security(names):
             cur.execute(statement)
-        cur.execute(f"UPDATE {_q(names.schema)}.meta SET value = %s WHERE key = 'channel'",
+        cur.execute(f"UPDATE {sql_name(names.schema)}.meta SET value = %s WHERE key = 'channel'",
                     (names.channel,))
         cur.execute("RESET ROLE")
     return changes
@@ -308,10 +308,10 @@ def install(conn, names: Names, web_logins: tuple[str, ...] = (),
 def installed_version(conn, names: Names) -> int | None:
     """The schema version in the database, None when there is none."""
     table = conn.execute("SELECT to_regclass(%s)",
-                         (f"{_q(names.schema)}.meta",)).fetchone()[0]
+                         (f"{sql_name(names.schema)}.meta",)).fetchone()[0]
     if table is None:
         return None
-    row = conn.execute(f"SELECT value FROM {_q(names.schema)}.meta"
+    row = conn.execute(f"SELECT value FROM {sql_name(names.schema)}.meta"
                        " WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else None
 
@@ -332,11 +332,11 @@ def check(conn, names: Names) -> list[tuple[str, bool, str, str]]:
                 fix if version < SCHEMA_VERSION else "upgrade spoolops"))
     row = conn.execute("SELECT c.relrowsecurity, c.relforcerowsecurity FROM pg_class c"
                        " WHERE c.oid = to_regclass(%s)",
-                       (f"{_q(names.schema)}.requests",)).fetchone()
+                       (f"{sql_name(names.schema)}.requests",)).fetchone()
     out.append(("row-level security", bool(row and row[0] and row[1]),
                 "requests: " + ("enabled and forced" if row and row[0] and row[1] else
                                 "NOT enabled and forced"), fix))
-    channel = conn.execute(f"SELECT value FROM {_q(names.schema)}.meta WHERE key ="
+    channel = conn.execute(f"SELECT value FROM {sql_name(names.schema)}.meta WHERE key ="
                            " 'channel'").fetchone()
     out.append(("channel", bool(channel and channel[0] == names.channel),
                 (f"triggers notify on {channel[0] if channel else '?'}_*, the configuration"

@@ -1,0 +1,327 @@
+"""Workload ``pg``: spoolops over PostgreSQL against LISTEN/NOTIFY peers.
+
+One throwaway cluster (``spoolops.pgcluster.start_cluster``: unix socket,
+``fsync = off`` for every system alike, so ``durable = yes`` costs no flush
+here), a database per system:
+
+* spoolops: a queue set up as ``tests/queues.py`` ``make_pg_queue`` does
+  (``pgtree``), its worker ``python -m spoolops worker`` (role ``wrk``),
+  clients ``spoolops.Client(config=...)`` (role ``web1``) in client
+  processes calling ``client.call("echo", ...)``;
+* floor: a bare LISTEN/NOTIFY round trip in psycopg 3 (``pgpeers``): the
+  least a LISTEN/NOTIFY queue can do;
+* pgqueuer 1.6 (``pgpeers``): ``AsyncpgDriver`` worker, ``batch_size=1``,
+  ``CompletionWatcher`` with ``debounce=timedelta(0)``.  pgqueuer stores no
+  return values, so the glue is a reply table ``echo_reply (job_id bigint
+  PRIMARY KEY, body bytea)``: the handler INSERTs the job's payload there,
+  the client enqueues, waits on ``CompletionWatcher(...).wait_for(job_id)``
+  (LISTEN/NOTIFY) and then SELECTs the reply row;
+* a queue polled once a second (client and worker), as ``dbpoll`` but in
+  PostgreSQL: a handful of calls only (~1 s each).
+
+Echo: for 1 and 8 client processes (made afresh per level), each system
+answers ``n`` timed calls per client after a few untimed warm-up calls,
+``reps`` times with the systems interleaved (the order rotates), so that a
+burst of load from elsewhere hits all alike.  Per run: median round trip and
+throughput (calls / wall time of the run); reported: medians over runs.
+
+Backlog: N echo requests are queued while no worker runs (one ``web1``
+connection, batched INSERTs of exactly the columns and values
+``Client.submit`` -> ``PgTransport.publish`` writes), then the worker starts;
+the superuser counts queued + running rows every 0.2 s until none is left.
+Drain rate = (answered - 1) / (last - first ``finished``, the server's
+microsecond clock); peak RSS = the worker's ``VmHWM``.  Baseline: a backlog
+of 100, drained by a fresh worker each time, median of several.  Replies
+stay in the table (nobody collects them): each run's rows are truncated
+after it, and the database is dropped at the end.
+
+Trusts: the throwaway cluster it starts and the bench's temporary folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .common import ClientPool, median, spawn, stop
+from .w_echo import _one_run, _summary
+
+LEVELS = (1, 8)
+SYSTEMS = ("spoolops", "floor", "pgqueuer")
+GLUE = ("pgqueuer stores no return values; glue: reply table echo_reply(job_id, body) the"
+        " handler INSERTs into; client enqueues, waits CompletionWatcher(debounce=0)"
+        ".wait_for(job_id) (LISTEN/NOTIFY), then SELECTs the reply row")
+BATCH = 5000
+PQ_NAMES = ["PG echo median, 1 client (vs pgqueuer)", "PG echo median, 8 clients (vs pgqueuer)",
+            "PG echo throughput, 8 clients (vs pgqueuer)"]
+
+
+def _pgqueuer_missing() -> str | None:
+    try:
+        import asyncpg  # noqa: F401
+        import pgqueuer  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} not installed: pip install pgqueuer asyncpg"
+    return None
+
+
+def _server(servers: list, kind: str, dsn: str) -> None:
+    proc = spawn("pgpeers", kind, dsn)
+    servers.append(proc)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"pgpeers {kind} server did not start")
+
+
+def _echo(targets: dict[str, tuple[str, str]], quick: bool, log: Any) -> dict[str, Any]:
+    reps, n, warmup = (3, 40, 5) if quick else (5, 150, 10)
+    names = list(targets)
+    raw: dict[str, dict[int, list]] = {s: {lv: [] for lv in LEVELS} for s in names}
+    for level in LEVELS:
+        pools: dict[str, ClientPool] = {}
+        try:
+            for name in names:
+                pools[name] = ClientPool(*targets[name], level)
+            for rep in range(reps):
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    raw[name][level].append(_one_run(pools[name], level, n, warmup))
+        finally:
+            for pool in pools.values():
+                pool.close()
+        log(f"pg: echo, {level} client(s) done: " + ", ".join(
+            f"{name} {1e3 * median([r['median'] for r in raw[name][level]]):.2f} ms"
+            for name in names))
+    return {name: {str(lv): _summary(runs) for lv, runs in by.items()}
+            for name, by in raw.items()}
+
+
+# -- backlog ---------------------------------------------------------------------------
+
+def _queue(sp: Any, count: int) -> float:
+    """Queue ``count`` echo requests as ``web1``, exactly as ``Client.submit``
+    would (same columns and values, ``PgTransport.publish``'s adapters), in
+    batched INSERTs: faster than one round trip per request."""
+    import psycopg
+    from psycopg.types.json import Json
+
+    from spoolops.formats import PROTOCOL_VERSION, new_request_id, utc_iso
+    from spoolops.transport.pgschema import CLIENT_COLUMNS
+    columns = ", ".join(CLIENT_COLUMNS)
+    marks = ", ".join(["%s"] * len(CLIENT_COLUMNS))
+    insert = f'INSERT INTO "{sp.schema}".requests ({columns}) VALUES ({marks})'
+    client = {"pid": os.getpid(), "host": socket.gethostname()}
+    start = time.perf_counter()
+    with psycopg.connect(sp.cluster.dsn(sp.dbname, "web1")) as conn:
+        for first in range(0, count, BATCH):
+            rows = [(new_request_id(), PROTOCOL_VERSION, "echo", Json({"i": i}), 0, None,
+                     utc_iso(), Json(client)) for i in range(first, min(count, first + BATCH))]
+            with conn.cursor() as cur:
+                cur.executemany(insert, rows)
+            conn.commit()
+    return time.perf_counter() - start
+
+
+def _hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _drain(sp: Any, count: int, limit_s: float) -> dict[str, Any]:
+    """Start a worker on the queued backlog, wait until nothing is queued or
+    running (or ``limit_s``), stop it; the figures, then the rows go."""
+    import psycopg
+    table = f'"{sp.schema}".requests'
+    start = time.time()
+    proc = sp.start_worker(wait=False)
+    hwm_kb, left = 0, count
+    try:
+        with psycopg.connect(sp.cluster.dsn(sp.dbname, "postgres"), autocommit=True) as db:
+            while True:
+                hwm_kb = max(hwm_kb, _hwm_kb(proc.pid))
+                left = db.execute(f"SELECT count(*) FROM {table} WHERE state IN ('queued',"
+                                  " 'running')").fetchone()[0]
+                if left == 0 or proc.poll() is not None or time.time() - start > limit_s:
+                    break
+                time.sleep(0.2)
+            hwm_kb = max(hwm_kb, _hwm_kb(proc.pid))
+            answered, failed, first, last = db.execute(
+                f"SELECT count(*) FILTER (WHERE state = 'answered'), count(*) FILTER (WHERE"
+                f" state = 'failed'), extract(epoch FROM min(finished))::float8, extract(epoch"
+                f" FROM max(finished))::float8 FROM {table}").fetchone()
+    finally:
+        exit_code = proc.poll()
+        sp.stop_worker()
+    sp.sql(f"TRUNCATE {table} CASCADE")
+    if answered < 2:
+        raise RuntimeError(f"{answered} replies for {count} requests (worker exit {exit_code})")
+    span = last - first
+    return {"count": count, "answered": answered, "failed": failed, "complete": left == 0,
+            "rate": (answered - 1) / span if span > 0 else float("nan"),
+            "first_reply_s": first - start, "total_s": time.time() - start,
+            "peak_rss_mb": hwm_kb / 1024, "worker_exit": exit_code}
+
+
+def _backlog(sp: Any, quick: bool, log: Any) -> dict[str, Any]:
+    big, reps, limit = (20_000, 3, 300) if quick else (100_000, 5, 1200)
+    small = []
+    for _ in range(reps):
+        _queue(sp, 100)
+        small.append(_drain(sp, 100, 60))
+    log(f"pg: backlog 100: {median([r['rate'] for r in small]):.0f} replies/s")
+    queue_s = _queue(sp, big)
+    log(f"pg: queued {big:,} in {queue_s:.1f} s; draining")
+    large = _drain(sp, big, limit)
+    log(f"pg: backlog {big:,}: {large['rate']:.0f} replies/s, first reply"
+        f" {large['first_reply_s']:.2f} s, peak RSS {large['peak_rss_mb']:.0f} MB")
+    return {"big": big, "queue_s": queue_s, "queue_rate": big / queue_s, "large": large,
+            "small": small, "small_rate": median([r["rate"] for r in small]),
+            "small_first_reply_s": median([r["first_reply_s"] for r in small])}
+
+
+# -- the workload ------------------------------------------------------------------------
+
+def _start_pgqueuer(cluster: Any, servers: list) -> tuple[str, str]:
+    from .pgpeers import install_pgqueuer
+    cluster.psql('CREATE DATABASE "pgq"')
+    dsn = cluster.dsn("pgq", "postgres")
+    asyncio.run(install_pgqueuer(dsn))
+    _server(servers, "pgqueuer", dsn)
+    return "benchlib.pgpeers:PgqueuerCaller", dsn
+
+
+def run(base: Path, quick: bool, log: Any) -> dict[str, Any]:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return {"quick": quick, "na": "psycopg not installed"}
+    from spoolops.pgcluster import PgUnavailable, start_cluster
+    try:
+        cluster = start_cluster()
+    except PgUnavailable as exc:
+        return {"quick": quick, "na": f"no PostgreSQL: {exc}"}
+    from .pgtree import PgSpoolops
+    servers: list = []
+    queues: list[PgSpoolops] = []
+    out: dict[str, Any] = {"quick": quick, "pgqueuer_na": _pgqueuer_missing()}
+    try:
+        log(f"pg: cluster in {cluster.base}")
+        sp = PgSpoolops(cluster, base / "echo", "sp_echo")
+        queues.append(sp)
+        sp.start_worker()
+        cluster.psql('CREATE DATABASE "peers"')
+        peers = cluster.dsn("peers", "postgres")
+        _server(servers, "floor", peers)
+        _server(servers, "poll", peers)
+        targets = {"spoolops": ("spoolops", str(sp.client_config)),
+                   "floor": ("benchlib.pgpeers:PgFloorCaller", peers)}
+        if out["pgqueuer_na"] is None:
+            try:
+                targets["pgqueuer"] = _start_pgqueuer(cluster, servers)
+            except Exception as exc:  # noqa: BLE001 - the other rows go on
+                out["pgqueuer_na"] = f"pgqueuer did not start: {type(exc).__name__}: {exc}"
+        out["echo"] = _echo(targets, quick, log)
+        calls = 3 if quick else 5
+        pool = ClientPool("benchlib.pgpeers:PgPollCaller", peers, 1)
+        try:
+            out["polling"] = _summary([_one_run(pool, 1, calls, 0)])
+        finally:
+            pool.close()
+        log(f"pg: polling {out['polling']['median_ms']:.0f} ms")
+        sp.close()
+        queues.remove(sp)
+        for proc in servers:
+            stop(proc)
+        servers.clear()
+        try:
+            bl = PgSpoolops(cluster, base / "backlog", "sp_backlog")
+            queues.append(bl)
+            out["backlog"] = _backlog(bl, quick, log)
+        except Exception as exc:  # noqa: BLE001 - the echo rows stand
+            traceback.print_exc()
+            out["backlog_na"] = f"error: {type(exc).__name__}: {exc}"
+    finally:
+        for proc in servers:
+            stop(proc)
+        for q in queues:
+            q.stop_worker()
+        cluster.destroy()
+    return out
+
+
+def _na_rows(names: list[str], why: str) -> list[dict[str, Any]]:
+    return [{"workload": name, "spoolops": f"n/a ({why})", "baseline": None, "ratio": None,
+             "target": None, "note": "n/a"} for name in names]
+
+
+def _names(big: int) -> list[str]:
+    return ["PG echo median, 1 client", "PG echo median, 8 clients",
+            "PG echo throughput, 8 clients (vs floor)", *PQ_NAMES,
+            "PG echo median, 1 client (vs 1-second polling queue)", *_backlog_names(big)]
+
+
+def _backlog_names(big: int) -> list[str]:
+    return [f"PG drain rate, {big:,} queued vs 100 queued", f"PG worker peak RSS, {big:,} queued",
+            f"PG time to first reply, {big:,} queued",
+            f"PG queueing {big:,} (batched INSERT as web1)"]
+
+
+def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    big = res.get("backlog", {}).get("big", 20_000 if res.get("quick") else 100_000)
+    if "na" in res:
+        return _na_rows(_names(big), res["na"])
+    echo, out = res["echo"], []
+    for level, word in (("1", "1 client"), ("8", "8 clients")):
+        out.append({"workload": f"PG echo median, {word}",
+                    "spoolops": echo["spoolops"][level]["median_ms"],
+                    "baseline": echo["floor"][level]["median_ms"], "baseline_name": "floor",
+                    "unit": "ms", "target": ("<=", 1.5),
+                    "note": "floor: bare LISTEN/NOTIFY round trip (psycopg 3)"})
+    out.append({"workload": "PG echo throughput, 8 clients (vs floor)",
+                "spoolops": echo["spoolops"]["8"]["throughput"],
+                "baseline": echo["floor"]["8"]["throughput"], "baseline_name": "floor",
+                "unit": "req/s", "target": None})
+    if "pgqueuer" in echo:
+        pq = echo["pgqueuer"]
+        for name, level, key, unit, op in zip(PQ_NAMES, ("1", "8", "8"),
+                                              ("median_ms", "median_ms", "throughput"),
+                                              ("ms", "ms", "req/s"), ("<=", "<=", ">="),
+                                              strict=True):
+            out.append({"workload": name, "spoolops": echo["spoolops"][level][key],
+                        "baseline": pq[level][key], "baseline_name": "pgqueuer+reply table",
+                        "unit": unit, "target": (op, 1.0), "note": GLUE})
+    else:
+        out += _na_rows(PQ_NAMES, res.get("pgqueuer_na") or "pgqueuer not run")
+    out.append({"workload": "PG echo median, 1 client (vs 1-second polling queue)",
+                "spoolops": echo["spoolops"]["1"]["median_ms"],
+                "baseline": res["polling"]["median_ms"], "baseline_name": "1-s polling",
+                "unit": "ms", "target": None,
+                "note": f"{res['polling']['runs'][0]['calls']} polling calls"})
+    if "backlog" not in res:
+        return out + _na_rows(_backlog_names(big), res.get("backlog_na") or "not run")
+    bl, lg = res["backlog"], res["backlog"]["large"]
+    note = "-" if lg["complete"] else \
+        f"stopped: {lg['answered']:,} of {big:,} in {lg['total_s']:.0f} s"
+    out += [
+        {"workload": f"PG drain rate, {big:,} queued vs 100 queued", "spoolops": lg["rate"],
+         "baseline": bl["small_rate"], "baseline_name": "100 queued", "unit": "req/s",
+         "ratio": bl["small_rate"] / lg["rate"] if lg["rate"] else None,
+         "target": ("<=", 1.3), "note": note + " (ratio = 100-rate / big-rate)"},
+        {"workload": f"PG worker peak RSS, {big:,} queued", "spoolops": lg["peak_rss_mb"],
+         "baseline": 150.0, "baseline_name": "limit", "unit": "MB", "target": ("<=", 1.0)},
+        {"workload": f"PG time to first reply, {big:,} queued",
+         "spoolops": lg["first_reply_s"], "baseline": bl["small_first_reply_s"],
+         "baseline_name": "100 queued", "unit": "s", "target": None,
+         "note": "from the worker's launch"},
+        {"workload": f"PG queueing {big:,} (batched INSERT as web1)",
+         "spoolops": bl["queue_rate"], "baseline": None, "unit": "req/s", "target": None},
+    ]
+    return out
