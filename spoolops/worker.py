@@ -295,7 +295,7 @@ class Worker:
                 return
             if len(self.queue) > free:
                 self._prekey()
-            batch = [job for job in map(self._claim, self.queue.take(free, self.gate))
+            batch = [job for job in self._claim_all(self.queue.take(free, self.gate))
                      if job is not None]
             if not batch:
                 return
@@ -332,16 +332,22 @@ class Worker:
         self.queue.add(job.extra["entry"])
         self.queue.set_key(job.extra["entry"], _job_key(job), job.targets)
 
-    def _claim(self, name: str) -> Job | None:
-        """Claim an entry, validate it: a job to run, or None when it was
+    def _claim_all(self, names: list[str]) -> list[Job | None]:
+        """Claim entries, validate them: jobs to run, or None for each one
         answered, quarantined or gone."""
+        if not names:
+            return []
         try:
-            claimed = self.transport.claim(name)
+            taken = self.transport.claim_all(names)
         except OSError as exc:
-            # the queue is out of reach (a database restarting): the entry stays
-            # queued there, and the scan after reconnecting finds it again
-            log.error("event=claim_failed name=%s error=%r", name, str(exc))
-            return None
+            # the queue is out of reach (a database restarting): the entries stay
+            # queued there, and the scan after reconnecting finds them again
+            log.error("event=claim_failed names=%s error=%r", ",".join(names), str(exc))
+            return []
+        return [self._validate(name, claimed) for name, claimed in zip(names, taken)]
+
+    def _validate(self, name: str, claimed: Claimed | Refused | Quarantined | None
+                  ) -> Job | None:
         if claimed is None:
             return None
         if isinstance(claimed, Quarantined):

@@ -288,15 +288,19 @@ def test_doctor_status_and_tail(pgq) -> None:
         f"user={WORKER_ROLE}", "user=postgres"))
     bad = pgq.spoolops("--config", str(as_superuser), "doctor")
     assert bad.returncode == 1 and "superuser" in bad.stdout
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--count", "3"],
+    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--count", "4"],
                             env=pgq.env(), stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)   # tail LISTENs once started; nothing to wait on but its start
     pgq.start_worker()
     client = pgq.client()
     assert client.call("echo", {"t": 1}, timeout=30) == {"t": 1}
+    pgq.stop_worker(pgq.workers[0])
+    client.cancel(client.submit("echo", {"t": 2}))
     out, _ = tail.communicate(timeout=30)
     kinds = [line.split()[1] for line in out.splitlines()]
-    assert kinds == ["queued", "finished", "removed"], out
+    # (a collected reply is not an event over PostgreSQL: see design.rst)
+    assert kinds == ["queued", "finished", "queued", "removed"], out
+    pgq.start_worker()
     status = json.loads(pgq.spoolops("status", "--json").stdout)
     assert status["worker"]["alive"] is True and status["queued"]["count"] == 0
     prometheus = pgq.spoolops("status", "--prometheus").stdout

@@ -271,6 +271,11 @@ class Transport(ABC):
         """Take a queued entry for running; None if it is gone (cancelled or
         taken).  Never replaces a running request of the same id."""
 
+    def claim_all(self, entries: list[str]) -> list[Claimed | Refused | Quarantined | None]:
+        """``claim`` for several entries, in order (a transport may do it in
+        one step)."""
+        return [self.claim(entry) for entry in entries]
+
     @abstractmethod
     def put_back(self, rid: str) -> None:
         """Return a claimed, not started request to its place in line."""

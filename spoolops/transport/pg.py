@@ -286,15 +286,25 @@ class PgTransport(PgClientSide, PgView, Transport):
         return None if row is None else self._claimed(row)
 
     def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
-        self._seen.pop(entry, None)
-        row = self.pools.run(lambda c: c.execute(
+        return self.claim_all([entry])[0]
+
+    def claim_all(self, entries: list[str]) -> list[Claimed | Refused | Quarantined | None]:
+        """One statement for the lot (requests that arrive together)."""
+        for entry in entries:
+            self._seen.pop(entry, None)
+        rows = self.pools.run(lambda c: c.execute(
             f"UPDATE {self.s}.requests r SET state = 'running', claimed_by = %s, claimed_at ="
             f" clock_timestamp(), attempt = r.attempt + 1 FROM (SELECT id FROM {self.s}.requests"
-            " WHERE id = %s AND state = 'queued' FOR UPDATE SKIP LOCKED) c WHERE r.id = c.id"
-            f" RETURNING r.attempt, {', '.join('r.' + c for c in REQUEST_COLUMNS.split(', '))}",
-            (self.me, entry)).fetchone(), retry=False)
-        if row is None:
-            return None      # withdrawn, or taken by another worker
+            " WHERE id = ANY(%s) AND state = 'queued' FOR UPDATE SKIP LOCKED) c WHERE"
+            " r.id = c.id RETURNING r.attempt,"
+            f" {', '.join('r.' + c for c in REQUEST_COLUMNS.split(', '))}",
+            (self.me, entries)).fetchall(), retry=False)
+        # what is missing was withdrawn, or taken by another worker
+        found = {row[1]: row for row in rows}
+        return [self._took(entry, found[entry]) if entry in found else None
+                for entry in entries]
+
+    def _took(self, entry: str, row: tuple) -> Claimed | Refused:
         self._claims[entry] = (self.me, row[0])
         claimed = self._claimed(row[1:])
         if len(claimed.data) > self.max_request_bytes:

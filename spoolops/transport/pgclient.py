@@ -75,25 +75,30 @@ class PgClientSide:
     def collect(self: PgTransport, rid: str, remove: bool = True) -> dict[str, Any] | None:
         if remove:
             # read and remove at once; a failed request keeps its row (and reply)
-            query = (f"WITH taken AS (DELETE FROM {self.s}.requests WHERE id = %s AND state"
-                     f" = 'answered' RETURNING reply) SELECT reply FROM taken UNION ALL"
-                     f" SELECT reply FROM {self.s}.requests WHERE id = %s AND state ="
+            row = self.pools.run(lambda c: c.execute(
+                f"DELETE FROM {self.s}.requests WHERE id = %s AND state = 'answered'"
+                " RETURNING reply", (rid,)).fetchone())
+            if row is not None:
+                return _checked(row[0], rid)
+            query = (f"SELECT reply FROM {self.s}.requests WHERE id = %s AND state ="
                      " 'failed' AND reply IS NOT NULL")
-            params: tuple = (rid, rid)
+            params: tuple = (rid,)
         else:
             query = (f"SELECT reply FROM {self.s}.requests WHERE id = %s AND state IN"
                      " ('answered', 'failed') AND reply IS NOT NULL")
             params = (rid,)
         row = self.pools.run(lambda c: c.execute(query, params).fetchone())
-        if row is None or not isinstance(row[0], dict) or row[0].get("id") != rid:
-            return None
-        return row[0]
+        return None if row is None else _checked(row[0], rid)
 
     def progress_of(self: PgTransport, rid: str) -> dict[str, Any] | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT run->'progress' FROM {self.s}.requests WHERE id = %s AND state ="
             " 'running'", (rid,)).fetchone())
         return row[0] if row and isinstance(row[0], dict) else None
+
+
+def _checked(reply: Any, rid: str) -> dict[str, Any] | None:
+    return reply if isinstance(reply, dict) and reply.get("id") == rid else None
 
 
 def message_of(exc: BaseException) -> str:

@@ -169,13 +169,13 @@ def _functions(n: Names) -> list[str]:
                     PERFORM pg_notify({events}, json_build_object('event', 'queued',
                         'id', NEW.id, 'op', NEW.op, 'priority', NEW.priority,
                         'user', NEW.submitter)::text);
-                ELSIF TG_OP = 'DELETE' THEN
+                ELSIF TG_OP = 'DELETE' AND OLD.state = 'queued' THEN
+                    -- a withdrawal; a collected reply says nothing: every NOTIFY
+                    -- wakes every listening session, and a collect is the
+                    -- client's business
                     PERFORM pg_notify({events}, json_build_object('event', 'removed',
-                        'id', OLD.id, 'where', OLD.state, 'note', CASE OLD.state
-                            WHEN 'queued' THEN 'withdrawn (cancelled)'
-                            WHEN 'answered' THEN 'collected by its client or removed by'
-                                                 || ' the janitor'
-                            ELSE 'janitor' END)::text);
+                        'id', OLD.id, 'where', OLD.state,
+                        'note', 'withdrawn (cancelled)')::text);
                 END IF;
                 IF TG_OP = 'UPDATE' AND OLD.state = 'running' AND NEW.state <> 'running' THEN
                     DELETE FROM {s}.leases WHERE request_id = OLD.id;  -- its targets are free
