@@ -32,7 +32,7 @@ def _log(msg: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (< 2 min)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (about 2 min)")
     p.add_argument("--only", default=",".join(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
