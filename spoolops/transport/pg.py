@@ -23,14 +23,12 @@ security (``pgschema``); a notification only as a hint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,43 +42,15 @@ from . import pgschema
 from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
 from .pgconn import IntakeListener, connect, shared_pools
-from .pgschema import Names, sql_name
+from .pgschema import REQUEST_COLUMNS, Names, envelope, sql_name, time_ns
 from .pgview import PgView
 from .spoollock import FlockWorkerLock
 from .spoolnames import LOCK_NAME
 
 log = logging.getLogger("spoolops.transport")
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+
 SCAN_LIMIT = 2000
 WORK_MODE = 0o700
-REQUEST_COLUMNS = ("id, submitter, version, op, args::text, priority, deadline,"
-                   " client_submitted, client::text, submitted")
-
-
-def time_ns(moment: datetime) -> int:
-    """Nanoseconds since the epoch, exactly (no float on the way)."""
-    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
-
-
-def envelope(row: tuple) -> bytes:
-    """The request document of a row, as the spool would hold it: dispatch
-    parses and validates it the same way for both transports.  ``args`` and
-    ``client`` go in as the text the client wrote (duplicate keys, depth and
-    all, for dispatch to judge)."""
-    rid, _submitter, version, op, args, priority, deadline, submitted, client = row[:9]
-    fields = [("version", json.dumps(version)), ("id", json.dumps(rid)),
-              ("op", json.dumps(op, ensure_ascii=False)), ("args", args or "null"),
-              ("priority", json.dumps(priority))]
-    if deadline is not None:
-        fields.append(("deadline", json.dumps(
-            deadline.astimezone(timezone.utc).isoformat())))  # noqa: UP017
-    if submitted is not None:
-        fields.append(("submitted", json.dumps(submitted, ensure_ascii=False)))
-    if client is not None:
-        fields.append(("client", client))
-    text = "{" + ", ".join(f'"{key}": {value}' for key, value in fields) + "}"
-    return text.encode("utf-8", "backslashreplace")
 
 
 class _PgWorkerLock(WorkerLock):

@@ -24,6 +24,7 @@ from ..errors import SpoolSetupError, TransportUnavailable
 from ..formats import utc_iso
 from .base import Ages, Entry, Finding, Removal, StateCount
 from .pgconn import connect, listen
+from .pgschema import REQUEST_COLUMNS, envelope
 
 if TYPE_CHECKING:
     from .pg import PgTransport
@@ -93,7 +94,6 @@ class PgView:
         return [prefix] if prefix in found else found
 
     def describe(self: PgTransport, rid: str) -> dict[str, Any] | None:
-        from .pg import REQUEST_COLUMNS, envelope
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state, submitter, submitted, claimed_at, finished, run, reply, reason,"
             f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self.s}.requests"
