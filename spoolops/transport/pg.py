@@ -388,14 +388,11 @@ class PgTransport(PgClientSide, PgView, Transport):
         return (f"SELECT r.id, r.claimed_by, r.attempt, r.run IS NOT NULL, w.host, w.work_dir,"
                 f" w.pid, w.lost_at, clock_timestamp() FROM {self.s}.requests r LEFT JOIN"
                 f" {self.s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running' AND"
-                " r.claimed_by IS DISTINCT FROM %(me)s AND NOT EXISTS (SELECT 1 FROM pg_locks"
-                " l WHERE l.locktype = 'advisory' AND l.classid::bigint = %(space)s AND"
-                " l.objid::bigint = r.claimed_by AND l.objsubid = 2 AND l.granted AND"
-                " l.database = (SELECT oid FROM pg_database WHERE datname ="
-                " current_database())) ORDER BY r.claimed_at")
+                f" r.claimed_by IS DISTINCT FROM %(me)s AND NOT"
+                f" {self.names.lock_held('r.claimed_by')} ORDER BY r.claimed_at")
 
     def orphans(self) -> list[Orphan]:
-        params = {"me": self.me, "space": self.names.lock_space}
+        params = {"me": self.me}
 
         def work(conn: psycopg.Connection) -> list[tuple]:
             rows = conn.execute(self._dead_workers_sql(), params).fetchall()

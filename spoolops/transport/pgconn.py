@@ -190,7 +190,8 @@ class ReplyListener:
         self.dsn, self.channel_of = dsn, channel_of
         self._waiters: dict[str, set[_PgWaiter]] = {}
         self._lock = threading.Lock()
-        self._listening = threading.Event()
+        self._listening = threading.Event()   # LISTEN has been in place
+        self._tried = threading.Event()       # the first connection was made or failed
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="spoolops-replies",
                                         daemon=True)
@@ -202,8 +203,9 @@ class ReplyListener:
             self._waiters.setdefault(rid, set()).add(waiter)
         # the first waiter of a process waits for LISTEN to be in place, so
         # that a reply to a request published next cannot pass unseen (when
-        # the database is down, the caller's own polling is the safety net)
-        self._listening.wait(self.READY_WAIT_S)
+        # the database is down, publishing says so at once and the caller's
+        # own polling is the safety net)
+        self._tried.wait(self.READY_WAIT_S)
         return waiter
 
     def forget(self, waiter: _PgWaiter) -> None:
@@ -232,12 +234,14 @@ class ReplyListener:
                 if attempt == 0 and self._listening.is_set():
                     # (a first connection that fails is the caller's to report)
                     log.warning("event=reply_listener_down error=%r", _first(exc))
+                self._tried.set()
                 time.sleep(RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)])
                 attempt += 1
                 continue
             try:
                 listen(conn, self.channel_of(conn))
                 self._listening.set()
+                self._tried.set()
                 if attempt:
                     log.info("event=reply_listener_back")
                 attempt = 0
@@ -250,7 +254,6 @@ class ReplyListener:
                 self._wake(None)
             finally:
                 conn.close()
-
 
     def stop(self) -> None:
         self._stop = True
@@ -292,7 +295,7 @@ class IntakeListener:
         self._lock = threading.Lock()
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
-        self.conn = self._connect_and_lock(first=True)
+        self.conn = self._connect_and_lock()
         self._thread = threading.Thread(target=self._run, name="spoolops-intake",
                                         daemon=True)
         self._thread.start()
@@ -300,7 +303,7 @@ class IntakeListener:
     def fileno(self) -> int:
         return self._read_fd
 
-    def _connect_and_lock(self, first: bool = False) -> psycopg.Connection:
+    def _connect_and_lock(self) -> psycopg.Connection:
         conn = connect(self.dsn)
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self.lock_key

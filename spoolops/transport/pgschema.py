@@ -72,6 +72,14 @@ class Names:
         return int.from_bytes(hashlib.sha256(self.schema.encode()).digest()[:4], "big") \
             & 0x7FFFFFFF
 
+    def lock_held(self, worker: str) -> str:
+        """SQL: true while the worker whose id is the expression ``worker``
+        holds its advisory lock in this database (the one liveness test)."""
+        return ("EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND"
+                f" l.classid::bigint = {self.lock_space} AND l.objid::bigint = {worker} AND"
+                " l.objsubid = 2 AND l.granted AND l.database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database()))")
+
 
 # -- the row format: a request row <-> the request document dispatch reads --
 

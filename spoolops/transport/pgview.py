@@ -156,8 +156,7 @@ class PgView:
             if cur.rowcount:
                 return "failed"
             dead = {r[0] for r in conn.execute(
-                self._dead_workers_sql(), {"me": self.me, "space": self.names.lock_space}
-            ).fetchall()}
+                self._dead_workers_sql(), {"me": self.me}).fetchall()}
             if rid in dead:
                 conn.execute(
                     f"UPDATE {self.s}.requests SET state = 'queued', run = NULL, claimed_by ="
@@ -211,18 +210,14 @@ class PgView:
                 conn.execute(
                     f"DELETE FROM {self.s}.workers w WHERE NOT EXISTS (SELECT 1 FROM"
                     f" {self.s}.requests r WHERE r.state = 'running' AND r.claimed_by = w.id)"
-                    " AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'"
-                    " AND l.classid::bigint = %s AND l.objid::bigint = w.id AND"
-                    " l.objsubid = 2 AND l.granted)", (self.names.lock_space,))
+                    f" AND NOT {self.names.lock_held('w.id')}")
         self.pools.run(work, retry=False)
         return removals, findings
 
     def _live_workers(self: PgTransport) -> list[tuple]:
         return self.pools.run(lambda c: c.execute(
-            f"SELECT w.id, w.pid, w.host, w.stats FROM {self.s}.workers w WHERE EXISTS"
-            " (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.classid::bigint"
-            " = %s AND l.objid::bigint = w.id AND l.objsubid = 2 AND l.granted) ORDER BY"
-            " w.stats_at DESC NULLS LAST", (self.names.lock_space,)).fetchall())
+            f"SELECT w.id, w.pid, w.host, w.stats FROM {self.s}.workers w WHERE"
+            f" {self.names.lock_held('w.id')} ORDER BY w.stats_at DESC NULLS LAST").fetchall())
 
     def worker_alive(self: PgTransport) -> tuple[bool | None, int | None]:
         try:
