@@ -326,3 +326,18 @@ def test_a_role_outside_both_groups_is_refused(pgq) -> None:
     assert "permission denied" in str(info.value)
     worker = pgq.spoolops("--config", str(path), "worker", "--once")
     assert worker.returncode == 2 and "may not use schema" in worker.stderr
+
+
+def test_a_worker_that_regains_its_lock_clears_a_noted_loss(pgq) -> None:
+    """Another worker noted this one's lock gone (``lost_at``); once it holds
+    the lock again the note is cleared, so a later loss gets its full
+    lock_grace before anyone takes its requests over."""
+    worker = pgq.start_worker()
+    [(wid,)] = pgq.sql("SELECT id FROM spoolops.workers")
+    pgq.sql("UPDATE spoolops.workers SET lost_at = now() - interval '1 hour'")
+    # cut the session that holds the lock, as a network cut would
+    pgq.sql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND objid = %s AND granted", wid)
+    pgq.wait_log(worker, "event=worker_connection_back")
+    assert pgq.sql("SELECT lost_at FROM spoolops.workers WHERE id = %s", wid) == [(None,)]
+    assert pgq.client().call("echo", {"after": 1}, timeout=30) == {"after": 1}

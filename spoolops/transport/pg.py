@@ -203,7 +203,7 @@ class PgTransport(PgClientSide, PgView, Transport):
             self.me = self.pools.run(self._register, retry=False)
             self.listener = IntakeListener(self.dsn, self.names.new_channel,
                                            (self.names.lock_space, self.me),
-                                           self.config.lock_grace)
+                                           self.config.lock_grace, self._locked)
         except BaseException:
             self.me = None
             host_lock.release()
@@ -221,6 +221,12 @@ class PgTransport(PgClientSide, PgView, Transport):
             return conn.execute(f"INSERT INTO {self.s}.workers (host, work_dir, pid) VALUES"
                                 " (%s, %s, %s) RETURNING id",
                                 (self.host, str(self.work_dir), os.getpid())).fetchone()[0]
+
+    def _locked(self, conn: psycopg.Connection) -> None:
+        """This worker holds its lock (again): a loss another worker noted in
+        the meantime is over, and its grace must start afresh next time."""
+        conn.execute(f"UPDATE {self.s}.workers SET lost_at = NULL WHERE id = %s AND"
+                     " lost_at IS NOT NULL", (self.me,))
 
     def watch(self) -> int:
         assert self.listener is not None, "lock_worker first"

@@ -288,8 +288,10 @@ class IntakeListener:
     for a full scan)."""
 
     def __init__(self, dsn: str, channel: str, lock_key: tuple[int, int],
-                 grace_s: float) -> None:
+                 grace_s: float,
+                 on_locked: Callable[[psycopg.Connection], object] | None = None) -> None:
         self.dsn, self.channel, self.lock_key, self.grace_s = dsn, channel, lock_key, grace_s
+        self.on_locked = on_locked   # run each time the lock is (re)taken
         self._ids: list[str] = []
         self._lost = False
         self._lock = threading.Lock()
@@ -311,6 +313,8 @@ class IntakeListener:
             if not got:
                 raise TransportUnavailable("the worker's lock is still held by its old"
                                            " session")
+            if self.on_locked is not None:
+                self.on_locked(conn)
             listen(conn, self.channel)
         except BaseException:
             conn.close()
