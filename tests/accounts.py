@@ -35,7 +35,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,15 +306,8 @@ class Deployment:
         return proc
 
     def wait_log(self, proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            content = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
-            if text in content:
-                return content
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}: {content}")
-            time.sleep(0.02)   # poll interval of a wait with a deadline (a log line)
-        raise AssertionError(f"no {text!r} in the worker log within {timeout} s")
+        from conftest import wait_log
+        return wait_log(proc, text, timeout)
 
     def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
         if proc.poll() is None:

@@ -121,15 +121,7 @@ class SpoolEnv:
 
     def wait_log(self, proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
         """Wait until the worker's log holds ``text``; returns the log."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            content = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
-            if text in content:
-                return content
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}: {content}")
-            time.sleep(0.02)   # poll interval of a wait with a deadline (a log line)
-        raise AssertionError(f"no {text!r} in the worker log within {timeout} s")
+        return wait_log(proc, text, timeout)
 
     def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM,
                     timeout: float = 60) -> int:
@@ -142,6 +134,20 @@ class SpoolEnv:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def wait_log(proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
+    """Wait until a worker's log (``proc.log_path``) holds ``text``; returns
+    the log.  Fails at once if the worker exited."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        content = proc.log_path.read_text(errors="replace")  # type: ignore[attr-defined]
+        if text in content:
+            return content
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}: {content}")
+        time.sleep(0.02)   # poll interval of a wait with a deadline (a log line)
+    raise AssertionError(f"no {text!r} in the worker log within {timeout} s")
 
 
 def make_env(base: Path, durable: bool = False, extra: str = "", **spool_keys: str) -> SpoolEnv:
