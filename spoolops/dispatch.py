@@ -64,6 +64,9 @@ class Request:
     deadline: float | None = None
     submitted: str | None = None
     client: dict[str, Any] | None = None
+    # a digest of this very request (its bytes and submitter): what it
+    # notes for its own re-run is filed under it, so a reused id sees nothing
+    key: str = ""
 
 
 @dataclass
@@ -135,15 +138,16 @@ class Dispatcher:
         client = obj.get("client")
         if client is not None and not isinstance(client, dict):
             raise BadRequest("'client' must be an object")
+        key = hashlib.sha256(b"\0".join((rid.encode(), user.encode(), data))).hexdigest()[:16]
         return Request(id=rid, op=op, args=args, user=user,
                        queued_at=queued_at, priority=priority, deadline=deadline,
-                       submitted=submitted, client=client)
+                       submitted=submitted, client=client, key=key)
 
     def context(self, request: Request,
                 progress: Callable[[int, int], None] | None = None) -> OpContext:
         ctx = OpContext(config=self.config, work_dir=self.work_dir, request_id=request.id,
-                        user=request.user, resolver=self.registry.resolver,
-                        memo=Memo(self.work_dir, request.id, self.config.durable))
+                        user=request.user, resolvers=self.registry.resolvers,
+                        memo=Memo(self.work_dir, request.id, self.config.durable, request.key))
         if progress is not None:
             ctx.progress = progress
         return ctx
@@ -226,7 +230,7 @@ class Dispatcher:
         """The reply to ``job`` is published: drop what it noted for a re-run."""
         memo = job.extra.get("memo")
         if memo is not None and memo.kept:
-            memos.forget(self.work_dir, job.request.id)
+            memo.forget()
 
     def prune_notes(self, pending: Callable[[str], bool]) -> None:
         """At start, after recovery: drop the notes of requests that will not

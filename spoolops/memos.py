@@ -29,8 +29,8 @@ MEMO_DIR = "memos"
 class Memo:
     """The notes of one request."""
 
-    def __init__(self, work_dir: Path, rid: str, durable: bool) -> None:
-        self.path = Path(work_dir) / MEMO_DIR / f"{rid}.json"
+    def __init__(self, work_dir: Path, rid: str, durable: bool, key: str = "") -> None:
+        self.path = Path(work_dir) / MEMO_DIR / (f"{rid}~{key}.json" if key else f"{rid}.json")
         self.durable = durable
         self._notes: dict[str, Any] | None = None
         self.kept = False          # a file holds notes: forget it once answered
@@ -58,12 +58,12 @@ class Memo:
         return self._notes
 
 
-def forget(work_dir: Path, rid: str) -> None:
-    """The request is answered: its notes are no longer needed."""
-    try:
-        os.unlink(Path(work_dir) / MEMO_DIR / f"{rid}.json")
-    except FileNotFoundError:
-        pass
+    def forget(self) -> None:
+        """The request is answered: its notes are no longer needed."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 def prune(work_dir: Path, pending: Callable[[str], bool]) -> int:
@@ -74,7 +74,7 @@ def prune(work_dir: Path, pending: Callable[[str], bool]) -> int:
     except FileNotFoundError:
         return 0
     for name in names:
-        rid = name[:-5] if name.endswith(".json") else None
+        rid = name[:-5].split("~", 1)[0] if name.endswith(".json") else None
         if rid is None or not valid_id(rid) or not pending(rid):
             try:
                 os.unlink(Path(work_dir) / MEMO_DIR / name)

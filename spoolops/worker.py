@@ -494,7 +494,10 @@ class Worker:
             self.running -= 1
             if isinstance(item, tuple):
                 _rid, reply = item
-                self.stats.count(reply["op"] or "-", reply["error"]["type"], 0.0)
+                # a rejected request names whatever op it likes: counted under
+                # its name only if that op exists, so requesters cannot mint labels
+                op = reply["op"] if reply["op"] in self.registry else "-"
+                self.stats.count(op, reply["error"]["type"], 0.0)
                 continue
             job = item
             self.running_since.pop(job.request.id, None)

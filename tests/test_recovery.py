@@ -71,7 +71,8 @@ def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
 # -- orphans ---------------------------------------------------------------------
 
 def test_orphans_after_sigkill(spool_env: SpoolEnv):
-    """Idempotent: requeued with its mtime (its place in line) and re-run.
+    """Idempotent: requeued with its mtime (its place in line, held in
+    active/ where no member can swap it) and re-run.
     Non-idempotent and started: Interrupted reply, moved to failed/ with a reason.
     Non-idempotent, claimed but never started: requeued and run."""
     sp = spool_env.spool
@@ -94,8 +95,9 @@ def test_orphans_after_sigkill(spool_env: SpoolEnv):
     assert proc.returncode == 1, proc.stderr
     recovered = json.loads(proc.stdout)["recovered"]
     assert recovered["requeued"] == 2 and recovered["interrupted"] == 1
-    assert os.stat(sp.new / f"{idem}.json").st_mtime_ns == idem_mtime
-    assert (sp.new / f"{waiting}.json").exists()
+    assert os.stat(sp.active / f"{idem}.json").st_mtime_ns == idem_mtime
+    assert not (sp.active / f"{idem}.json.run").exists()
+    assert (sp.active / f"{waiting}.json").exists()
     assert (sp.failed / f"{nonidem}.json").exists()
     reason = (sp.failed / f"{nonidem}.json.reason").read_text()
     assert "Interrupted" in reason and "requeue" in reason

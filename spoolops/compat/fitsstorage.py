@@ -11,13 +11,18 @@ change of import (README: "For FitsStorage maintainers"); the requests then
 travel through spoolops, and a reply wakes the waiter at once instead of a
 once-a-second poll.
 
+``value`` is what their worker returns: ``echo`` -> its ``echo`` argument
+(``"Hello, world"``), ``ingest_upload`` -> ``True``, ``update_headers`` ->
+``None``; spoolops' richer result stays on the response as ``result`` (and
+the whole ``Reply`` as ``reply``).
+
 Differences, all on the side of safety: ``add`` returns the entry at once
 whether or not ``response_required`` (as theirs does); a request's ``batch``
 is copied into its ``args``, as their worker's dispatcher did; an
-operation's failure is ``ok: False`` with ``error`` = ``"Type: message"``;
-``value`` is the operation's ``result`` dict (theirs was ``None`` for
-``update_headers``); replies nobody polls for are removed by the janitor
-after ``reply_ttl`` (theirs were deleted by the worker).
+operation's failure is ``ok: False`` with ``error`` = ``"Type: message"``
+(their ``ingest_upload`` answers ``ok: True, value: False``); replies nobody
+polls for are removed by the janitor after ``reply_ttl`` (theirs were
+deleted by the worker).
 
 Trusts: what ``spoolops.Client`` trusts.  The ``session`` and ``logger``
 arguments are accepted and not used (there is no database row).
@@ -52,6 +57,8 @@ class FileOpsResponse:
     def __init__(self, ok: bool = False, error: str = "", value: Any = "",
                  json: str | None = None) -> None:
         self.ok, self.error, self.value = ok, error, value
+        self.result: Any = None            # spoolops' result of the operation
+        self.reply: Any = None             # the whole spoolops Reply
         if json is not None:
             self.loads(json)
 
@@ -68,9 +75,26 @@ class FileOpsResponse:
     @classmethod
     def from_reply(cls, reply: Any) -> FileOpsResponse:
         if reply.ok:
-            return cls(ok=True, error="", value=reply.result)
-        error = reply.error or {}
-        return cls(ok=False, error=f"{error.get('type')}: {error.get('message')}", value="")
+            response = cls(ok=True, error="", value=their_value(reply.op, reply.result))
+        else:
+            error = reply.error or {}
+            response = cls(ok=False, error=f"{error.get('type')}: {error.get('message')}",
+                           value="")
+        response.result, response.reply = reply.result, reply
+        return response
+
+
+def their_value(op: str | None, result: Any) -> Any:
+    """What FitsStorage's worker function returns for a successful ``op``
+    (``fits_storage/server/fileops.py``): echo its ``echo`` argument,
+    ingest_upload ``True``, update_headers ``None``; other ops their result."""
+    if op == "echo":
+        return result.get("echo") if isinstance(result, dict) and "echo" in result else result
+    if op == "ingest_upload":
+        return True
+    if op == "update_headers":
+        return None
+    return result
 
 
 class FileOpsRequest:

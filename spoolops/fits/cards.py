@@ -17,6 +17,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +33,17 @@ def _fits():
 from ..errors import BadRequest, OpFailed
 from . import checksum as cks
 
-Value = str | int | float | bool | None
+
+class _Blank:
+    """A card with no value (``KEYWORD =`` and blanks): what FitsStorage
+    writes for a ``generic`` value of null (astropy's ``header[kw] = None``)."""
+
+    def __repr__(self) -> str:
+        return "BLANK"
+
+
+BLANK = _Blank()
+Value = str | int | float | bool | _Blank | None
 Edit = tuple[str, Value]
 CARD = 80
 BLOCK = 2880
@@ -92,13 +103,18 @@ def check_value(kw: str, value: object) -> Value:
 VALUE_KEYS = ("qa_state", "raw_site", "release", "generic")
 
 
-def parse_values(values: object) -> list[Edit]:
+def parse_values(values: object, fitsstorage: bool = False) -> list[Edit]:
     """All edits a request's ``values`` asks for, validated, in a stable order.
 
     ``generic`` is ``{KEYWORD: value}`` or a list of ``[KEYWORD, value]``
     pairs (FitsStorage sends either): a pair list keeps its order, and a
     keyword given twice in it is refused.  ``raw_site`` is one token string
-    (tokens may be separated by blanks or commas) or a list of them."""
+    (tokens may be separated by blanks or commas) or a list of them.
+
+    ``fitsstorage``: FitsStorage's meanings (a request in their flat shape):
+    a ``generic`` null writes the keyword with no value (``BLANK``) instead
+    of deleting it, and ``release`` is any date ``time.strptime(v,
+    "%Y-%m-%d")`` accepts (``2024-1-5``), written as given."""
     if not isinstance(values, dict) or not values:
         raise BadRequest("values must be a non-empty object")
     unknown = set(values) - set(VALUE_KEYS)
@@ -122,14 +138,14 @@ def parse_values(values: object) -> list[Edit]:
         for kw, value in _parse_site(values["raw_site"]):
             put(kw, value)
     if "release" in values:
-        put("RELEASE", _parse_release(values["release"]))
+        put("RELEASE", _parse_release(values["release"], fitsstorage))
     if "generic" in values:
-        for kw, value in _generic_pairs(values["generic"]):
-            put(kw, check_value(kw, value))
+        for kw, value in generic_pairs(values["generic"]):
+            put(kw, BLANK if value is None and fitsstorage else check_value(kw, value))
     return list(edits.items())
 
 
-def _generic_pairs(generic: object) -> list[tuple[str, Any]]:
+def generic_pairs(generic: object) -> list[tuple[str, Any]]:
     if generic == {} or generic == []:
         raise BadRequest("generic names no keyword")
     if isinstance(generic, dict):
@@ -171,7 +187,15 @@ def _parse_site(raw: object) -> list[Edit]:
     return out
 
 
-def _parse_release(raw: object) -> str:
+def _parse_release(raw: object, fitsstorage: bool = False) -> str:
+    if fitsstorage and isinstance(raw, str) and any(not 32 <= ord(c) <= 126 for c in raw):
+        raise BadRequest("release must be printable ASCII")
+    if fitsstorage and isinstance(raw, str):
+        try:
+            time.strptime(raw, "%Y-%m-%d")     # FitsStorage's own check
+        except ValueError:
+            raise BadRequest(f"release is not a date YYYY-MM-DD: {raw!r}") from None
+        return raw
     if not isinstance(raw, str) or not _DATE_RE.match(raw):
         raise BadRequest("release must be a date YYYY-MM-DD")
     try:
@@ -183,6 +207,8 @@ def _parse_release(raw: object) -> str:
 
 def same_value(old: Any, new: Any) -> bool:
     """Equal as FITS values: type matters (T is not 1), trailing blanks do not."""
+    if new is BLANK or old is BLANK:
+        return old is new
     if isinstance(old, bool) or isinstance(new, bool):
         return isinstance(old, bool) and isinstance(new, bool) and old == new
     if isinstance(old, str) and isinstance(new, str):
@@ -194,6 +220,8 @@ def same_value(old: Any, new: Any) -> bool:
 
 def make_card(kw: str, value: Value, comment: str) -> bytes:
     """One 80-byte card; the comment is shortened if needed, the value never."""
+    if value is BLANK:
+        value = _fits().card.UNDEFINED
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -255,11 +283,14 @@ def _drop_with_continues(cards: list[bytes], i: int) -> int:
     return n
 
 
-def apply_edits(header: bytes, edits: list[Edit], reject_new: bool = False
+def apply_edits(header: bytes, edits: list[Edit],
+                reject_new: bool | Collection[str] = False
                 ) -> tuple[bytes, list[dict[str, Any]]]:
     """New header bytes and the list of changes; ``changes == []`` means no-op.
 
-    Raises ``Conflict`` (via ``reject_new``) before building anything.
+    ``reject_new``: True for every keyword, or the keywords it guards
+    (FitsStorage's meaning: only those of ``generic``).  Raises ``Conflict``
+    (via ``reject_new``) before building anything.
     """
     from ..errors import Conflict
     hdr = parse_header(header)
@@ -267,14 +298,18 @@ def apply_edits(header: bytes, edits: list[Edit], reject_new: bool = False
     changes = []
     for kw, value in edits:
         present = kw in hdr
-        if reject_new and not present and value is not None:
+        guarded = reject_new is True or (not isinstance(reject_new, bool) and kw in reject_new)
+        if guarded and not present and value is not None:
             raise Conflict(f"{kw} is not in the header and reject_new is set")
         old = header_value(hdr, kw) if present else None
         if not present and value is None:
             continue
-        if present and value is not None and same_value(old, value):
+        if value is BLANK and present and old is None and \
+                isinstance(hdr.cards[kw].value, _fits().card.Undefined):
             continue
-        changes.append({"keyword": kw, "old": old, "new": value})
+        if present and value is not None and value is not BLANK and same_value(old, value):
+            continue
+        changes.append({"keyword": kw, "old": old, "new": None if value is BLANK else value})
         idx = [i for i, c in enumerate(cards) if _card_key(c) == kw]
         if value is None:
             for i in reversed(idx):
@@ -342,7 +377,10 @@ def _verify(new: bytes, edits: list[Edit]) -> None:
     """The rewritten header must parse and carry exactly the requested values."""
     hdr = parse_header(new)
     for kw, value in edits:
-        if value is None:
+        if value is BLANK:
+            if kw not in hdr or header_value(hdr, kw) is not None:
+                raise OpFailed(f"internal error: {kw} is not blank after the edit")
+        elif value is None:
             if kw in hdr:
                 raise OpFailed(f"internal error: {kw} still present after delete")
         elif kw not in hdr or not same_value(header_value(hdr, kw), value):

@@ -28,7 +28,7 @@ import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ class _Temp:
 
 
 def update_file(storage_root: Path, filename: str, edits: list[cards.Edit], *,
-                work_dir: Path, durable: bool = True, reject_new: bool = False,
+                work_dir: Path, durable: bool = True, reject_new: bool | Collection[str] = False,
                 before_md5: str | None = None, hdu: int = 0, want_md5: bool = False,
                 token: str = "", inplace_min: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
@@ -195,7 +195,7 @@ class _Job:
                 "md5_before": before, "md5_after": after, "size": size,
                 "changes": changes}
 
-    def run(self, kind: str, edits: list[cards.Edit], reject_new: bool,
+    def run(self, kind: str, edits: list[cards.Edit], reject_new: bool | Collection[str],
             before_md5: str | None, hdu: int, want_md5: bool, inplace_min: int
             ) -> dict[str, Any]:
         pending = journal.journal_path(self.work_dir, self.real_path)
@@ -212,7 +212,7 @@ class _Job:
         return self._plain(edits, reject_new, hdu, md5, inplace_min)
 
     # -- plain FITS -------------------------------------------------------
-    def _plain(self, edits: list[cards.Edit], reject_new: bool, hdu: int,
+    def _plain(self, edits: list[cards.Edit], reject_new: bool | Collection[str], hdu: int,
                md5: str | None, inplace_min: int) -> dict[str, Any]:
         size = self.st.st_size
         src = Source(self.fd, size)
@@ -275,7 +275,7 @@ class _Job:
         return self.result(True, md5, after, self.st.st_size, changes)
 
     # -- gzip / bzip2 -----------------------------------------------------
-    def _compressed(self, kind: str, edits: list[cards.Edit], reject_new: bool,
+    def _compressed(self, kind: str, edits: list[cards.Edit], reject_new: bool | Collection[str],
                     hdu: int, md5: str | None) -> dict[str, Any]:
         size = self.st.st_size
         if os.pread(self.fd, 3, 0)[:len(compress.MAGIC[kind])] != compress.MAGIC[kind]:

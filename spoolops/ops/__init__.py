@@ -35,7 +35,9 @@ from .args import object_args
 log = logging.getLogger("spoolops.ops")
 
 ENTRY_POINT_GROUP = "spoolops.ops"
-RESOLVER_GROUP = "spoolops.resolvers"    # (data_label, ctx) -> relative filename
+# (name, ctx) -> path below storage_root: the entry point named "filename"
+# resolves a request's filename, any other one its data_label
+RESOLVER_GROUP = "spoolops.resolvers"
 HOOK_GROUP = "spoolops.hooks"            # (op, args, result, ctx) -> None, after a change
 
 Hook = Callable[[str, dict[str, Any], dict[str, Any], "OpContext"], None]
@@ -52,9 +54,9 @@ class OpContext:
     user: str = ""                   # the submitter (from the request file's owner)
     progress: Callable[[int, int], None] = field(default=lambda done, total: None)
     log: logging.Logger = log
-    # the site's data_label -> filename resolver (entry-point group
-    # spoolops.resolvers), if one is installed
-    resolver: Resolver | None = None
+    # the site's resolvers (entry-point group spoolops.resolvers): "filename"
+    # and "data_label" -> a path below storage_root; each only if installed
+    resolvers: Mapping[str, Resolver] = field(default_factory=dict)
     # notes this request keeps for its own re-run after a crash
     memo: Memo = None  # type: ignore[assignment]
 
@@ -119,12 +121,12 @@ class Operation:
 
 
 class Registry:
-    """Operations by name; the site's follow-up hooks and data_label resolver."""
+    """Operations by name; the site's follow-up hooks and resolvers."""
 
     def __init__(self, operations: Iterable[Operation] = ()) -> None:
         self._ops: dict[str, Operation] = {}
         self.hooks: list[tuple[str, Hook]] = []
-        self.resolver: Resolver | None = None
+        self.resolvers: dict[str, Resolver] = {}
         for op in operations:
             self.register(op)
 
@@ -179,23 +181,29 @@ class Registry:
                 log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
         return [name for name, _hook in self.hooks]
 
-    def load_resolver(self, group: str = RESOLVER_GROUP) -> str | None:
-        """The one data_label resolver; none when several are installed (which
-        one would be right?), said in the log."""
-        found = []
+    def load_resolvers(self, group: str = RESOLVER_GROUP) -> list[str]:
+        """The site's resolvers: the entry point named ``filename`` maps a
+        request's ``filename``, any other name (``data_label``, or an older
+        site's own name) its ``data_label``.  Two for the same kind resolve
+        neither (which one would be right?), said in the log."""
+        found: dict[str, list[tuple[str, Resolver]]] = {}
         for ep in metadata.entry_points(group=group):
             try:
-                found.append((ep.name, ep.load()))
+                resolver = ep.load()
+                if not callable(resolver):
+                    raise SpoolError(f"{resolver!r} is not callable")
             except Exception as exc:  # noqa: BLE001 - site code, report and go on
                 log.error("event=entry_point_failed entry_point=%s error=%r", ep.name, exc)
-        if len(found) > 1:
-            log.error("event=resolvers_ambiguous names=%s action=data_label_refused",
-                      ",".join(name for name, _r in found))
-            return None
-        if found:
-            self.resolver = found[0][1]
-            return found[0][0]
-        return None
+                continue
+            kind = "filename" if ep.name == "filename" else "data_label"
+            found.setdefault(kind, []).append((ep.name, resolver))
+        for kind, candidates in found.items():
+            if len(candidates) > 1:
+                log.error("event=resolvers_ambiguous kind=%s names=%s action=refused", kind,
+                          ",".join(name for name, _r in candidates))
+                continue
+            self.resolvers[kind] = candidates[0][1]
+        return sorted(self.resolvers)
 
 
 def builtin_operations() -> list[Operation]:
@@ -212,5 +220,5 @@ def default_registry(entry_points: bool = True) -> Registry:
     if entry_points:
         registry.load_entry_points()
         registry.load_hooks()
-        registry.load_resolver()
+        registry.load_resolvers()
     return registry

@@ -27,7 +27,7 @@ from typing import Any
 from .. import confine
 from ..errors import BadRequest, Conflict, NotFound, OpError, OpFailed
 from ..fits import parse_values, recover_journals, update_file
-from ..fits.cards import VALUE_KEYS
+from ..fits.cards import BLANK, VALUE_KEYS, generic_pairs
 from ..fits.compress import kind_of
 from . import SITE_DEFAULT, OpContext, Operation
 from . import args as check
@@ -43,10 +43,17 @@ def validate_update_headers(args: Any, ctx: OpContext) -> dict[str, Any]:
     if flat and "values" in args:
         raise BadRequest("give the values either nested in 'values' or as arguments of"
                          f" their own, not both (found {', '.join(sorted(flat))} and values)")
-    edits = parse_values(args.get("values") if not flat else flat)
-    clean = {"filename": _stored_name(args, ctx), "edits": [list(e) for e in edits],
+    # FitsStorage's flat shape gets FitsStorage's meanings (parse_values), and
+    # its reject_new guards only the generic keywords, as their fileops does
+    edits = parse_values(args.get("values") if not flat else flat, fitsstorage=bool(flat))
+    reject_new: bool | list[str] = check.flag(args, "reject_new")
+    if reject_new and flat:
+        reject_new = [kw for kw, _v in _generic_keywords(flat)]
+    clean = {"filename": _stored_name(args, ctx),
+             "edits": [[kw, None if value is BLANK else value] for kw, value in edits],
+             "blank": [kw for kw, value in edits if value is BLANK],
              "hdu": check.integer(args, "hdu", 0, minimum=0),
-             "reject_new": check.flag(args, "reject_new"), "md5": check.flag(args, "md5"),
+             "reject_new": reject_new, "md5": check.flag(args, "md5"),
              "before_md5": check.md5(args, "before_md5")}
     if "batch" in args:
         clean["batch"] = args["batch"]
@@ -55,27 +62,37 @@ def validate_update_headers(args: Any, ctx: OpContext) -> dict[str, Any]:
     return clean
 
 
+def _generic_keywords(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    generic = values.get("generic")
+    return generic_pairs(generic) if generic is not None else []
+
+
 def _stored_name(args: dict[str, Any], ctx: OpContext) -> str:
-    """The stored file the request names, relative to storage_root."""
+    """The stored file the request names, relative to storage_root: through
+    the site's resolver for its kind of name when one is installed (a
+    ``filename`` resolver finds files in any folder, as the archive's own
+    database does), else ``filename`` as a path below storage_root."""
     if ("filename" in args) == ("data_label" in args):
         raise BadRequest("give filename or data_label (one of them)")
-    if "data_label" in args:
-        label = check.text(args, "data_label")
-        if not label:
-            raise BadRequest("data_label must be a non-empty string")
-        if ctx.resolver is None:
+    kind = "data_label" if "data_label" in args else "filename"
+    resolver = ctx.resolvers.get(kind)
+    if kind == "data_label" or resolver is not None:
+        given = check.text(args, kind)
+        if not given:
+            raise BadRequest(f"{kind} must be a non-empty string")
+        if resolver is None:
             raise BadRequest("data_label cannot be resolved here: no resolver is installed"
                              " (entry-point group spoolops.resolvers); give filename")
         try:
-            name = ctx.resolver(label, ctx)
+            name = resolver(given, ctx)
         except OpError:
             raise
         except Exception as exc:  # noqa: BLE001 - site code: fail the request, say why
-            raise OpFailed(f"the data_label resolver failed: {type(exc).__name__}: {exc}"
+            raise OpFailed(f"the {kind} resolver failed: {type(exc).__name__}: {exc}"
                            ) from None
         if not isinstance(name, str) or not name:
-            raise NotFound(f"no stored file has data_label {label!r}")
-        what = f"the file of data_label {label!r}"
+            raise NotFound(f"no stored file has {kind} {given!r}")
+        what = f"the file of {kind} {given!r}"
     else:
         name = "/".join(check.relative_path(args, "filename"))
         what = "filename"
@@ -106,8 +123,10 @@ def targets_update_headers(args: Mapping[str, Any], ctx: OpContext) -> Sequence[
 
 
 def run_update_headers(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
+    blank = set(args.get("blank", ()))
     return update_file(ctx.config.storage_root, args["filename"],
-                       [(k, v) for k, v in args["edits"]], work_dir=ctx.work_dir,
+                       [(k, BLANK if k in blank else v) for k, v in args["edits"]],
+                       work_dir=ctx.work_dir,
                        durable=ctx.config.durable, reject_new=args["reject_new"],
                        before_md5=args["before_md5"], hdu=args["hdu"],
                        want_md5=args["md5"], token=ctx.request_id[-24:],

@@ -15,7 +15,9 @@ file that appeared meanwhile is never replaced (``Conflict``).  With
 ``overwrite`` it is ``rename()``.
 
 Safely repeatable (idempotent): a retry whose target already holds the same
-bytes is ``ok`` with ``already: true`` (the staged copy is removed), and a
+bytes is ``ok`` with ``already: true`` (the staged copy is removed) -- where
+the submitter could read the target itself (else the answer would tell it
+what a file it may not read holds: ``Conflict`` whatever the bytes), and a
 request re-run after a crash that had already published finds its own note
 of that (``memos``) even when the staged file is gone.  A target holding
 other bytes stays a ``Conflict`` without ``overwrite``.
@@ -46,6 +48,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pwd
 import secrets
 import stat
 import time
@@ -54,12 +57,14 @@ from typing import Any
 
 from .. import confine, faults
 from ..config import Config
-from ..errors import BadRequest, Conflict, NotFound, OpFailed
+from ..errors import BadRequest, Conflict, NotFound, OpError, OpFailed
 from ..tempfiles import forget_temp, register_temp, temp_name
 from . import SITE_DEFAULT, OpContext, Operation
 from . import args as check
 
 CHUNK = 1 << 20
+SIDECAR = ".json"          # FitsStorage's misc-file metadata, beside the file
+MAX_SIDECAR = 1 << 20
 PROGRESS_INTERVAL = 1.0
 _ARGS = ("filename", "path", "processed_cal", "md5", "overwrite", "fileuploadlog_id",
          "batch")
@@ -75,7 +80,12 @@ def validate_ingest(args: Any, ctx: OpContext) -> dict[str, Any]:
     filename = check.file_name(args, "filename")
     path_parts = check.relative_path(args, "path", allow_empty=True)
     processed_cal = check.flag(args, "processed_cal")
-    overwrite = check.flag(args, "overwrite")
+    # FitsStorage's shape (their callers always send fileuploadlog_id) gets
+    # their meaning: an upload replaces the stored file (their shutil.move),
+    # e.g. an exporter re-sending a changed file
+    fitsstorage = "fileuploadlog_id" in args
+    overwrite = check.flag(args, "overwrite") if args.get("overwrite") is not None \
+        else fitsstorage
     if processed_cal and path_parts:
         raise BadRequest("path must be empty when processed_cal is true "
                          "(processed calibrations go to processed_cals_path)")
@@ -300,6 +310,67 @@ def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
         forget_temp(ctx.work_dir, tpath)
 
 
+def _publish_sidecar(ctx: OpContext, sdir: int, ddir: int, dest_parts: list[str],
+                     filename: str) -> str | None:
+    """Copy ``<filename>.json`` (FitsStorage's misc-file metadata) beside the
+    stored file, replacing an older one atomically; its path, or None when
+    the upload has none."""
+    name = filename + SIDECAR
+    if len(name.encode()) > confine.MAX_COMPONENT:
+        return None
+    try:
+        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    _check_staged_stat(st, name)
+    if st.st_size > MAX_SIDECAR:
+        raise BadRequest(f"{name} is {st.st_size} bytes, more than {MAX_SIDECAR} for metadata")
+    config = ctx.config
+    rel = "/".join([*dest_parts, name])
+    src = confine.open_file(sdir, name, what="staged metadata")
+    try:
+        data = os.pread(src, MAX_SIDECAR + 1, 0)
+    finally:
+        os.close(src)
+    tname = _temp_for(name, secrets.token_hex(8))
+    tpath = os.path.join(os.path.realpath(config.storage_root), *dest_parts, tname)
+    register_temp(ctx.work_dir, tpath, config.durable)
+    try:
+        fd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     config.file_mode & 0o777, dir_fd=ddir)
+        try:
+            os.fchmod(fd, config.file_mode)
+            os.write(fd, data)
+            if config.durable:
+                faults.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            st_target = os.stat(name, dir_fd=ddir, follow_symlinks=False)
+            if not stat.S_ISREG(st_target.st_mode):
+                raise Conflict(f"{rel} exists and is not a regular file")
+        except FileNotFoundError:
+            pass
+        os.rename(tname, name, src_dir_fd=ddir, dst_dir_fd=ddir)
+    except BaseException:
+        try:
+            os.unlink(tname, dir_fd=ddir)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        forget_temp(ctx.work_dir, tpath)
+    return rel
+
+
+def _remove_staged_sidecar(ctx: OpContext, sdir: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=sdir)
+    except OSError as exc:
+        ctx.log.warning("event=ingest_staged_not_removed filename=%s request=%s error=%r",
+                        name, ctx.request_id, exc)
+
+
 def _remove_staged(ctx: OpContext, sdir: int, sfd: int, filename: str) -> None:
     """Unlink the staged name, but only if it still is the file we copied.
 
@@ -339,6 +410,9 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
             ddir = confine.open_dir(config.storage_root, dest_parts, True,
                                   dir_mode_for(config.file_mode), config.durable)
             try:
+                # the misc file's metadata first, as FitsStorage moves it: a
+                # published file never lacks the .json that describes it
+                sidecar = _publish_sidecar(ctx, sdir, ddir, dest_parts, filename)
                 already = _same_as_target(ctx, ddir, sfd, filename, args, rel)
                 if already is None:
                     dest_dir = os.path.join(os.path.realpath(config.storage_root),
@@ -351,15 +425,28 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
             if already is None:
                 ctx.log.info("event=ingest_published path=%s size=%d md5=%s request=%s",
                              rel, size, md5, ctx.request_id)
-            ctx.memo.put("published", {"path": rel, "size": size, "md5": md5})
+            ctx.memo.put("published", {"path": rel, "size": size, "md5": md5,
+                                       "place": args["staged"], "sidecar": sidecar})
             _remove_staged(ctx, sdir, sfd, filename)
+            if sidecar is not None:
+                _remove_staged_sidecar(ctx, sdir, filename + SIDECAR)
         finally:
             os.close(sfd)
     finally:
         os.close(sdir)
-    result = {"filename": filename, "path": rel, "size": size, "md5": md5}
-    if already is not None:
+    return _result(ctx, filename, rel, size, md5, already is not None, sidecar)
+
+
+def _result(ctx: OpContext, filename: str, rel: str, size: int, md5: str, already: bool,
+            sidecar: str | None) -> dict[str, Any]:
+    result: dict[str, Any] = {"filename": filename, "path": rel, "size": size, "md5": md5}
+    if already:
         result["already"] = True
+    replaced = ctx.memo.get("replacing")
+    if replaced is not None and replaced != md5:
+        result["replaced_md5"] = replaced
+    if sidecar is not None:
+        result["sidecar"] = sidecar
     return result
 
 
@@ -378,18 +465,41 @@ def _same_as_target(ctx: OpContext, ddir: int, sfd: int, filename: str,
     if not stat.S_ISREG(st.st_mode):
         raise Conflict(f"target exists and is not a regular file: {rel}")
     staged = os.fstat(sfd)
-    if st.st_size == staged.st_size:
-        tfd = confine.open_file(ddir, filename, what="target")
-        try:
-            target_md5 = _md5_of(tfd)
-        finally:
-            os.close(tfd)
-        if target_md5 == _md5_of(sfd) and args["md5"] in (None, target_md5):
-            return st.st_size, target_md5
+    if not args["overwrite"] and not _readable_by(st, ctx.user):
+        # comparing would tell the submitter whether a file it may not read
+        # holds the bytes it guessed: the same answer whatever the bytes
+        raise Conflict(f"target already exists: {rel} (set overwrite to replace it)")
+    if not args["overwrite"] and st.st_size != staged.st_size:
+        raise Conflict(f"target already exists with other contents: {rel} (set overwrite"
+                       " to replace it)")
+    tfd = confine.open_file(ddir, filename, what="target")
+    try:
+        target_md5 = _md5_of(tfd)
+    finally:
+        os.close(tfd)
+    if st.st_size == staged.st_size and target_md5 == _md5_of(sfd) and \
+            args["md5"] in (None, target_md5):
+        return st.st_size, target_md5
     if not args["overwrite"]:
         raise Conflict(f"target already exists with other contents: {rel} (set overwrite"
                        " to replace it)")
+    ctx.memo.put("replacing", target_md5)   # what the reply reports it replaced
     return None
+
+
+def _readable_by(st: os.stat_result, user: str) -> bool:
+    """Whether ``user`` (a unix account) could read a file of this owner and
+    mode itself.  An unknown name (a database role with no account) cannot."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IROTH:
+        return True
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return False
+    if account.pw_uid == st.st_uid:
+        return bool(mode & stat.S_IRUSR)
+    return bool(mode & stat.S_IRGRP) and st.st_gid in os.getgrouplist(user, account.pw_gid)
 
 
 def _md5_of(fd: int) -> str:
@@ -418,7 +528,21 @@ def _published_before(ctx: OpContext, dest_parts: list[str], rel: str,
     if note.get("path") != rel or (size, md5) != (note.get("size"), note.get("md5")):
         raise Conflict(f"{rel} no longer holds what this request published; the staged"
                        " file is gone")
-    return {"filename": filename, "path": rel, "size": size, "md5": md5, "already": True}
+    sidecar = note.get("sidecar")
+    if sidecar is not None and isinstance(note.get("place"), str):
+        # cut off between removing the staged file and its metadata
+        try:
+            sdir = confine.open_dir(ctx.config.upload_staging_dir, confine.split_relative(
+                note["place"], "path", allow_empty=True))
+        except OpError:
+            pass
+        else:
+            try:
+                if os.path.lexists(f"/proc/self/fd/{sdir}/{filename}{SIDECAR}"):
+                    _remove_staged_sidecar(ctx, sdir, filename + SIDECAR)
+            finally:
+                os.close(sdir)
+    return _result(ctx, filename, rel, size, md5, True, sidecar)
 
 
 INGEST_UPLOAD = Operation(

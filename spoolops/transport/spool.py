@@ -8,7 +8,15 @@ that ``mailbox.py`` skips (when ``durable``)::
     worker:  new/ID.json --claim--> active/ID.json (+ active/ID.json.run)
              reply: work/ID.reply (written whole, fsynced)
              --reply--> unlink active/ID.json, rename to replies/ID.json
-    client:  reads replies/ID.json, checks owner and id, unlinks it
+                        (never replacing a reply the worker wrote)
+    client:  reads replies/ID.json, checks owner, id and submitter, unlinks it
+
+A claimed request never goes back to ``new/`` (members may write there, and
+could swap a request whose id they saw in ``active/`` for their own): one put
+back to wait for a busy target, or re-queued by recovery, stays in
+``active/`` with no run record and is served from there by the next claim.
+An id that is running, answered and not yet collected, or kept in
+``failed/`` is refused at claim: one id, one request, one reply.
 
 Exactly one reply: a staged ``work/ID.reply`` means the operation finished;
 it is only ever renamed into ``replies/``, so recovery can tell "finished,
@@ -98,6 +106,9 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         self._worker_uid: int | None = None
         self._inotify: INotify | None = None
         self._skipped: set[str] = set()
+        # claimed, not started, waiting in active/ (put back, or re-queued by
+        # recovery): served from there, never returned to new/
+        self._held: set[str] = set()
 
     def __repr__(self) -> str:
         return f"SpoolTransport({str(self.root)!r})"
@@ -190,8 +201,9 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
 
     def scan(self) -> list[str]:
         """Everything in ``new/`` but what was left there and is skipped (an
-        entry that could not be moved out, with its reason in ``failed/``)."""
-        names = []
+        entry that could not be moved out, with its reason in ``failed/``),
+        and the requests held in ``active/`` for this process."""
+        names = list(self._held)
         with os.scandir(self.new) as it:
             for entry in it:
                 name = entry.name
@@ -200,10 +212,13 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 if entry.is_dir(follow_symlinks=False) and self._has_reason(name):
                     self._skipped.add(name)
                     continue
-                names.append(name)
+                if name not in self._held:
+                    names.append(name)
         return names
 
     def peek(self, entry: str) -> Claimed | None:
+        if entry in self._held:
+            return self.read_claimed(entry)
         try:
             f = read_untrusted(f"{self._new}/{entry}", self.max_request_bytes,
                                reader="the worker")
@@ -215,7 +230,11 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                        min(f.st.st_mtime_ns, time.time_ns()))
 
     def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
-        """Rename ``new/NAME`` to ``active/NAME`` and read it once."""
+        """Rename ``new/NAME`` to ``active/NAME`` and read it once (a request
+        held in ``active/`` is read from there)."""
+        if entry in self._held:
+            self._held.discard(entry)
+            return self.read_claimed(entry)
         rid = id_from_name(entry)
         if rid is None:
             # judged by its name alone, before any rename: a hostile name such
@@ -223,6 +242,10 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             return self.quarantine(entry, "Its name is not <id>.json with an id matching"
                                    " ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$, so no reply can be"
                                    " addressed", claimed=False)
+        used = self._id_in_use(rid)
+        if used is not None:
+            return self.quarantine(entry, f"Request id {rid} is in use ({used}); a second"
+                                   " request with the same id was not run", claimed=False)
         try:
             rename_noreplace(f"{self._new}/{entry}", f"{self._active}/{entry}")
         except FileNotFoundError:
@@ -258,11 +281,33 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                                    claimed=True)
         return Claimed(entry, rid, f.data, user_name(f.st.st_uid), min(f.st.st_mtime_ns, time.time_ns()))
 
+    def _id_in_use(self, rid: str) -> str | None:
+        """Where else ``rid`` lives (a running one is caught by the claim's
+        rename itself): its reply, published or staged, or a kept request."""
+        try:
+            st = os.lstat(f"{self._replies}/{rid}{REQUEST_SUFFIX}")
+        except FileNotFoundError:
+            pass
+        else:
+            # the worker's own reply; a member's plant under that name blocks nothing
+            if st.st_uid == self.worker_uid() and stat.S_ISREG(st.st_mode):
+                return "a reply to it waits to be collected"
+        for path, what in ((f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", "it is answered"),
+                           (f"{self.failed}/{rid}{REQUEST_SUFFIX}", "it is kept in failed/")):
+            if os.path.lexists(path):
+                return what
+        return None
+
     def put_back(self, rid: str) -> None:
-        """Back to ``new/`` (the mtime, its place in line, is kept)."""
+        """Back in line, its place (the mtime) kept -- but held in ``active/``,
+        never returned to ``new/``, where a member could swap it: the next
+        claim of its name in this process serves it from there, and after a
+        crash it is an orphan that never started, which recovery re-queues."""
         name = rid + REQUEST_SUFFIX
-        os.rename(f"{self._active}/{name}", f"{self._new}/{name}")
+        if not os.path.lexists(f"{self._active}/{name}"):
+            raise FileNotFoundError(errno.ENOENT, "not claimed", f"{self._active}/{name}")
         _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        self._held.add(name)
 
     # -- the worker: running and answering -------------------------------------------
 
@@ -328,10 +373,57 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         if started:
             _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
         _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
-        os.rename(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}",
-                  f"{self._replies}/{rid}{REQUEST_SUFFIX}")
+        self._publish_noreplace(rid, f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}")
+
+    def _publish_noreplace(self, rid: str, staged: str) -> None:
+        """Rename ``staged`` to ``replies/ID.json`` without replacing a reply
+        the worker wrote.  Something else under that name (a member's plant)
+        is removed first; a trusted reply already there means this is a second
+        request with an answered id: its reply is kept in ``failed/`` with a
+        reason, and the first one stays the one the client reads."""
+        published = f"{self._replies}/{rid}{REQUEST_SUFFIX}"
+        for _attempt in range(8):
+            try:
+                rename_noreplace(staged, published)
+                break
+            except FileExistsError:
+                if self.collect(rid, remove=False, reader="the worker", quiet=True) is None:
+                    _remove_quietly(published)     # not the worker's: a plant
+                    continue
+                name = f"{rid}.reply"
+                kept_as = self._rename_into_failed(Path(staged).parent, Path(staged).name,
+                                                   name)
+                self._write_reason(kept_as, f"A reply to {rid} was already published and not"
+                                   " yet collected; this reply, to a second request with the"
+                                   " same id, was kept here instead")
+                log.error("event=duplicate_reply id=%s kept=%s", rid, kept_as)
+                break
+        else:
+            raise FileExistsError(errno.EEXIST, "replies/ keeps being planted", published)
         if self.durable:
             fsync_dir(self._replies)
+
+    def answer_withdrawn(self, rid: str, reply: dict[str, Any]) -> bool:
+        """Publish an operator's ``Cancelled`` reply to a request just
+        withdrawn from ``new/``: staged under a name of its own (never over
+        one the worker staged) and published without replacing; never when
+        a request with that id runs or was answered (the withdrawn file was
+        then a duplicate, and the running one's reply is the answer).  The
+        worker's ``active/`` is not touched."""
+        if os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}") or \
+                self._id_in_use(rid) is not None:
+            return False
+        staged = f"{self._work}/{rid}.cancel.{os.getpid()}.tmp"
+        _remove_quietly(staged)          # a leftover of a process with our pid
+        write_new_file(staged, encode_json(reply), self.durable, gid=self._reply_group())
+        try:
+            rename_noreplace(staged, f"{self._replies}/{rid}{REQUEST_SUFFIX}")
+        except FileExistsError:
+            _remove_quietly(staged)
+            return False
+        if self.durable:
+            fsync_dir(self._replies)
+        return True
 
     def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
         """Move ``new/NAME`` or ``active/NAME`` to ``failed/`` beside
@@ -370,9 +462,11 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             _remove_quietly(self.active / (name + ".run"))
         return moved
 
-    def _rename_into_failed(self, directory: Path, name: str) -> str:
+    def _rename_into_failed(self, directory: Path, name: str, as_name: str | None = None
+                            ) -> str:
+        as_name = as_name or name
         for n in range(1, 100):
-            dest = name if n == 1 else f"{name}~{n}"
+            dest = as_name if n == 1 else f"{as_name}~{n}"
             try:
                 rename_noreplace(str(directory / name), str(self.failed / dest))
                 return dest

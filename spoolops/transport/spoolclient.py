@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Any
@@ -111,12 +112,14 @@ class SpoolClientSide:
 
     def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
         """See ``_withdraw``; with ``answer`` (an operator's cancel) the
-        reply follows the withdrawal, best effort: the cancel itself stands."""
+        reply follows the withdrawal, best effort: the cancel itself stands.
+        The answer never touches ``active/`` nor a reply the worker staged
+        (``answer_withdrawn``)."""
         if not self._withdraw(rid):
             return False
         if answer is not None:
             try:
-                self.reply(rid, answer, started=False)
+                self.answer_withdrawn(rid, answer)
             except OSError:
                 pass
         return True
@@ -140,7 +143,9 @@ class SpoolClientSide:
             except FileNotFoundError:
                 return False
             return True
-        aside = f"{self._tmp}/{rid}{WITHDRAWN_SUFFIX}"
+        # a name nobody can guess (members cannot list tmp/): the file is
+        # opened by name below, and a member must not swap in a FIFO or a link
+        aside = f"{self._tmp}/{rid}.{secrets.token_hex(8)}{WITHDRAWN_SUFFIX}"
         try:
             os.rename(queued, aside)
         except FileNotFoundError:
@@ -150,9 +155,12 @@ class SpoolClientSide:
         except PermissionError:
             # not the submitter's own file: root or the worker user, who own tmp/
             fsync_dir(self._tmp)
+        except OSError as exc:
+            log.warning("withdrawn request %s could not be made durable: %s", rid, exc)
         else:
             try:
-                os.fsync(fd)
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         _remove_quietly(aside)
@@ -164,8 +172,8 @@ class SpoolClientSide:
         except FileNotFoundError:
             raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'") from None
 
-    def collect(self, rid: str, remove: bool = True, reader: str = "this client"
-                ) -> dict[str, Any] | None:
+    def collect(self, rid: str, remove: bool = True, reader: str = "this client",
+                quiet: bool = False) -> dict[str, Any] | None:
         """The reply published for ``rid`` if it is one to trust: a plain file
         owned by the worker user, a JSON object whose ``id`` is ``rid``.
         None when there is none yet, or only something else under its name
@@ -181,8 +189,9 @@ class SpoolClientSide:
             self._unreadable_reply(path, exc)
             return None
         if f.st.st_uid != self.worker_uid():
-            log.warning("ignoring reply for %s owned by uid %d, not the worker's (%d)",
-                           rid, f.st.st_uid, self.worker_uid())
+            if not quiet:
+                log.warning("ignoring reply for %s owned by uid %d, not the worker's (%d)",
+                            rid, f.st.st_uid, self.worker_uid())
             return None
         try:
             obj = json.loads(f.data)
