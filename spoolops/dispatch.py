@@ -41,6 +41,7 @@ from .errors import (
     UnknownOp,
 )
 from .formats import PROTOCOL_VERSION, decode_json_object, parse_iso, utc_iso, valid_id
+from .hookledger import HookCall, HookLedger
 from .memos import Memo
 from .ops import OpContext, Operation, Registry
 
@@ -92,12 +93,15 @@ class Dispatcher:
     """Validates and runs requests; shapes replies.  Thread-safe."""
 
     def __init__(self, registry: Registry, config: Config, work_dir: Path,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 hook_kept: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
         self.config = config
         self.work_dir = Path(work_dir)
         self.clock = clock
         self.worker_info = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.hook_ledger = HookLedger(self.work_dir, config.durable)
+        self.hook_kept = hook_kept        # told when a failed hook call is kept
 
     # -- validation ---------------------------------------------------------
 
@@ -187,8 +191,8 @@ class Dispatcher:
                     raise OpFailed(f"operation {job.operation.name!r} returned"
                                    f" {type(result).__name__}, not a dict")
                 json.dumps(result, allow_nan=False)  # a result that cannot be sent fails
-                warnings = self._follow_up(job, ctx, result) if \
-                    job.operation.follow_up and self.registry.hooks else []
+                hooks, warnings = self._follow_up(job, ctx, result) if \
+                    job.operation.follow_up and self.registry.hooks else ({}, [])
         except OpError as exc:
             return self.reply(request, error=exc, started_at=job.started_at)
         except Exception as exc:
@@ -196,18 +200,22 @@ class Dispatcher:
             return self.reply(request, error=OpFailed(_describe(exc)),
                               started_at=job.started_at)
         reply = self.reply(request, result=result, started_at=job.started_at)
+        if hooks:
+            reply["hooks"] = hooks
         if warnings:
             reply["warnings"] = warnings
         return reply
 
     def _follow_up(self, job: Job, ctx: OpContext, result: dict[str, Any]
-                   ) -> list[dict[str, str]]:
+                   ) -> tuple[dict[str, str], list[dict[str, Any]]]:
         """Run the site's hooks after a committed change, still holding the
         targets' locks, each at most once per request: what a hook did is
         noted (durably) before the next one runs, and a re-run after a crash
         skips what is noted -- repeating a hook only if the worker died
-        between the hook's own effect and its note.  A hook's failure does
-        not undo the change: the reply stays ok and carries a warning."""
+        between the hook's own effect and its note.  A hook that fails does
+        not undo the change: its call is kept (``hookledger``) and retried
+        later until it succeeds; the reply stays ok, says so in ``hooks``
+        (name -> "ran" or "retrying") and carries a warning."""
         done = dict(ctx.memo.get("hooks", {}))
         warnings = []
         faults.hit("follow_up.start")
@@ -217,14 +225,54 @@ class Dispatcher:
                     hook(job.operation.name, dict(job.args), result, ctx)
                     done[name] = None
                 except Exception as exc:  # noqa: BLE001 - site code: report, keep the change
-                    log.error("event=hook_failed id=%s op=%s hook=%s error=%r",
-                              job.request.id, job.operation.name, name, exc)
-                    done[name] = f"{type(exc).__name__}: {exc}"
+                    done[name] = self._keep_hook_call(job, name, result, exc)
                 ctx.memo.put("hooks", done)
                 faults.hit("follow_up.noted")
             if done[name] is not None:
-                warnings.append({"hook": name, "error": done[name]})
-        return warnings
+                warnings.append({"hook": name, "error": done[name], "retrying": True})
+        return {name: "ran" if done[name] is None else "retrying"
+                for name, _hook in self.registry.hooks}, warnings
+
+    def _keep_hook_call(self, job: Job, name: str, result: dict[str, Any],
+                        exc: Exception) -> str:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("event=hook_failed id=%s op=%s hook=%s error=%r action=retry_later",
+                  job.request.id, job.operation.name, name, error)
+        call = HookCall(id=job.request.id, key=job.request.key, hook=name,
+                        op=job.operation.name, args=dict(job.args), result=result,
+                        user=job.request.user, targets=list(job.targets))
+        try:
+            self.hook_ledger.record(call, error, self.clock())
+        except (OSError, ValueError, TypeError) as kept:
+            log.error("event=hook_not_kept id=%s hook=%s error=%r", job.request.id, name,
+                      str(kept))
+            return f"{error} (not kept for a retry: {kept})"
+        self.hook_kept()
+        return error
+
+    def retry_hook(self, call: HookCall) -> bool:
+        """Try a kept hook call again (on a pool thread), the targets locked
+        as the first call had them; True if it succeeded (and is forgotten)."""
+        hook = dict(self.registry.hooks).get(call.hook)
+        if hook is None:
+            self.hook_ledger.failed_again(call, f"hook {call.hook!r} is not installed",
+                                          self.clock())
+            return False
+        request = Request(id=call.id, op=call.op, args=call.args, user=call.user,
+                          queued_at=0.0, key=call.key)
+        try:
+            with self._target_locks(call.targets):
+                hook(call.op, dict(call.args), call.result, self.context(request))
+        except Exception as exc:  # noqa: BLE001 - site code: keep it for the next try
+            error = f"{type(exc).__name__}: {exc}"
+            self.hook_ledger.failed_again(call, error, self.clock())
+            log.warning("event=hook_retry_failed id=%s hook=%s tries=%d error=%r", call.id,
+                        call.hook, call.tries, error)
+            return False
+        self.hook_ledger.succeeded(call)
+        log.info("event=hook_retried id=%s hook=%s tries=%d outcome=ok", call.id, call.hook,
+                 call.tries + 1)
+        return True
 
     def answered(self, job: Job) -> None:
         """The reply to ``job`` is published: drop what it noted for a re-run."""

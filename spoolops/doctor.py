@@ -72,13 +72,34 @@ def run_checks(config_path: str | os.PathLike | None = None,
         findings += check_tree(config)
         findings += check_filesystems(config)
         findings += check_transport(config)
+        findings += check_hooks(config)
         return findings
     findings += check_accounts(config)
     findings += check_tree(config)
     findings += check_groups(config)
     findings += check_filesystems(config)
     findings += check_inotify()
+    findings += check_hooks(config)
     return findings
+
+
+def check_hooks(config: Config) -> list[Finding]:
+    """Follow-up hook calls that failed (kept in the worker's folder)."""
+    from .status import hook_counts
+    try:
+        counts = hook_counts(open_transport(config).work_dir, config.durable)
+    except (SpoolSetupError, OSError):
+        return []
+    if counts is None:
+        return []
+    pending, failed = counts["pending"], counts["failed"]
+    if failed:
+        return [Finding("hooks", False, f"{failed} follow-up hook call(s) keep failing"
+                        f" ({pending} more pending)", "see 'spoolops hooks'; mend the"
+                        " cause (e.g. the archive's database), then 'spoolops hooks retry"
+                        " --all'")]
+    return [Finding("hooks", True, f"{pending} follow-up hook call(s) wait for a retry"
+                    if pending else "no follow-up hook call waits for a retry")]
 
 
 def check_transport(config: Config) -> list[Finding]:

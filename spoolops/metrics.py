@@ -40,6 +40,12 @@ def render_metrics(status: dict[str, Any], stats: dict[str, Any] | None) -> str:
     lines += ["# HELP spoolops_worker_up 1 if a worker holds the spool's lock.",
               "# TYPE spoolops_worker_up gauge",
               f"spoolops_worker_up {1 if status['worker']['alive'] else 0}"]
+    hooks = status.get("hooks")
+    if hooks is not None:
+        lines += [("# HELP spoolops_hooks Follow-up hook calls that failed and wait for a"
+                   " retry (failed: 5 tries or more)."), "# TYPE spoolops_hooks gauge"]
+        lines += [f'spoolops_hooks{{state="{state}"}} {hooks[state]}'
+                  for state in ("pending", "failed")]
     outcomes = (stats or {}).get("outcomes", {})
     lines += [("# HELP spoolops_served_total Requests answered by the running worker, by op"
               " and outcome."), "# TYPE spoolops_served_total counter"]

@@ -5,16 +5,18 @@ process that asks -- never the worker's); the worker's own counters (served,
 uptime) from its latest snapshot, asked for afresh when this process may
 (``refresh``).  Problems are what an operator must act on: no worker, a
 request queued longer than ``stuck_after``, orphans with no worker, states
-this user may not see.  Read-only; trusts nothing it reads enough to act on it.
+this user may not see, follow-up hook calls that keep failing.  Read-only; trusts nothing it reads enough to act on it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .config import Config
+from .hookledger import FAILED_AFTER, HookLedger
 from .transport import Transport, open_transport
 from .transport.base import STATES
 
@@ -52,6 +54,11 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time,
         if running:
             problems.append(f"{running} orphan(s) in active/ with no worker: they are"
                             " recovered when a worker starts")
+    result["hooks"] = hook_counts(transport.work_dir, config.durable)
+    if result["hooks"] is not None and result["hooks"]["failed"]:
+        problems.append(f"{result['hooks']['failed']} follow-up hook call(s) failed"
+                        f" {FAILED_AFTER} times or more and are still retried: see"
+                        " 'spoolops hooks'")
     for count in counts.values():
         if count.problem == "missing":
             problems.append(f"{count.where} is missing: run 'spoolops init'")
@@ -61,3 +68,13 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time,
                         " the worker user)")
     result["problems"] = problems
     return result
+
+
+def hook_counts(work_dir: Any, durable: bool) -> dict[str, int] | None:
+    """Kept hook calls by state; None when this user may not look."""
+    try:
+        if not os.access(work_dir, os.R_OK | os.X_OK):
+            return None
+    except OSError:
+        return None
+    return HookLedger(work_dir, durable).counts()

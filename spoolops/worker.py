@@ -66,7 +66,8 @@ class Worker:
         self.config = config
         self.transport = transport if transport is not None else open_transport(config)
         self.registry = registry if registry is not None else default_registry()
-        self.dispatcher = Dispatcher(self.registry, config, self.transport.work_dir)
+        self.dispatcher = Dispatcher(self.registry, config, self.transport.work_dir,
+                                     hook_kept=self._hooks_changed)
         self.once = once
         self.standby = standby
         self.queue = Queue()
@@ -84,6 +85,10 @@ class Worker:
         self._loop_thread = threading.current_thread()
         self._scan_partial = False     # the last scan stopped at the transport's limit
         self._left_orphans: set[str] = set()   # orphans left to their host, said once
+        # kept hook calls (hookledger): when the next is due, which are running
+        self._hooks_look = True
+        self._hooks_next: float | None = None
+        self._hooks_running: set[tuple[str, str]] = set()
 
     # -- signals: flags only ------------------------------------------------------
 
@@ -92,8 +97,15 @@ class Worker:
         self._wake()
 
     def request_stats(self, *_: Any) -> None:
-        """SIGUSR1 (sent by ``spoolops status``): save the counters now."""
+        """SIGUSR1 (sent by ``spoolops status`` and ``hooks retry``): save the
+        counters now, and look at the kept hook calls again."""
         self._stats_wanted = True
+        self._hooks_look = True
+        self._wake()
+
+    def _hooks_changed(self) -> None:
+        """A hook call was kept or retried (any thread): look at the ledger."""
+        self._hooks_look = True
         self._wake()
 
     def _wake(self) -> None:
@@ -164,6 +176,12 @@ class Worker:
             retry = self.gate.next_retry()
             if retry is not None:
                 timeout = min(timeout, retry)
+            if self._hooks_look:
+                self._hooks_look = False
+                due_in = self.dispatcher.hook_ledger.next_due_in()
+                self._hooks_next = None if due_in is None else time.monotonic() + due_in
+            if self._hooks_next is not None:
+                timeout = min(timeout, max(0.0, self._hooks_next - time.monotonic()))
             if self._done:  # a pool job finished meanwhile: reap it now
                 timeout = 0.0
             idle_since = time.perf_counter()
@@ -198,6 +216,9 @@ class Worker:
                 next_orphans = time.monotonic() + ORPHAN_CHECK_S
             if self.unpublished:
                 self._retry_unpublished()
+            if self._hooks_next is not None and time.monotonic() >= self._hooks_next \
+                    and not self._stop:
+                self._retry_hooks()
             if self._stats_wanted:
                 self._stats_wanted = False
                 self.stats.save(self._gauges())
@@ -473,6 +494,25 @@ class Worker:
                       errno.errorcode.get(exc.errno or 0, str(exc)))
             self.unpublished[rid] = reply
             return False
+
+    def _retry_hooks(self) -> None:
+        """Hand the kept hook calls that are due to the pool."""
+        self._hooks_next = None
+        assert self._pool is not None
+        for call in self.dispatcher.hook_ledger.due():
+            key = (call.id, call.hook)
+            if key not in self._hooks_running:
+                self._hooks_running.add(key)
+                self._pool.submit(self._retry_hook, call, key)
+
+    def _retry_hook(self, call: Any, key: tuple[str, str]) -> None:
+        try:
+            self.dispatcher.retry_hook(call)
+        except Exception:
+            log.exception("event=hook_retry_crashed id=%s hook=%s", call.id, call.hook)
+        finally:
+            self._hooks_running.discard(key)
+            self._hooks_changed()
 
     def _retry_unpublished(self) -> None:
         for rid, reply in list(self.unpublished.items()):

@@ -23,7 +23,7 @@ from pathlib import Path
 import fitsfiles
 import pytest
 from astropy.io import fits
-from conftest import SpoolEnv, make_env, require_fitsverify
+from conftest import SpoolEnv, make_env, require_fitsverify, wait_for
 
 from spoolops import BadRequest, Conflict, NotFound
 from spoolops.config import Config
@@ -190,6 +190,114 @@ def test_a_repeated_upload_is_ok_already_and_other_bytes_conflict(ctx: OpContext
     assert INGEST_UPLOAD.idempotent
 
 
+# -- their meanings for their shapes (issue 18) ----------------------------------------
+
+def test_their_null_writes_a_keyword_with_no_value_ours_deletes(ctx: OpContext) -> None:
+    """FitsStorage's ``header[kw] = None``: the card stays, with no value
+    (a valid FITS card; fitsverify objects only where the standard reserves a
+    keyword for strings, e.g. OBJECT, as it would for their own edit)."""
+    judge = require_fitsverify()
+    name = stored(ctx, "blank.fits")
+    path = ctx.config.storage_root / name
+    edit(ctx, filename=name, generic={"OBSNOTE": "x", "NEWBLANK": "y"})
+    result = edit(ctx, filename=name, generic={"OBSNOTE": None, "NEWBLANK": None})
+    hdr = fits.getheader(path)
+    assert "OBSNOTE" in hdr and hdr["OBSNOTE"] is None and "NEWBLANK" in hdr
+    assert isinstance(hdr.cards["OBSNOTE"].value, fits.card.Undefined)
+    assert result["modified"] is True
+    assert edit(ctx, filename=name, generic={"OBSNOTE": None})["modified"] is False
+    assert judge and fitsfiles.fitsverify_errors(path) == 0
+    edit(ctx, filename=name, values={"generic": {"OBSNOTE": None}})      # ours: delete
+    assert "OBSNOTE" not in fits.getheader(path)
+
+
+def test_their_reject_new_guards_only_generic(ctx: OpContext) -> None:
+    name = stored(ctx, "guard.fits")
+    path = ctx.config.storage_root / name
+    assert "RAWGEMQA" not in fits.getheader(path)
+    edit(ctx, filename=name, qa_state="Pass", reject_new=True)          # theirs: written
+    assert fits.getheader(path)["RAWGEMQA"] == "USABLE"
+    with pytest.raises(Conflict, match="NEWKW"):
+        edit(ctx, filename=name, qa_state="Fail", generic={"NEWKW": 1}, reject_new=True)
+    assert fits.getheader(path)["RAWGEMQA"] == "USABLE"                 # all or nothing
+    with pytest.raises(Conflict, match="RELEASE"):                       # ours: every card
+        edit(ctx, filename=name, values={"release": "2027-01-01"}, reject_new=True)
+
+
+def test_their_release_dates_are_strptime_dates_written_as_given(ctx: OpContext) -> None:
+    name = stored(ctx, "rel.fits")
+    edit(ctx, filename=name, release="2024-1-5")
+    assert fits.getheader(ctx.config.storage_root / name)["RELEASE"] == "2024-1-5"
+    for bad in ("2024-13-01", "tomorrow", 20240105):
+        with pytest.raises(BadRequest):
+            edit(ctx, filename=name, release=bad)
+    with pytest.raises(BadRequest):
+        edit(ctx, filename=name, values={"release": "2024-1-5"})        # ours: YYYY-MM-DD
+
+
+def test_a_filename_resolver_finds_files_in_any_folder(ctx: OpContext) -> None:
+    (ctx.config.storage_root / "processed_cals").mkdir()
+    name = stored(ctx, "N20261129S0001_bias.fits")
+    os.rename(ctx.config.storage_root / name, ctx.config.storage_root / "processed_cals" / name)
+    with pytest.raises(NotFound):
+        UPDATE_HEADERS.validate({"filename": name, "qa_state": "Pass"}, ctx)
+    where = {name: f"processed_cals/{name}"}
+    ctx.resolvers = {"filename": lambda n, c: where.get(n.removesuffix(".bz2"))}
+    clean = UPDATE_HEADERS.validate({"filename": name + ".bz2", "qa_state": "Pass"}, ctx)
+    assert clean["filename"] == f"processed_cals/{name}"
+    with pytest.raises(NotFound):
+        UPDATE_HEADERS.validate({"filename": "N1.fits", "qa_state": "Pass"}, ctx)
+    ctx.resolvers = {"filename": lambda n, c: "../etc/passwd.fits"}
+    with pytest.raises(BadRequest):                  # a resolver's answer is confined too
+        UPDATE_HEADERS.validate({"filename": name, "qa_state": "Pass"}, ctx)
+
+
+def test_their_upload_replaces_and_says_what_it_replaced(ctx: OpContext) -> None:
+    old, new = b"old" * 1000, b"newer" * 1000
+    stage(ctx, "2026/e.fits", old)
+    ingest(ctx, filename="e.fits", path="2026", fileuploadlog_id=1, processed_cal=False)
+    stage(ctx, "2026/e.fits", new)
+    with pytest.raises(Conflict):                                      # ours: never replaces
+        ingest(ctx, filename="e.fits", path="2026")
+    result = ingest(ctx, filename="e.fits", path="2026", fileuploadlog_id=2,
+                    processed_cal=False)
+    target = ctx.config.storage_root / "2026" / "e.fits"
+    assert target.read_bytes() == new
+    assert result["replaced_md5"] == hashlib.md5(old).hexdigest()
+    assert result["md5"] == hashlib.md5(new).hexdigest()
+    assert oct(target.stat().st_mode & 0o777) == oct(ctx.config.file_mode)
+    assert not (ctx.config.upload_staging_dir / "2026" / "e.fits").exists()
+
+
+def test_a_misc_file_takes_its_metadata_along(ctx: OpContext) -> None:
+    stage(ctx, "miscfile_notes.pdf", b"%PDF-1.4 notes")
+    meta = json.dumps({"filename": "notes.pdf", "is_misc": "True", "release": "2027-01-01",
+                       "description": "d", "program": "GN-2026B-Q-1"}).encode()
+    stage(ctx, "miscfile_notes.pdf.json", meta)
+    result = ingest(ctx, filename="miscfile_notes.pdf", path="", fileuploadlog_id=5,
+                    processed_cal=False)
+    assert result["sidecar"] == "miscfile_notes.pdf.json"
+    assert (ctx.config.storage_root / "miscfile_notes.pdf.json").read_bytes() == meta
+    assert (ctx.config.storage_root / "miscfile_notes.pdf").read_bytes() == b"%PDF-1.4 notes"
+    assert not list(ctx.config.upload_staging_dir.iterdir())
+
+
+def test_kept_hook_calls_back_off_and_count_as_failed_after_five_tries(tmp_path: Path
+                                                                       ) -> None:
+    from spoolops.hookledger import BACKOFF_S, FAILED_AFTER, HookCall, HookLedger
+    ledger = HookLedger(tmp_path, durable=False)
+    call = ledger.record(HookCall("r1", "k", "ingest_queue", "update_headers", {"a": 1},
+                                  {"b": 2}, "fitsweb"), "OperationalError: down", now=1000.0)
+    assert ledger.due(now=1000.0) == [] and ledger.due(now=1000.0 + BACKOFF_S[0])
+    for n in range(2, FAILED_AFTER + 1):
+        assert ledger.counts() == {"pending": 1, "failed": 0}
+        ledger.failed_again(call, f"down {n}", now=2000.0)
+        assert ledger.calls()[0].next_at == 2000.0 + BACKOFF_S[n - 1]
+    assert ledger.counts() == {"pending": 0, "failed": 1}
+    assert ledger.retry_now("r1") == 1 and ledger.due(now=0.0)
+    assert ledger.drop("r1") == 1 and ledger.calls() == []
+
+
 # -- hooks, resolver and crashes through a real worker ----------------------------------
 
 @pytest.fixture
@@ -248,7 +356,8 @@ def test_a_failing_hook_leaves_the_change_and_warns(site: SpoolEnv) -> None:
                                                         "qa_state": "Pass"}, timeout=60)
     assert reply.ok and reply.result["modified"] is True
     assert reply.raw["warnings"] == [{"hook": "record", "error": "RuntimeError: deliberate"
-                                      " failure of a follow-up hook"}]
+                                      " failure of a follow-up hook", "retrying": True}]
+    assert reply.raw["hooks"] == {"record": "retrying"}
     assert fits.getheader(path)["RAWGEMQA"] == "USABLE"
     log = site.workers[0].log_path.read_text()
     assert "event=hook_failed" in log and "hook=record" in log
@@ -404,3 +513,36 @@ def test_the_sample_site_package_against_a_fake_archive(site: SpoolEnv, tmp_path
     with pytest.raises(Missing):
         client.call("update_headers", {"data_label": "GN-none", "qa_state": "Pass"},
                     timeout=60)
+
+
+def test_a_failed_hook_is_kept_and_retried_until_it_succeeds(site: SpoolEnv,
+                                                             tmp_path: Path) -> None:
+    """The archive's database is down: the edit stands, the reply says the
+    hook is retrying, status and metrics count it; a restarted worker still
+    has it; once the database is back, 'hooks retry' runs it and it is gone."""
+    path = _fits_in_storage(site, "k.fits")
+    down = tmp_path / "database-down"
+    down.write_text("")
+    worker = _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
+    reply = site.client().call_reply("update_headers", {"filename": "k.fits",
+                                                        "qa_state": "Fail"}, timeout=60)
+    assert reply.ok and reply.raw["hooks"] == {"record": "retrying"}
+    assert fits.getheader(path)["RAWGEMQA"] == "BAD"
+    listed = json.loads(site.spoolops("hooks", "--json").stdout)
+    assert [(c["id"], c["hook"], c["state"], c["tries"]) for c in listed] == [
+        (reply.id, "record", "pending", 1)]
+    status = json.loads(site.spoolops("status", "--json").stdout)
+    assert status["hooks"] == {"pending": 1, "failed": 0}
+    assert 'spoolops_hooks{state="pending"} 1' in site.spoolops("status",
+                                                               "--prometheus").stdout
+    site.stop_worker(worker, signal.SIGKILL)
+    down.unlink()                                        # the database is back
+    worker = _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
+    assert site.spoolops("hooks", "retry", "--all").returncode == 0
+    wait_for(lambda: not json.loads(site.spoolops("hooks", "--json").stdout), timeout=60,
+             what="the kept hook call to succeed")
+    calls = [c for c in _hook_calls(site) if c["id"] == reply.id]
+    assert len(calls) == 2 and calls[1]["args"]["filename"] == "k.fits"
+    assert json.loads(site.spoolops("status", "--json").stdout)["hooks"] == {
+        "pending": 0, "failed": 0}
+    assert "event=hook_retried" in worker.log_path.read_text()

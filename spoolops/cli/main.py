@@ -26,7 +26,7 @@ from ..errors import (
     Timeout,
     WorkerRunning,
 )
-from . import doctor, inspect, janitor
+from . import doctor, hooks, inspect, janitor
 from .common import Exit, config_of, progress_text
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                              " config"))
     janitor.add_arguments(add("janitor", "cron cleanup: stale tmp files, uncollected replies,"
                               " old failed entries, orphaned active jobs"))
+    hooks.add_arguments(add("hooks", "follow-up hook calls that failed: list, retry, drop"))
 
     p = add("demo", "run a worker on a local tree with sample FITS files")
     p.add_argument("--dir", metavar="DIR", help="where to build the tree (default: a"
@@ -278,7 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call,
             "status": inspect.cmd_status, "show": inspect.cmd_show, "ls": inspect.cmd_ls,
             "tail": inspect.cmd_tail, "cancel": cmd_cancel, "requeue": cmd_requeue,
-            "doctor": doctor.run, "janitor": janitor.run, "demo": cmd_demo}
+            "doctor": doctor.run, "janitor": janitor.run, "hooks": hooks.run,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

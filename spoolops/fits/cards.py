@@ -270,8 +270,8 @@ def header_value(hdr: fits.Header, kw: str) -> Any:
             value = hdr[kw]
         except Exception:  # noqa: BLE001 - malformed card: report what is there
             return str(hdr.cards[kw].image[10:]).strip()
-    if isinstance(value, _fits().card.Undefined):
-        return None
+    if value is None or isinstance(value, _fits().card.Undefined):
+        return None      # a card with no value (astropy reads it as None)
     return value if isinstance(value, (str, int, float, bool)) else str(value)
 
 

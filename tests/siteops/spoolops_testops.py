@@ -121,5 +121,8 @@ def record_hook(op, args, result, ctx):
     with open(path, "a") as f:
         f.write(json.dumps({"op": op, "id": ctx.request_id, "args": args,
                             "result": result}) + "\n")
-    if os.environ.get("SPOOLOPS_TEST_HOOK_FAIL"):
+    fail = os.environ.get("SPOOLOPS_TEST_HOOK_FAIL")
+    # "1": always; a path: while that file exists (the archive's database is
+    # "down" until the test removes it)
+    if fail == "1" or (fail and os.path.exists(fail)):
         raise RuntimeError("deliberate failure of a follow-up hook")
