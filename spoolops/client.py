@@ -8,7 +8,8 @@ across threads and clients); the client registers before it publishes, and
 looks for its reply after registering, so no reply is missed.
 
 Trusts: only replies the transport vouches for (the spool: files owned by
-the worker user whose ``id`` matches).  Thread-safe, and safe across
+the worker user whose ``id`` matches) that name this process's submitter
+(and, for a request it published itself, its op).  Thread-safe, and safe across
 ``fork()`` (the child waits on a fresh instance).
 """
 
@@ -88,6 +89,7 @@ class Client:
         self.config = config
         self.transport: Transport = open_transport(config)
         self._host = socket.gethostname()
+        self._me: str | None = None
 
     def _request(self, op: str, args: dict[str, Any] | None, priority: int,
                  deadline: datetime | str | float | None) -> dict[str, Any]:
@@ -116,16 +118,20 @@ class Client:
 
     def _wait_registered(self, rid: str, waiter: Waiter, timeout: float | None,
                          look_first: bool = True,
-                         on_progress: Callable[[dict[str, Any]], None] | None = None
-                         ) -> Reply:
+                         on_progress: Callable[[dict[str, Any]], None] | None = None,
+                         op: str | None = None) -> Reply:
         """``look_first=False``: registered before the request was published,
-        so the reply cannot be there before its wake-up."""
+        so the reply cannot be there before its wake-up.  ``op``: the op this
+        client asked for, when it published the request itself."""
         end = None if timeout is None else time.monotonic() + timeout
         poll = BACKSTOP_POLL_S if on_progress is None else PROGRESS_POLL_S
         shown = None
         while True:
             try:
-                obj = self.transport.collect(rid) if look_first else None
+                if self._me is None:
+                    self._me = self.transport.submitter_name()
+                obj = self.transport.collect(rid, submitter=self._me, op=op) \
+                    if look_first else None
                 look_first = True
                 if obj is not None:
                     return Reply.from_dict(obj)
@@ -171,7 +177,7 @@ class Client:
             self.transport.publish(request)
             try:
                 return self._wait_registered(rid, waiter, timeout, look_first=False,
-                                             on_progress=on_progress)
+                                             on_progress=on_progress, op=op)
             except Timeout:
                 self.cancel(rid)
                 raise

@@ -228,13 +228,21 @@ class Transport(ABC):
         reply is missed)."""
 
     @abstractmethod
-    def collect(self, rid: str, remove: bool = True) -> dict[str, Any] | None:
+    def collect(self, rid: str, remove: bool = True, submitter: str | None = None,
+                op: str | None = None) -> dict[str, Any] | None:
         """The reply to ``rid`` if one the worker wrote is there (owner and id
-        checked); removed once read when ``remove``.  None if not (yet)."""
+        checked; and, when given, that it answers ``submitter``'s request for
+        ``op``: a client accepts only its own answer); removed once read when
+        ``remove``.  None if not (yet)."""
 
     @abstractmethod
     def progress_of(self, rid: str) -> dict[str, Any] | None:
         """The progress a running request last reported, if any."""
+
+    @abstractmethod
+    def submitter_name(self) -> str:
+        """Who this process submits as, the way a reply names its submitter
+        (``submitted_by``): the client accepts only its own replies."""
 
     # -- the worker: intake ---------------------------------------------------------
 

@@ -65,6 +65,13 @@ class PgClientSide:
                              " 'queued'"), (Json(answer), rid))
         return self.pools.run(lambda c: c.execute(query, params).rowcount) > 0
 
+    def submitter_name(self: PgTransport) -> str:
+        # the trigger records session_user; asked once per transport
+        if getattr(self, "_session_user", None) is None:
+            self._session_user = self.pools.run(
+                lambda c: c.execute("SELECT session_user").fetchone()[0])
+        return self._session_user
+
     def expect(self: PgTransport, rid: str) -> Waiter:
         return shared_reply_listener(self.dsn, self._reply_channel).expect(rid)
 
@@ -72,7 +79,12 @@ class PgClientSide:
         role = conn.execute("SELECT session_user").fetchone()[0]
         return self.names.reply_channel(role)
 
-    def collect(self: PgTransport, rid: str, remove: bool = True) -> dict[str, Any] | None:
+    def collect(self: PgTransport, rid: str, remove: bool = True,
+                submitter: str | None = None, op: str | None = None
+                ) -> dict[str, Any] | None:
+        # row-level security shows a role only its own rows, and the trigger
+        # sets submitter = session_user: a reply read here is the caller's
+        # (submitter and op are checked on the spool, where they can differ)
         if remove:
             # read and remove at once; a failed request keeps its row (and reply)
             row = self.pools.run(lambda c: c.execute(

@@ -27,6 +27,7 @@ from ..fsutil import (
     read_untrusted,
     write_all,
 )
+from ..users import user_name
 from .base import Waiter
 from .spoolnames import REQUEST_SUFFIX, RUN_SUFFIX, WITHDRAWN_SUFFIX
 from .spoolwatch import shared_watcher
@@ -172,8 +173,9 @@ class SpoolClientSide:
         except FileNotFoundError:
             raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'") from None
 
-    def collect(self, rid: str, remove: bool = True, reader: str = "this client",
-                quiet: bool = False) -> dict[str, Any] | None:
+    def collect(self, rid: str, remove: bool = True, submitter: str | None = None,
+                op: str | None = None, reader: str = "this client", quiet: bool = False
+                ) -> dict[str, Any] | None:
         """The reply published for ``rid`` if it is one to trust: a plain file
         owned by the worker user, a JSON object whose ``id`` is ``rid``.
         None when there is none yet, or only something else under its name
@@ -201,6 +203,8 @@ class SpoolClientSide:
         if not isinstance(obj, dict) or obj.get("id") != rid:
             log.warning("ignoring reply for %s whose id does not match", rid)
             return None
+        if not _answers(obj, submitter, op):
+            return None
         if remove:
             # (any member may unlink in replies/ anyway: checking which file
             # the name holds before removing it would protect nothing)
@@ -221,6 +225,10 @@ class SpoolClientSide:
                 " 'spoolops doctor'") from None
         log.warning("ignoring untrustworthy reply file %s: %s", path, exc)
 
+    def submitter_name(self) -> str:
+        # the owner of the request files this process creates
+        return user_name(os.geteuid())
+
     def progress_of(self, rid: str) -> dict[str, Any] | None:
         try:
             with open(f"{self._active}/{rid}{RUN_SUFFIX}", "rb") as f:
@@ -228,6 +236,19 @@ class SpoolClientSide:
         except (OSError, ValueError, AttributeError):
             return None
         return progress if isinstance(progress, dict) else None
+
+
+def _answers(reply: dict[str, Any], submitter: str | None, op: str | None) -> bool:
+    """Whether ``reply`` answers ``submitter``'s request for ``op`` (each
+    unchecked when None): a reply to another member's request under the same
+    id is not this client's answer."""
+    if (submitter is None or reply.get("submitted_by") == submitter) and \
+            (op is None or reply.get("op") == op):
+        return True
+    log.warning("ignoring reply for %s: it answers %r's request for %r, not %r's for %r",
+                reply.get("id"), reply.get("submitted_by"), reply.get("op"), submitter,
+                op or "any op")
+    return False
 
 
 def _remove_quietly(path: str | os.PathLike) -> None:
