@@ -11,10 +11,14 @@ otherwise refuses with a message saying so.
 janitor, cancel, requeue) and is started as root switches to the worker
 user first, so that every file it creates has the owner, group and mode the
 worker would give it (a root-owned ``work/worker.lock`` or a reply in group
-root would lock the worker or the client out).
+root would lock the worker or the client out); so do the operator's views
+(status, ls, show, tail), which read what others wrote and signal the
+worker, so that root's privileges never serve a rigged file.
 
-Trusts: the configuration and the caller's privileges.  Never follows a
-symbolic link when changing owners or modes.
+Trusts: the configuration and the caller's privileges -- not the tree,
+which the worker account owns: owners and modes are changed through folder
+descriptors (``fsutil.ensure_tree``), never through a symbolic link, never
+by name after a check.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ def become_worker_user(config: Config) -> str | None:
 
     Returns the user switched to, or None (not root, or the worker user is
     root).  Irreversible: supplementary groups, gid and uid all change, as
-    systemd's ``User=`` or ``runuser`` would set them.
+    systemd's ``User=`` or ``runuser`` would set them.  ``SpoolSetupError``
+    when the worker user cannot be told (no ``[spool] worker_user`` and no
+    tree): the command then does nothing as root.
     """
     if os.geteuid() != 0:
         return None

@@ -1,12 +1,19 @@
 """Filesystem primitives: exclusive creation, atomic replacement, fsync,
-no-replace renames, and opening a file someone hostile may have planted.
+no-replace renames, opening a file someone hostile may have planted, and
+making folders in a tree someone hostile may write to.
 
 ``read_untrusted`` opens a file the way Postfix's ``safe_open`` does:
 ``O_NOFOLLOW``, ``O_NONBLOCK``, then ``fstat``: a regular file with one
 link, whose (dev, ino) agree with an ``lstat`` of the name, within a size
 limit.  ``create_file`` gives a new file exactly its mode whatever the
-umask.  Trusts the paths it is given (callers confine them); knows no
-spool folder or file name.
+umask.  ``ensure_tree`` (``spoolops init``, often as root) works on folder
+descriptors: each folder is opened below its parent's descriptor without
+following a link, and its owner and mode are changed through that
+descriptor, so that nothing swapped in by name is ever changed.
+
+Trusts the paths it is given up to their last component (callers confine
+them; the folder above a tree ``ensure_tree`` makes is the administrator's),
+and nothing below; knows no spool folder or file name.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,13 +174,15 @@ class UnsafeEntry(Exception):
 
 
 def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = True,
-                   reader: str = "this process") -> FileBytes:
+                   reader: str = "this process", limit_name: str = "max_request_bytes"
+                   ) -> FileBytes:
     """Read a file a group member may have planted, as Postfix's safe_open does:
     open with ``O_NOFOLLOW``, then ``fstat``: a regular file with one link
     whose (dev, ino) agree with an ``lstat`` of the name.  ``check_name=False``
     skips that last check for a file in a folder only the caller can rename
     into (``active/``), where nobody can swap it.  ``reader`` names the
-    party that cannot read a file it has no permission for.
+    party that cannot read a file it has no permission for; ``limit_name``
+    what ``max_bytes`` is, in the sentence saying a file is too large.
 
     Raises ``UnsafeEntry`` (symlink, FIFO, socket, directory, hard link,
     swapped while being opened, too large) or ``FileNotFoundError``.
@@ -212,7 +222,7 @@ def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = T
             if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
                 raise UnsafeEntry("it was swapped for another file while being opened")
         if st.st_size > max_bytes:
-            raise UnsafeEntry(f"it is {st.st_size} bytes, more than max_request_bytes"
+            raise UnsafeEntry(f"it is {st.st_size} bytes, more than {limit_name}"
                               f" ({max_bytes})")
         # a short read of a regular file is its end: one read() in the common case
         data = os.read(fd, st.st_size + 1)
@@ -227,40 +237,145 @@ def read_untrusted(path: str | os.PathLike, max_bytes: int, check_name: bool = T
                 got += len(chunk)
             data = b"".join(chunks)
         if len(data) > max_bytes:
-            raise UnsafeEntry(f"it grew past max_request_bytes ({max_bytes}) while being read")
+            raise UnsafeEntry(f"it grew past {limit_name} ({max_bytes}) while being read")
         return FileBytes(data, st)
     finally:
         os.close(fd)
 
 
 def _kind_name(kind: int) -> str:
-    return {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket",
-            stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
-            stat.S_IFLNK: "symbolic link"}.get(kind, "special file")
+    return {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO",
+            stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+            stat.S_IFBLK: "block device", stat.S_IFLNK: "symbolic link"
+            }.get(kind, "special file")
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def ensure_tree(root: Path, root_mode: int, folders: Sequence[tuple[str, int]], uid: int,
+                gid: int, changes: list[str]) -> None:
+    """Create or repair folder ``root`` and ``folders`` below it (relative
+    paths, parents listed before their children, with their modes): owner
+    ``uid``:``gid`` and exactly the mode (setgid included).  Each change made
+    is appended to ``changes``; ``SpoolSetupError`` when it cannot be done.
+
+    Everything below ``root``'s parent is reached through descriptors:
+    ``openat(parent, name, O_DIRECTORY | O_NOFOLLOW)`` and then ``fstat``,
+    ``fchown`` and ``fchmod`` on the folder opened.  Whoever can write a
+    folder of the tree (the worker user owns it) may swap an entry for a
+    symbolic link at any moment; a link is refused when it is opened, and
+    a swap after that changes nothing we do, since nothing is done by name
+    afterwards.  ``root`` itself must not be a link either (its parent may be
+    reached through links: that path is the administrator's).
+    """
+    parent = _open_parent(root)
+    opened: dict[str, int] = {}
+    try:
+        opened[""] = _ensure_at(parent, root.name, root, root_mode, uid, gid, changes)
+        for relative, mode in folders:
+            up, _, name = relative.rpartition("/")
+            if up not in opened or not name:
+                raise SpoolSetupError(f"{root / relative}: its parent folder must be listed"
+                                      " before it")   # a caller's mistake, not the tree's
+            opened[relative] = _ensure_at(opened[up], name, root / relative, mode, uid, gid,
+                                          changes)
+    finally:
+        for fd in (parent, *opened.values()):
+            os.close(fd)
 
 
 def ensure_dir(path: Path, mode: int, uid: int, gid: int, changes: list[str]) -> None:
-    """Create or repair folder ``path``: owner ``uid``:``gid`` and exactly
-    ``mode`` (setgid included), never through a link; each change made is
-    appended to ``changes``.  ``SpoolSetupError`` when it cannot be."""
+    """``ensure_tree`` of one folder: create or repair ``path`` (not a link),
+    owner ``uid``:``gid``, exactly ``mode``; each change made appended to
+    ``changes``.  ``SpoolSetupError`` when it cannot be done."""
+    ensure_tree(path, mode, (), uid, gid, changes)
+
+
+def _open_parent(root: Path) -> int:
+    """The folder above a tree, created if missing (links followed: it is the
+    administrator's path, e.g. /var/spool)."""
+    parent = root.parent
     try:
-        st = os.lstat(path)
+        os.makedirs(parent, exist_ok=True)
+        return os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpoolSetupError(f"cannot open or create {parent}:"
+                              f" {exc.strerror or exc}") from None
+
+
+def _ensure_at(parent_fd: int, name: str, shown: Path, mode: int, uid: int, gid: int,
+               changes: list[str]) -> int:
+    """Folder ``name`` below ``parent_fd``, created if missing, its owner and
+    mode made right through its own descriptor (returned)."""
+    try:
+        fd = _open_dir_at(parent_fd, name, shown)
     except FileNotFoundError:
-        os.makedirs(path.parent, exist_ok=True)
-        os.mkdir(path, 0o700)  # widened below, after the owner is right
-        st = os.lstat(path)
-        changes.append(f"created {path}")
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise SpoolSetupError(f"{path} exists and is not a directory (or is a link);"
-                              " move it away and run 'spoolops init' again")
-    if (st.st_uid, st.st_gid) != (uid, gid):
         try:
-            os.chown(path, uid, gid, follow_symlinks=False)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)  # widened below, after the owner is right
+            changes.append(f"created {shown}")
+        except FileExistsError:
+            pass        # made meanwhile by someone else: opened and checked like any other
+        except OSError as exc:
+            raise SpoolSetupError(f"cannot create {shown}: {exc.strerror or exc}") from None
+        try:
+            fd = _open_dir_at(parent_fd, name, shown)
+        except FileNotFoundError:
+            raise SpoolSetupError(f"{shown} vanished as it was being created; run"
+                                  " 'spoolops init' again") from None
+    try:
+        _repair(fd, shown, mode, uid, gid, changes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_dir_at(parent_fd: int, name: str, shown: Path) -> int:
+    """Open folder ``name`` below ``parent_fd``, never through a link at
+    ``name``; ``FileNotFoundError`` if there is nothing there."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise SpoolSetupError(f"cannot open {shown}: permission denied; run 'spoolops init'"
+                              " as root") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise SpoolSetupError(f"cannot open {shown}: {exc.strerror or exc}") from None
+    # O_DIRECTORY | O_NOFOLLOW refuse a link (ENOTDIR, or ELOOP) and a non-folder
+    # alike: say which, so that the operator knows what was found
+    try:
+        kind = stat.S_IFMT(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        kind = 0
+    if kind == stat.S_IFLNK:
+        raise SpoolSetupError(f"{shown} is a symbolic link, not a folder: nothing was changed"
+                              " through it; remove it (and find out who put it there), then"
+                              " run 'spoolops init' again")
+    raise SpoolSetupError(f"{shown} exists and is not a directory (a {_kind_name(kind)});"
+                          " move it away and run 'spoolops init' again")
+
+
+def _repair(fd: int, shown: Path, mode: int, uid: int, gid: int, changes: list[str]) -> None:
+    """Owner and mode of the folder open at ``fd``, changed through ``fd`` only."""
+    st = os.fstat(fd)
+    owner_wrong = (st.st_uid, st.st_gid) != (uid, gid)
+    if owner_wrong:
+        try:
+            os.fchown(fd, uid, gid)
         except PermissionError:
-            raise SpoolSetupError(f"cannot chown {path} to {user_name(uid)}:{gid}:"
+            raise SpoolSetupError(f"cannot chown {shown} to {user_name(uid)}:{gid}:"
                                   " run 'spoolops init' as root") from None
-        changes.append(f"owner of {path} set to {user_name(uid)}:{group_name(gid)}")
-    if stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != (uid, gid):
-        os.chmod(path, mode)  # chown clears setgid: always re-apply the mode
+        except OSError as exc:
+            raise SpoolSetupError(f"cannot chown {shown}: {exc.strerror or exc}") from None
+        changes.append(f"owner of {shown} set to {user_name(uid)}:{group_name(gid)}")
+    if stat.S_IMODE(st.st_mode) != mode or owner_wrong:
+        try:
+            os.fchmod(fd, mode)  # chown clears setgid: always re-apply the mode
+        except OSError as exc:
+            raise SpoolSetupError(f"cannot chmod {shown} to {mode:04o}:"
+                                  f" {exc.strerror or exc}") from None
         if stat.S_IMODE(st.st_mode) != mode:
-            changes.append(f"mode of {path} set to {mode:04o}")
+            changes.append(f"mode of {shown} set to {mode:04o}")

@@ -26,13 +26,19 @@ def config_of(args: argparse.Namespace) -> Config:
 
 
 def operator_config_of(args: argparse.Namespace) -> Config:
-    """``config_of`` for the read-only operator commands.  Over PostgreSQL,
-    root has no database role of its own: it looks as the worker user (with
-    peer authentication, the worker's role), as it would read the spool."""
+    """``config_of`` for the read-only operator commands (``status``, ``ls``,
+    ``show``, ``tail``), which switch to the worker user first when run as
+    root, as ``worker``, ``janitor``, ``cancel`` and ``requeue`` do.
+
+    On the spool they read files that members and the worker account write
+    and may have rigged, and ``status`` signals the pid the worker account
+    names: as the worker user, whatever slips past the checks of those reads
+    and of that signal can reach nothing the worker account could not reach
+    anyway.  Over PostgreSQL root has no database role of its own: it looks
+    as the worker user (with peer authentication, the worker's role)."""
+    from ..admin import become_worker_user
     config = config_of(args)
-    if config.transport == "postgresql":
-        from ..admin import become_worker_user
-        become_worker_user(config)
+    become_worker_user(config)
     return config
 
 

@@ -3,6 +3,12 @@
 Printing only; the facts come from ``status.py``, ``metrics.py`` and the
 transport's reads.  Output is for a person on a terminal unless ``--json``
 (or ``--prometheus``) asks for a machine format.
+
+Run as root, each switches to the worker user before it reads anything
+(``common.operator_config_of``): the spool holds files that members and the
+worker account write, and root must not read through their links or signal
+the pid they name.  Trusts the configuration; what the transport reads is
+printed, never acted on.
 """
 
 from __future__ import annotations
@@ -144,10 +150,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(row))
             else:
+                unread = f"  [not read: {row['unread']}]" if row.get("unread") else ""
                 print(f"{folder:<8} {row['id']:<40} {row['op'] or '?':<15}"
                       f" {row['user'] or '?':<10} {age_text(row['age_s']):>7}"
                       f" {row['priority'] if row['priority'] is not None else '-':>4}"
-                      f"  {row['target'] or '-'}")
+                      f"  {row['target'] or '-'}{unread}")
     return Exit.OK
 
 

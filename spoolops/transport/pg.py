@@ -37,7 +37,7 @@ from psycopg.types.json import Json, Jsonb
 
 from ..config import Config
 from ..errors import SpoolSetupError, TransportUnavailable
-from ..fsutil import ensure_dir
+from ..fsutil import ensure_tree
 from . import pgschema
 from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
@@ -175,9 +175,10 @@ class PgTransport(PgClientSide, PgView, Transport):
         ``web_logins``/``worker_logins`` join the group roles."""
         changes: list[str] = []
         if not options.get("database_only"):
-            ensure_dir(self.config.root, 0o755, uid, gid, changes)
-            ensure_dir(self.work_dir, WORK_MODE, uid, gid, changes)
-            ensure_dir(self.work_dir / "locks", WORK_MODE, uid, gid, changes)
+            # one walk through folder descriptors: work/ is the worker's to swap
+            ensure_tree(self.config.root, 0o755, [("work", WORK_MODE),
+                                                  ("work/locks", WORK_MODE)],
+                        uid, gid, changes)
         if options.get("local_only"):
             return changes
         admin = connect(options.get("admin_dsn") or self.dsn)

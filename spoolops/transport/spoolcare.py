@@ -1,15 +1,24 @@
-"""Keeping the spool: making the tree, putting requests back, reaping what is stale.
+"""Keeping the spool: making the tree, putting requests back, reaping what is
+stale, and the worker's counters.
 
 ``create`` gives every folder the owner, group and mode of the design
-(setgid everywhere, so that files take the submit group), never following a
-symbolic link.  ``requeue`` moves a failed (or, with no worker, an orphaned)
-request back into ``new/``.  ``reap`` is the janitor's share: every removal
-is decided by age or by a lock nobody holds, never by "looks unused", so it
-is safe beside a busy worker and busy clients; names found in the
-group-writable folders are only ever unlinked, and ages come from ``lstat``.
+(setgid everywhere, so that files take the submit group) through folder
+descriptors (``fsutil.ensure_tree``): a folder the worker account swapped
+for a symbolic link is refused, and nothing is ever changed through one.
+``requeue`` moves a failed (or, with no worker, an orphaned) request back
+into ``new/``.  ``reap`` is the janitor's share: every removal is decided by
+age or by a lock nobody holds, never by "looks unused", so it is safe beside
+a busy worker and busy clients; names found in the group-writable folders
+are only ever unlinked, and ages come from ``lstat``.  ``load_stats`` reads
+the counters and asks the worker for fresh ones.
 
 A mixin of ``SpoolTransport`` (its folders and names).  Trusts the caller's
-privileges and ``work/``.
+privileges; ``work/`` for what it writes there as the worker (requeue,
+reap, save_stats) -- but not what it reads for others: ``create`` and
+``load_stats`` also run for root, and the worker account may have rigged
+``work/`` (links, FIFOs, a stats file naming any pid), so the counters and
+the lock are read as ``fsutil.read_untrusted`` reads, and a signal goes
+only to a process of the worker user.
 """
 
 from __future__ import annotations
@@ -22,14 +31,15 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import SpoolSetupError
 from ..formats import encode_json
-from ..fsutil import ensure_dir, write_atomic
+from ..fsutil import UnsafeEntry, ensure_tree, read_untrusted, write_atomic
 from .base import Ages, Finding, Removal
-from .spoollock import worker_alive
+from .spoollock import signal_worker, worker_alive
 from .spoolnames import (
     DIR_MODES,
     LOCK_NAME,
@@ -45,6 +55,7 @@ from .spoolnames import (
 
 log = logging.getLogger("spoolops.janitor")
 KEEP_IN_WORK = {LOCK_NAME, STATS_NAME}
+MAX_STATS_BYTES = 1 << 20      # counters per op and outcome: kilobytes in practice
 
 
 class SpoolCare:
@@ -58,6 +69,7 @@ class SpoolCare:
     replies: Path
     work: Path
     lock_path: Path
+    worker_uid: Callable[[], int]
 
     # -- the tree ---------------------------------------------------------------
 
@@ -76,10 +88,8 @@ class SpoolCare:
         if options:
             raise SpoolSetupError(f"the spool takes no {', '.join(sorted(options))}")
         changes: list[str] = []
-        ensure_dir(self.root, ROOT_MODE, uid, gid, changes)
-        for name, mode in DIR_MODES.items():
-            ensure_dir(self.root / name, mode, uid, gid, changes)
-        ensure_dir(self.work / LOCKS_DIR, DIR_MODES["work"], uid, gid, changes)
+        folders = [*DIR_MODES.items(), (f"work/{LOCKS_DIR}", DIR_MODES["work"])]
+        ensure_tree(self.root, ROOT_MODE, folders, uid, gid, changes)
         return changes
 
     # -- operators --------------------------------------------------------------
@@ -246,8 +256,10 @@ class SpoolCare:
         lock holder) is asked with SIGUSR1 to save them now, and the save --
         a new file renamed into place -- is awaited up to a second; whoever
         may not signal it gets the last saved ones.  Only a process that
-        saved these counters itself is signalled: a janitor holding the lock
-        for recovery would die of a SIGUSR1."""
+        saved these counters itself is signalled (a janitor holding the lock
+        for recovery would die of a SIGUSR1), and only if it runs as the
+        worker user (``signal_worker``): both files are the worker account's
+        to write, and root must not signal whatever pid they name."""
         path = self.work / STATS_NAME
         saved = _read_json(path)
         if not fresh or saved is None:
@@ -256,14 +268,16 @@ class SpoolCare:
         if not alive or pid is None or saved.get("pid") != pid:
             return saved
         try:
-            before = os.stat(path).st_ino
-            os.kill(pid, signal.SIGUSR1)
-        except OSError:
+            before = os.lstat(path).st_ino
+            uid = self.worker_uid()
+        except OSError:     # SpoolSetupError (no such worker user) included
+            return saved
+        if not signal_worker(pid, uid, signal.SIGUSR1):
             return saved
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
             try:
-                if os.stat(path).st_ino != before:
+                if os.lstat(path).st_ino != before:
                     break
             except FileNotFoundError:
                 pass
@@ -338,10 +352,12 @@ def _entries(directory: Path) -> list[tuple[str, os.stat_result]]:
 
 
 def _read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON object from a file the worker account writes (never through a
+    link, never a FIFO, at most ``MAX_STATS_BYTES``), or None."""
     try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
-    except (OSError, ValueError):
+        data = read_untrusted(path, MAX_STATS_BYTES, limit_name="the counters' size").data
+        obj = json.loads(data)
+    except (OSError, UnsafeEntry, ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
 

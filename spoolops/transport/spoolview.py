@@ -1,11 +1,16 @@
 """The spool as operators read it: counts, listings, one request's story, events.
 
 Read-only, used by ``spoolops status``, ``ls``, ``show`` and ``tail``
-through the transport interface.  Trusts nothing it reads: files are parsed
-only to describe them and may vanish or be junk.  Folders this reader may
-not list (``new/`` and ``tmp/`` are not listable by group members) raise
-``PermissionError`` for the caller to report.  A mixin of ``SpoolTransport``
-(its folders and names).
+through the transport interface -- often by root, who switches to the
+worker user first (``cli.common.operator_config_of``).  Trusts nothing it
+reads: members write ``new/`` and ``replies/`` (and what they rename into
+``new/`` the worker moves to ``failed/`` under its own name), so every file
+is read as ``fsutil.read_untrusted`` reads (never through a link, never a
+FIFO or device, at most ``MAX_VIEW_BYTES``) and parsed only to describe it;
+what is not a plain file, or is too large, is shown as such, unread.  Files
+may also vanish or be junk.  Folders this reader may not list (``new/`` and
+``tmp/`` are not listable by group members) raise ``PermissionError`` for
+the caller to report.  A mixin of ``SpoolTransport`` (its folders and names).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from ..formats import parse_iso, utc_iso
+from ..fsutil import UnsafeEntry, read_untrusted
 from ..users import user_name
 from .base import Entry, StateCount
 from .spoolnames import (
@@ -32,6 +38,11 @@ from .spoolnames import (
     reason_file_name,
 )
 
+# the largest file a view reads: a reply's limit (spool.MAX_REPLY_BYTES), above
+# every request's (max_request_bytes), run record's and reason's size
+MAX_VIEW_BYTES = 16 * 1024 * 1024
+_UNREAD = "<not read: {}>"
+
 _WATCHED = {"new": flags.MOVED_TO | flags.CLOSE_WRITE | flags.DELETE,
             "active": flags.MOVED_TO,
             "failed": flags.MOVED_TO | flags.DELETE,
@@ -42,17 +53,43 @@ _SUFFIXES = (RUN_SUFFIX, REASON_SUFFIX, STAGED_REPLY_SUFFIX, REQUEST_SUFFIX)
 _name_id = id_from_name
 
 
-def _load(path: Path | str) -> Any:
-    """Parsed JSON; the text if it is not JSON; None if it cannot be read."""
+def _read(path: Path | str) -> tuple[bytes | None, str | None]:
+    """(bytes, None) of a plain file; (None, why) for what is not read (a
+    link, a FIFO, a device, too large, not readable by this user); (None,
+    None) if it is gone."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
+        return read_untrusted(path, MAX_VIEW_BYTES, reader=f"uid {os.geteuid()}",
+                              limit_name="what spoolops shows").data, None
+    except UnsafeEntry as exc:
+        return None, exc.reason
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror or exc})"
+
+
+def _parse(data: bytes) -> Any:
+    """Parsed JSON; the text if it is not JSON."""
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return data.decode("utf-8", "replace")
+
+
+def _shown(data: bytes | None, why: str | None, text: bool = False) -> Any:
+    """What a view shows of a file ``_read`` gave: parsed JSON (the text if
+    it is not JSON, or if ``text``); a line saying why it was not read; None
+    if it is gone."""
+    if why is not None:
+        return _UNREAD.format(why)
+    if data is None:
+        return None
+    return data.decode("utf-8", "replace").strip() if text else _parse(data)
+
+
+def _load(path: Path | str, text: bool = False) -> Any:
+    """``_shown`` of the file at ``path`` (``text``: a reason file)."""
+    return _shown(*_read(path), text=text)
 
 
 def _owner(path: Path) -> str | None:
@@ -127,7 +164,10 @@ class SpoolView:
             rid = _name_id(name)
             fields: dict[str, Any] = {"op": None, "user": None, "priority": None,
                                       "target": None}
-            body = _load(path)
+            data, why = _read(path)
+            body = None if data is None else _parse(data)
+            if why is not None:
+                fields["unread"] = why
             if state == "replies":
                 if isinstance(body, dict):
                     error = body.get("error") or {}
@@ -144,8 +184,7 @@ class SpoolView:
                     fields["target"] = ",".join(run.get("targets") or []) or fields["target"]
                     fields["pid"] = run.get("pid")
             if state == "failed":
-                reason = _load_text(self.failed / reason_file_name(name))
-                fields["reason"] = reason
+                fields["reason"] = _load(self.failed / reason_file_name(name), text=True)
             rows.append(Entry(state, name, rid, mtime, fields))
         return rows
 
@@ -187,18 +226,28 @@ class SpoolView:
         if info["state"] is None:
             return None
         info["owner"] = _owner(Path(info["path"])) if "path" in info else None
+        unread: dict[str, str] = {}
+
+        def load(label: str, path: Path, text: bool = False) -> Any:
+            data, why = _read(path)
+            if why is not None:
+                unread[label] = why   # said apart too, for whoever reads --json
+            return _shown(data, why, text)
+
         if info["state"] in ("queued", "running", "failed"):
             folder = {"queued": self.new, "running": self.active}.get(info["state"],
                                                                       self.failed)
-            info["request"] = _load(folder / name)
+            info["request"] = load("request", folder / name)
         if info["state"] == "running":
-            info["run"] = _load(self.active / (rid + RUN_SUFFIX))
+            info["run"] = load("run", self.active / (rid + RUN_SUFFIX))
         if os.path.lexists(self.replies / name):
-            info["reply"] = _load(self.replies / name)
+            info["reply"] = load("reply", self.replies / name)
         if info["state"] == "finishing":
-            info["reply"] = _load(self.work / (rid + STAGED_REPLY_SUFFIX))
+            info["reply"] = load("reply", self.work / (rid + STAGED_REPLY_SUFFIX))
         if info["state"] == "failed":
-            info["reason"] = _load_text(reason_path)
+            info["reason"] = load("reason", reason_path, text=True)
+        if unread:
+            info["unread"] = unread
         return info
 
     def follow(self, should_stop: Callable[[], bool], poll_s: float = 0.5
@@ -208,7 +257,9 @@ class SpoolView:
         folders: dict[int, str] = {}
         try:
             for folder, mask in _WATCHED.items():
-                folders[inotify.add_watch(self.root / folder, mask)] = folder
+                # DONT_FOLLOW: a folder swapped for a link is not watched through it
+                folders[inotify.add_watch(self.root / folder,
+                                          mask | flags.DONT_FOLLOW)] = folder
             while not should_stop():
                 ready, _, _ = select.select([inotify.fileno()], [], [], poll_s)
                 if not ready:
@@ -252,10 +303,16 @@ class SpoolView:
                         op=run.get("op"), pid=run.get("pid"), user=run.get("user"),
                         target=",".join(run.get("targets") or []) or None)
         if folder == "replies" and name.endswith(REQUEST_SUFFIX):
-            reply = _load(path)
-            if not isinstance(reply, dict):  # collected before it could be read
-                return dict(event, event="finished", id=_name_id(name), ok=None,
-                            note="collected by its client before tail could read it")
+            data, why = _read(path)
+            reply = None if data is None else _parse(data)
+            if not isinstance(reply, dict):
+                if why is not None:
+                    note = f"not read: {why}"
+                elif data is None:
+                    note = "collected by its client before tail could read it"
+                else:
+                    note = "not a JSON object"
+                return dict(event, event="finished", id=_name_id(name), ok=None, note=note)
             duration = None
             try:
                 duration = round(parse_iso(reply["finished_at"]) -
@@ -268,12 +325,6 @@ class SpoolView:
                         message=error.get("message"), duration_s=duration)
         if folder == "failed" and name.endswith(REASON_SUFFIX):
             return dict(event, event="failed", id=name[: -len(REASON_SUFFIX)],
-                        reason=_load_text(path))
+                        reason=_load(path, text=True))
         return None
 
-
-def _load_text(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return None
