@@ -16,7 +16,8 @@ One JSON file per (request, hook) in ``<work>/hooks/``, named by the
 request's id, its key (a digest of the request, as its memo) and a digest of
 the hook's name; replaced atomically at every try (fsynced when durable).
 
-Trusts: the worker's private folder, written only by the worker user.
+Trusts: the worker's private folder, written only by the worker user; read
+as hostile all the same (root's ``doctor`` reads it: no link is followed).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from .formats import encode_json, utc_iso
-from .fsutil import write_atomic
+from .fsutil import UnsafeEntry, read_untrusted, write_atomic
 
 LEDGER_DIR = "hooks"
 # seconds before the 1st, 2nd, ... retry; then the last one, for ever
 BACKOFF_S = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 FAILED_AFTER = 5       # tries that failed before a call counts as "failed"
+MAX_CALL_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -123,8 +125,11 @@ class HookLedger:
             if not name.endswith(".json"):
                 continue
             try:
-                found.append(HookCall(**json.loads((self.dir / name).read_bytes())))
-            except (OSError, ValueError, TypeError):
+                # as a hostile file: root's doctor and status read it too
+                data = read_untrusted(self.dir / name, MAX_CALL_BYTES, check_name=False,
+                                      limit_name="a kept hook call's size").data
+                found.append(HookCall(**json.loads(data)))
+            except (UnsafeEntry, OSError, ValueError, TypeError):
                 continue
         return sorted(found, key=lambda c: (c.first_failed, c.id, c.hook))
 
