@@ -242,8 +242,10 @@ def _answers(reply: dict[str, Any], submitter: str | None, op: str | None) -> bo
     """Whether ``reply`` answers ``submitter``'s request for ``op`` (each
     unchecked when None): a reply to another member's request under the same
     id is not this client's answer."""
+    # a reply naming no op answers a request that was never parsed (refused
+    # as malformed, or cancelled by an operator): its submitter still counts
     if (submitter is None or reply.get("submitted_by") == submitter) and \
-            (op is None or reply.get("op") == op):
+            (op is None or reply.get("op") in (op, None)):
         return True
     log.warning("ignoring reply for %s: it answers %r's request for %r, not %r's for %r",
                 reply.get("id"), reply.get("submitted_by"), reply.get("op"), submitter,
