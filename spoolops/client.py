@@ -92,21 +92,37 @@ class Client:
         self._me: str | None = None
 
     def _request(self, op: str, args: dict[str, Any] | None, priority: int,
-                 deadline: datetime | str | float | None) -> dict[str, Any]:
+                 deadline: datetime | str | float | None, reply: bool = True
+                 ) -> dict[str, Any]:
         request: dict[str, Any] = {
             "version": PROTOCOL_VERSION, "id": new_request_id(), "op": op,
             "args": {} if args is None else args, "priority": priority,
             "submitted": utc_iso(), "client": {"pid": os.getpid(), "host": self._host}}
+        if not reply:
+            request["reply"] = False
         text = _deadline_text(deadline)
         if text is not None:
             request["deadline"] = text
         return request
 
     def submit(self, op: str, args: dict[str, Any] | None = None, priority: int = 0,
-               deadline: datetime | str | float | None = None) -> str:
+               deadline: datetime | str | float | None = None, reply: bool = True) -> str:
         """Queue a request; returns its id at once (once it is queued and, with
-        ``durable``, kept).  Raises, with nothing queued, otherwise."""
-        return self.transport.publish(self._request(op, args, priority, deadline))
+        ``durable``, kept).  Raises, with nothing queued, otherwise.
+        ``reply=False``: fire and forget -- the worker answers nobody and
+        leaves nothing behind (failures reach its log and metrics); waiting
+        for it times out."""
+        return self.transport.publish(self._request(op, args, priority, deadline, reply))
+
+    def pending_batches(self) -> set[str]:
+        """The batches (``args["batch"]``) of requests queued or running, or
+        answered with follow-up hooks still to retry, of every submitter --
+        true whether or not a worker runs (FitsStorage's reducer waits on it)."""
+        return self.transport.pending_batches()
+
+    def queue_length(self) -> int:
+        """How many requests of every submitter are queued or running."""
+        return self.transport.queue_length()
 
     def wait(self, rid: str, timeout: float | None = 30.0) -> Reply:
         """The reply to ``rid`` (collected: it is removed), or ``Timeout``."""

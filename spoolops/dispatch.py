@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,13 @@ from .errors import (
     PermissionDenied,
     UnknownOp,
 )
-from .formats import PROTOCOL_VERSION, decode_json_object, parse_iso, utc_iso, valid_id
+from .formats import (
+    PROTOCOL_VERSION,
+    decode_json_object,
+    parse_iso,
+    utc_iso,
+    valid_id,
+)
 from .hookledger import HookCall, HookLedger
 from .memos import Memo
 from .ops import OpContext, Operation, Registry
@@ -49,7 +56,11 @@ log = logging.getLogger("spoolops.dispatch")
 
 MAX_PRIORITY = 1_000_000
 TARGET_LOCK_TIMEOUT = 300.0
-_ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted", "client"}
+_ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted", "client",
+             "reply", "marker"}
+# the mark a transport gives a request while it is pending (the spool's
+# pending/<marker>): 16 hex digits, then ~ and the batch in base64url
+_MARKER_RE = re.compile(r"^[0-9a-f]{16}(~[A-Za-z0-9_-]{1,200})?$")
 
 
 @dataclass
@@ -68,6 +79,8 @@ class Request:
     # a digest of this very request (its bytes and submitter): what it
     # notes for its own re-run is filed under it, so a reused id sees nothing
     key: str = ""
+    wants_reply: bool = True          # "reply": false -- answer nobody
+    marker: str | None = None         # the transport's mark while it is pending
 
 
 @dataclass
@@ -142,10 +155,17 @@ class Dispatcher:
         client = obj.get("client")
         if client is not None and not isinstance(client, dict):
             raise BadRequest("'client' must be an object")
+        wants_reply = obj.get("reply", True)
+        if not isinstance(wants_reply, bool):
+            raise BadRequest("'reply' must be true or false")
+        marker = obj.get("marker")
+        if marker is not None and (not isinstance(marker, str) or not _MARKER_RE.match(marker)):
+            raise BadRequest("'marker' is not a mark this spool makes")
         key = hashlib.sha256(b"\0".join((rid.encode(), user.encode(), data))).hexdigest()[:16]
         return Request(id=rid, op=op, args=args, user=user,
                        queued_at=queued_at, priority=priority, deadline=deadline,
-                       submitted=submitted, client=client, key=key)
+                       submitted=submitted, client=client, key=key,
+                       wants_reply=wants_reply, marker=marker)
 
     def context(self, request: Request,
                 progress: Callable[[int, int], None] | None = None) -> OpContext:
@@ -240,7 +260,8 @@ class Dispatcher:
                   job.request.id, job.operation.name, name, error)
         call = HookCall(id=job.request.id, key=job.request.key, hook=name,
                         op=job.operation.name, args=dict(job.args), result=result,
-                        user=job.request.user, targets=list(job.targets))
+                        user=job.request.user, targets=list(job.targets),
+                        marker=job.request.marker)
         try:
             self.hook_ledger.record(call, error, self.clock())
         except (OSError, ValueError, TypeError) as kept:

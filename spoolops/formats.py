@@ -117,3 +117,12 @@ def decode_json_object(data: bytes, what: str = "request") -> dict[str, Any]:
     if data.count(b"[") + data.count(b"{") >= MAX_DEPTH and not _depth_ok(obj, MAX_DEPTH):
         raise BadRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return obj
+
+
+def batch_name(args: Any) -> str | None:
+    """A request's batch as text (``args["batch"]``: a string as it is, any
+    other value as JSON -- as PostgreSQL's ``args->>'batch'`` gives it)."""
+    batch = args.get("batch") if isinstance(args, dict) else None
+    if batch is None:
+        return None
+    return batch if isinstance(batch, str) else json.dumps(batch)

@@ -56,6 +56,7 @@ class HookCall:
     first_failed: str = ""
     last_error: str = ""
     next_at: float = 0.0
+    marker: str | None = None      # the request's pending mark (its batch waits)
 
     @property
     def state(self) -> str:

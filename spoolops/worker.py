@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,14 @@ from . import recovery
 from .config import Config
 from .dispatch import Dispatcher, Job, Request
 from .errors import BadRequest, OpError, OpFailed
-from .formats import utc_iso
+from .formats import batch_name, utc_iso
 from .fsutil import write_atomic
 from .metrics import render_metrics
 from .ops import Registry, default_registry
 from .schedule import Queue, TargetGate, request_key
 from .stats import Stats
 from .transport import Transport, open_transport
-from .transport.base import STATES, Claimed, Quarantined, Refused
+from .transport.base import STATES, Batch, Claimed, Quarantined, Refused
 
 log = logging.getLogger("spoolops.worker")
 
@@ -75,7 +76,7 @@ class Worker:
         self.stats = Stats(self.transport.save_stats)
         self.running = 0
         self.running_since: dict[str, float] = {}    # id -> start, for the metrics
-        self.unpublished: dict[str, dict[str, Any]] = {}
+        self.unpublished: dict[str, _Answer] = {}
         self._retries: dict[str, int] = {}           # failed publish retries, for the log
         self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
@@ -409,13 +410,13 @@ class Worker:
                  reply["op"], request.user, error.type, error.message)
         self.running += 1
         assert self._pool is not None
-        self._pool.submit(self._publish_only, request.id, reply)
+        self._pool.submit(self._publish_only, request, reply)
 
-    def _publish_only(self, rid: str, reply: dict[str, Any]) -> None:
+    def _publish_only(self, request: Request, reply: dict[str, Any]) -> None:
         try:
-            self._deliver(rid, reply, started=False)
+            self._deliver(request, reply, started=False)
         finally:
-            self._done.append((rid, reply))
+            self._done.append((request.id, reply))
             os.write(self._wake_w, b"d")
 
     # -- running ------------------------------------------------------------------
@@ -457,7 +458,7 @@ class Worker:
                 job.extra["reply"], job.extra["duration"] = reply, 0.0
                 log.error("event=not_started id=%s op=%s error=%r", request.id, request.op,
                           exc.strerror or exc)
-                self._deliver(request.id, reply, started=False)
+                self._deliver(request, reply, started=False)
                 return
             if not inline:
                 log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
@@ -470,7 +471,7 @@ class Worker:
             duration = time.time() - started
             job.extra["reply"] = reply
             job.extra["duration"] = duration
-            if self._deliver(request.id, reply, started=not inline):
+            if self._deliver(request, reply, started=not inline):
                 self.dispatcher.answered(job)
             error = reply["error"]
             log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
@@ -484,16 +485,24 @@ class Worker:
             if threading.current_thread() is not self._loop_thread:
                 os.write(self._wake_w, b"d")
 
-    def _deliver(self, rid: str, reply: dict[str, Any], started: bool) -> bool:
-        """Answer; on failure (disk full) keep the reply for a retry."""
+    def _deliver(self, request: Request, reply: dict[str, Any], started: bool) -> bool:
+        """Answer (nobody, for ``"reply": false``), and let the request's
+        batch stop being pending -- unless hooks are still to be retried; on
+        failure (disk full) keep the answer for a retry."""
+        held = "retrying" in (reply.get("hooks") or {}).values()
+        answer = _Answer(reply, started, request.wants_reply, batch_of(request, held))
         try:
-            self.transport.reply(rid, reply, started)
+            self._send(request.id, answer)
             return True
         except OSError as exc:
-            log.error("event=reply_failed id=%s error=%r action=retry", rid,
+            log.error("event=reply_failed id=%s error=%r action=retry", request.id,
                       errno.errorcode.get(exc.errno or 0, str(exc)))
-            self.unpublished[rid] = reply
+            self.unpublished[request.id] = answer
             return False
+
+    def _send(self, rid: str, answer: _Answer) -> None:
+        self.transport.reply(rid, answer.reply, answer.started, deliver=answer.deliver,
+                             batch=answer.batch)
 
     def _retry_hooks(self) -> None:
         """Hand the kept hook calls that are due to the pool."""
@@ -507,7 +516,13 @@ class Worker:
 
     def _retry_hook(self, call: Any, key: tuple[str, str]) -> None:
         try:
-            self.dispatcher.retry_hook(call)
+            if self.dispatcher.retry_hook(call) and not any(
+                    other.id == call.id for other in self.dispatcher.hook_ledger.calls()):
+                # the request's last kept call: its batch is no longer pending
+                batch = batch_of(Request(id=call.id, op=call.op, args=call.args,
+                                         user=call.user, queued_at=0.0, marker=call.marker))
+                if batch is not None:
+                    self.transport.release_batch(call.id, batch)
         except Exception:
             log.exception("event=hook_retry_crashed id=%s hook=%s", call.id, call.hook)
         finally:
@@ -515,9 +530,9 @@ class Worker:
             self._hooks_changed()
 
     def _retry_unpublished(self) -> None:
-        for rid, reply in list(self.unpublished.items()):
+        for rid, answer in list(self.unpublished.items()):
             try:
-                self.transport.reply(rid, reply)
+                self._send(rid, answer)
             except OSError as exc:
                 self._retries[rid] = self._retries.get(rid, 0) + 1
                 if self._retries[rid] == 1:       # said once; the late publish says the rest
@@ -546,6 +561,24 @@ class Worker:
                 self.stats.count(job.request.op, "ok" if reply["ok"] else
                                  reply["error"]["type"], job.extra.get("duration", 0.0))
             self.gate.release(job.targets)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An answer on its way to the transport (kept for a retry if it fails)."""
+
+    reply: dict[str, Any]
+    started: bool
+    deliver: bool
+    batch: Batch | None
+
+
+def batch_of(request: Request, held: bool = False) -> Batch | None:
+    """What keeps ``request``'s batch pending (None: nothing does)."""
+    name = batch_name(request.args)
+    if request.marker is None and name is None:
+        return None
+    return Batch(request.marker, name, held)
 
 
 def _instant(job: Job) -> bool:

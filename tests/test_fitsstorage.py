@@ -412,7 +412,8 @@ fqe = fq.add(FileOpsRequest(request="echo", args={"echo": "Hello, world"}),
              response_required=True)
 ping = fq.poll_for_response(fqe.id).dict()
 bad = fq.poll_for_response(fq.add(FileOpsRequest("update_headers",
-                                                 {"filename": "c.fits", "qa_state": "??"})).id)
+                                                 {"filename": "c.fits", "qa_state": "??"}),
+                                  response_required=True).id)
 flat = submit({"request": "update_headers", "args": {"filename": "c.fits",
                "raw_site": "iq20"}}, response_required=True, batch="b9")
 rid = submit({"request": "echo", "args": {}})
@@ -460,3 +461,75 @@ def test_a_failed_hook_is_kept_and_retried_until_it_succeeds(site: SpoolEnv,
     assert json.loads(site.spoolops("status", "--json").stdout)["hooks"] == {
         "pending": 0, "failed": 0}
     assert "event=hook_retried" in worker.log_path.read_text()
+
+
+def test_fire_and_forget_leaves_nothing_behind(site: SpoolEnv) -> None:
+    """Every production caller of theirs sends response_required=False: the
+    worker answers nobody and nothing of the request stays in the spool,
+    failures included (they reach the log and the metrics)."""
+    path = _fits_in_storage(site, "f.fits")
+    worker = _worker(site)
+    code = """
+import json
+from spoolops.compat.fitsstorage import FileOpsRequest, FileopsQueue
+fq = FileopsQueue(session=None, logger=None)
+ok = fq.add(FileOpsRequest("update_headers", {"filename": "f.fits", "qa_state": "Fail"}))
+bad = fq.add(FileOpsRequest("update_headers", {"filename": "f.fits", "qa_state": "??"}))
+print(json.dumps([ok.id, bad.id]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, env=site.env())
+    assert done.returncode == 0, done.stderr
+    ok, bad = json.loads(done.stdout.strip().splitlines()[-1])
+    log = site.wait_log(worker, f"id={bad} op=update_headers")
+    site.wait_log(worker, f"event=end id={ok}")
+    wait_for(lambda: not list(site.spool.pending.iterdir()), what="the marks to go")
+    assert fits.getheader(path)["RAWGEMQA"] == "BAD"
+    sp = site.spool
+    for folder in (sp.new, sp.active, sp.replies, sp.failed, sp.tmp, sp.pending):
+        assert list(folder.iterdir()) == [], folder
+    assert "error=BadRequest" in log
+    metrics = site.spoolops("status", "--prometheus").stdout
+    assert 'spoolops_served_total{op="update_headers",outcome="BadRequest"} 1' in metrics
+    assert 'spoolops_served_total{op="update_headers",outcome="ok"} 1' in metrics
+
+
+def test_pending_batches_and_queue_length_with_no_worker(site: SpoolEnv) -> None:
+    """What their reducer's after_batch gate reads: true while no worker runs,
+    and until a request's hooks are done; any member may ask (real accounts:
+    test_member_threats and README's gate)."""
+    from spoolops.compat import fitsstorage as compat
+    _fits_in_storage(site, "p.fits")
+    client = site.client()
+    assert client.pending_batches() == set() and client.queue_length() == 0
+    client.submit("update_headers", {"filename": "p.fits", "qa_state": "Pass",
+                                     "batch": "night-1"}, reply=False)
+    client.submit("echo", {"batch": "cal-2"})
+    client.submit("echo", {})
+    assert client.pending_batches() == {"night-1", "cal-2"} and client.queue_length() == 3
+    compat._client = client
+    try:
+        assert compat.pending_batches() == {"night-1", "cal-2"} and compat.queue_length() == 3
+    finally:
+        compat._client = None
+    _worker(site, "--once")
+    site.workers[-1].wait(60)
+    assert client.pending_batches() == set() and client.queue_length() == 0
+
+
+def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
+                                                         tmp_path: Path) -> None:
+    _fits_in_storage(site, "h2.fits")
+    down = tmp_path / "database-down"
+    down.write_text("")
+    _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
+    client = site.client()
+    reply = client.call_reply("update_headers", {"filename": "h2.fits", "qa_state": "Pass",
+                                                 "batch": "b-hook"}, timeout=60)
+    assert reply.raw["hooks"] == {"record": "retrying"}
+    assert client.pending_batches() == {"b-hook"}            # the re-ingest is not queued yet
+    down.unlink()
+    assert site.spoolops("hooks", "retry", "--all").returncode == 0
+    wait_for(lambda: client.pending_batches() == set(), timeout=60,
+             what="the batch to be done once its hook ran")
+

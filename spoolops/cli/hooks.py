@@ -14,8 +14,10 @@ import json
 import sys
 
 from ..admin import become_worker_user
+from ..formats import batch_name
 from ..hookledger import HookLedger
 from ..transport import open_transport
+from ..transport.base import Batch
 from .common import Exit, config_of
 
 
@@ -47,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "retry" and (args.all or args.id):
         count = ledger.retry_now(None if args.all else args.id)
     elif args.action == "drop" and args.id:
+        dropped = [call for call in ledger.calls() if call.id == args.id]
         count = ledger.drop(args.id)
+        if dropped:
+            # given up: the request's batch no longer waits for it
+            call = dropped[0]
+            transport.release_batch(call.id, Batch(call.marker, batch_name(call.args)))
     else:
         print(f"spoolops hooks {args.action}: name a request id"
               f"{' (or --all)' if args.action == 'retry' else ''}", file=sys.stderr)

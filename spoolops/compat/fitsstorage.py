@@ -24,6 +24,11 @@ operation's failure is ``ok: False`` with ``error`` = ``"Type: message"``
 polls for are removed by the janitor after ``reply_ttl`` (theirs were
 deleted by the worker).
 
+``add(..., response_required=False)`` asks for no reply at all (``"reply":
+false``): the request leaves no file or row behind once done.
+``pending_batches()`` and ``queue_length()`` are what their reducer's
+``after_batch`` gate and statistics page read from the table.
+
 Trusts: what ``spoolops.Client`` trusts.  The ``session`` and ``logger``
 arguments are accepted and not used (there is no database row).
 """
@@ -146,7 +151,9 @@ class FileopsQueue:
         args = dict(fo_reqest.args)
         if batch is not None:
             args["batch"] = batch
-        rid = self.client.submit(fo_reqest.request, args)
+        # no response wanted: the worker answers nobody, and nothing of the
+        # request is left once it is done (theirs deleted the row)
+        rid = self.client.submit(fo_reqest.request, args, reply=response_required)
         return FileopsQueueEntry(rid, fo_reqest.json(), filename, response_required, batch)
 
     def poll_for_response(self, id: str, timeout: float = 10) -> FileOpsResponse | None:
@@ -156,6 +163,20 @@ class FileopsQueue:
             return FileOpsResponse.from_reply(self.client.wait(id, timeout=timeout))
         except Timeout:
             return None
+
+
+def pending_batches() -> set[str]:
+    """The batches with a file operation still pending (queued, running, or
+    answered with its re-ingest still to be retried), whoever submitted it:
+    what ``reducequeue.py``'s ``after_batch`` gate reads from ``fileopsqueue``
+    (``batch`` of rows whose ``fail_dt`` is ``fail_dt_false``).  Any member
+    of the submit group may ask (their reducer runs as ``dragons``)."""
+    return shared_client().pending_batches()
+
+
+def queue_length() -> int:
+    """Requests queued or running (their statistics page counts the table)."""
+    return shared_client().queue_length()
 
 
 def submit(request: dict[str, Any], response_required: bool = False, timeout: float = 60,

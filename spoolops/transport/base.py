@@ -34,6 +34,21 @@ STATE_WORDS = {"new": "queued", "active": "running", "failed": "failed", "replie
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """What keeps a request's batch pending until the request is wholly done
+    (FitsStorage's reducer holds a reduction back while a file operation of
+    its ``after_batch`` is pending): ``marker``, the client's mark of the
+    request where a transport needs one (the spool: ``pending/<marker>``);
+    ``name``, the request's batch (its ``args["batch"]``, if any); ``held``,
+    whether it stays pending after the answer (follow-up hooks to retry,
+    until ``release_batch``)."""
+
+    marker: str | None
+    name: str | None
+    held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Claimed:
     """A request taken from the queue: its id, sender and bytes.
 
@@ -223,6 +238,16 @@ class Transport(ABC):
         only when ``may_answer``)."""
 
     @abstractmethod
+    def pending_batches(self) -> set[str]:
+        """The batches of requests queued or running, or answered with
+        follow-up hooks still to retry -- true whether or not a worker runs.
+        Any member of the submit group may ask (FitsStorage's reducer)."""
+
+    @abstractmethod
+    def queue_length(self) -> int:
+        """How many requests are queued or running (any submitter's)."""
+
+    @abstractmethod
     def expect(self, rid: str) -> Waiter:
         """Start waiting for ``rid``'s reply (before publishing it, so that no
         reply is missed)."""
@@ -305,10 +330,19 @@ class Transport(ABC):
         """Replace the run record with one carrying progress."""
 
     @abstractmethod
-    def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
+    def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
+              deliver: bool = True, batch: Batch | None = None) -> None:
         """Answer: record the reply, retire the request (and its run record),
         publish the reply -- one step, exactly once even across a crash.
+        ``deliver=False`` (the request said ``"reply": false``): retire it and
+        keep no reply.  ``batch``: the request's batch stops being pending
+        now, or, when ``held``, stays pending until ``release_batch``.
         Raises ``OSError`` when it could not (the caller retries later)."""
+
+    @abstractmethod
+    def release_batch(self, rid: str, batch: Batch) -> None:
+        """A held batch is no longer pending: the request's kept hook calls
+        succeeded (or an operator dropped them)."""
 
     @abstractmethod
     def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:

@@ -61,7 +61,7 @@ from ..fsutil import (
     write_new_file,
 )
 from ..users import user_name
-from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .spoolcare import SpoolCare
 from .spoolclient import SpoolClientSide
 from .spoollock import FlockWorkerLock
@@ -100,8 +100,10 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         self.work = self.work_dir = self.root / "work"
         self.lock_path = self.work / LOCK_NAME
         # plain strings for the per-request path work (pathlib costs microseconds)
+        self.pending = self.root / "pending"
         self._new, self._active, self._work, self._replies, self._tmp = (
             str(self.new), str(self.active), str(self.work), str(self.replies), str(self.tmp))
+        self._pending = str(self.pending)
         self._reply_gid: Any = _UNKNOWN
         self._worker_uid: int | None = None
         self._inotify: INotify | None = None
@@ -320,9 +322,27 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
     def progress(self, rid: str, record: dict[str, Any]) -> None:
         self.start(rid, record, durable=False)
 
-    def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
+    def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
+              deliver: bool = True, batch: Batch | None = None) -> None:
+        if batch is not None and not batch.held:
+            self.release_mark(batch.marker)     # done: its batch no longer waits
+        if not deliver:
+            self._retire(rid, started)
+            return
         self._stage_reply(rid, reply)
         self._publish_staged(rid, started)
+
+    def release_batch(self, rid: str, batch: Batch) -> None:
+        self.release_mark(batch.marker)
+
+    def _retire(self, rid: str, started: bool) -> None:
+        """A request that wants no reply is done: it leaves ``active/``, and
+        nothing else is left of it (a crash before this re-runs it, as any)."""
+        if started:
+            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+        if self.durable:
+            fsync_dir(self._active)
 
     def _stage_reply(self, rid: str, reply: dict[str, Any], in_place: bool = True) -> None:
         """Write the finished reply to ``work/ID.reply``: from here on the

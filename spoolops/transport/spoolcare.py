@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import SpoolSetupError
 from ..formats import encode_json
 from ..fsutil import UnsafeEntry, ensure_tree, read_untrusted, write_atomic
+from ..hookledger import HookLedger
 from .base import Ages, Finding, Removal
 from .spoollock import signal_worker, worker_alive
 from .spoolnames import (
@@ -67,6 +68,7 @@ class SpoolCare:
     active: Path
     failed: Path
     replies: Path
+    pending: Path
     work: Path
     lock_path: Path
     worker_uid: Callable[[], int]
@@ -139,6 +141,7 @@ class SpoolCare:
         sweep.older(self.replies, ages.reply_ttl,
                     "not collected within reply_ttl (its client gave up)")
         self._reap_failed(sweep, ages)
+        self._reap_marks(sweep, ages)
         for name, st in _entries(self.new):
             age = sweep.age(st)
             if age > ages.stuck_after and not os.path.lexists(
@@ -150,6 +153,30 @@ class SpoolCare:
         self._reap_work(sweep, ages, worker_alive)
         self._reap_target_locks(sweep, ages.lock_ttl)
         return sweep.removals, sweep.findings
+
+    def _reap_marks(self, sweep: _Sweep, ages: Ages) -> None:
+        """Pending marks older than ``tmp_ttl`` that no queued or running
+        request and no kept hook call names: their client died before it
+        queued the request, or the request was quarantined unread."""
+        old = [(name, st) for name, st in _entries(self.pending)
+               if sweep.age(st) > ages.tmp_ttl]
+        if not old:
+            return
+        named = {call.marker for call in HookLedger(self.work, durable=False).calls()}
+        for folder in (self.new, self.active):
+            for name, _st in _entries(folder):
+                if not name.endswith(REQUEST_SUFFIX):
+                    continue
+                try:
+                    data = read_untrusted(folder / name, 16 * 1024 * 1024,
+                                          check_name=False, reader="the janitor").data
+                    named.add(json.loads(data).get("marker"))
+                except (UnsafeEntry, OSError, ValueError, AttributeError):
+                    continue
+        for name, st in old:
+            if name not in named:
+                sweep.remove(self.pending / name, "a pending mark no queued or running"
+                             " request names, older than tmp_ttl", sweep.age(st))
 
     def _reap_failed(self, sweep: _Sweep, ages: Ages) -> None:
         entries = dict(_entries(self.failed))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, SpoolSetupError
-from ..formats import encode_json, valid_id
+from ..formats import batch_name, encode_json, valid_id
 from ..fsutil import (
     UnsafeEntry,
     create_file,
@@ -29,7 +29,14 @@ from ..fsutil import (
 )
 from ..users import user_name
 from .base import Waiter
-from .spoolnames import REQUEST_SUFFIX, RUN_SUFFIX, WITHDRAWN_SUFFIX
+from .spoolnames import (
+    REQUEST_SUFFIX,
+    RUN_SUFFIX,
+    WITHDRAWN_SUFFIX,
+    batch_of_marker,
+    marker_name,
+    valid_marker,
+)
 from .spoolwatch import shared_watcher
 
 log = logging.getLogger("spoolops.transport")
@@ -47,6 +54,7 @@ class SpoolClientSide:
     _tmp: str
     _active: str
     _replies: str
+    _pending: str
 
     def publish(self, request: dict[str, Any]) -> str:
         """Write ``tmp/ID.json`` and rename it into ``new/``: the one rename
@@ -63,12 +71,33 @@ class SpoolClientSide:
         if not valid_id(rid):
             raise BadRequest(f"invalid request id {rid!r}")
         try:
+            marker = marker_name(batch_name(request.get("args")))
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"the request's batch cannot be marked: {exc}") from None
+        request = {**request, "marker": marker}
+        try:
             data = encode_json(request)
         except (ValueError, TypeError) as exc:   # NaN, a set, an object...
             raise BadRequest(f"the request cannot be written as JSON: {exc}") from None
         if len(data) > self.max_request_bytes:
             raise BadRequest(f"request is {len(data)} bytes, more than max_request_bytes"
                              f" ({self.max_request_bytes})")
+        # marked pending before it is queued: a batch is never seen done while
+        # its request waits (the mark's entry is committed with the request's
+        # own fsyncs below: ext4 and xfs journal metadata in order)
+        mark = f"{self._pending}/{marker}"
+        try:
+            os.close(create_file(mark))
+        except FileNotFoundError:
+            self.check_exists()
+            raise
+        try:
+            return self._publish(request, rid, data)
+        except BaseException:
+            _remove_quietly(mark)
+            raise
+
+    def _publish(self, request: dict[str, Any], rid: str, data: bytes) -> str:
         name = rid + REQUEST_SUFFIX
         staging, queued = f"{self._tmp}/{name}", f"{self._new}/{name}"
         try:
@@ -164,8 +193,36 @@ class SpoolClientSide:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+        self._unmark(aside)
         _remove_quietly(aside)
         return True
+
+    def _unmark(self, request_path: str) -> None:
+        """Remove the pending mark a request file names (its own, validated)."""
+        try:
+            marker = json.loads(read_untrusted(request_path, self.max_request_bytes,
+                                               reader="this process").data).get("marker")
+        except (UnsafeEntry, OSError, ValueError, AttributeError):
+            return
+        self.release_mark(marker)
+
+    def release_mark(self, marker: object) -> None:
+        if valid_marker(marker):
+            _remove_quietly(f"{self._pending}/{marker}")
+
+    def pending_batches(self) -> set[str]:
+        return {batch for batch in map(batch_of_marker, self._marks()) if batch is not None}
+
+    def queue_length(self) -> int:
+        return sum(1 for name in self._marks() if "~" not in name or valid_marker(name))
+
+    def _marks(self) -> list[str]:
+        try:
+            with os.scandir(self._pending) as it:
+                return [entry.name for entry in it if valid_marker(entry.name)]
+        except FileNotFoundError:
+            self.check_exists()
+            raise
 
     def expect(self, rid: str) -> Waiter:
         try:

@@ -6,8 +6,11 @@ spool import this: no other code in spoolops builds a spool path or name.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import re
+import secrets
 
 from ..formats import valid_id
 
@@ -18,6 +21,11 @@ DIR_MODES: dict[str, int] = {
     "active": 0o2750,
     "failed": 0o2750,
     "replies": 0o2770,
+    # one empty mark per queued or running request (and per answered one whose
+    # follow-up hooks wait for a retry), named by a random token and its batch:
+    # members list it (FitsStorage's reducer: pending_batches, queue_length);
+    # ids are not in the names, so it tells no one what new/ holds
+    "pending": 0o2770,
     # setgid like the rest, so that staged replies take the submit group
     # whatever the worker user's primary group (older trees: 0700)
     "work": 0o2700,
@@ -33,6 +41,37 @@ WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its
 LOCK_NAME = "worker.lock"
 STATS_NAME = "stats.json"
 LOCKS_DIR = "locks"               # work/locks/: the per-target locks
+
+
+_MARKER_RE = re.compile(r"^[0-9a-f]{16}(~[A-Za-z0-9_-]{1,200})?$")
+MAX_BATCH_BYTES = 150            # its base64url must fit a file name with the token
+
+
+def marker_name(batch: str | None) -> str:
+    """A new mark for a request of ``batch``: ``<16 hex>[~<batch, base64url>]``."""
+    token = secrets.token_hex(8)
+    if batch is None:
+        return token
+    raw = batch.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_BATCH_BYTES:
+        raise ValueError(f"batch is {len(raw)} bytes, more than {MAX_BATCH_BYTES}")
+    return token + "~" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def valid_marker(name: object) -> bool:
+    return isinstance(name, str) and bool(_MARKER_RE.match(name))
+
+
+def batch_of_marker(name: str) -> str | None:
+    """The batch a mark names (None: none, or a name that is no mark)."""
+    if not valid_marker(name) or "~" not in name:
+        return None
+    encoded = name.split("~", 1)[1]
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode(
+            "utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def id_from_name(name: str) -> str | None:
