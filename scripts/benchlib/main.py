@@ -23,7 +23,8 @@ from typing import Any
 from . import report
 from .common import fs_type, loadavg, machine
 
-WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor", "idle", "pg")
+WORKLOADS = ("echo", "hol", "plain", "compressed", "backlog", "janitor", "idle", "pg",
+             "fitsstorage")
 
 
 def _log(msg: str) -> None:

@@ -73,6 +73,10 @@ def _run_one(name: str, base: Path, systems: Systems | None, quick: bool,
         from . import w_idle
         results["idle"] = w_idle.run(base / "idle", quick, log)
         rows += w_idle.rows(results["idle"])
+    elif name == "fitsstorage":
+        from . import w_fitsstorage
+        results["fitsstorage"] = w_fitsstorage.run(base / "fitsstorage", quick, log)
+        rows += w_fitsstorage.rows(results["fitsstorage"])
     elif name == "pg":
         from . import w_pg
         results["pg"] = w_pg.run(base / "pg", quick, log)

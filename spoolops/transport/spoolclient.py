@@ -211,15 +211,19 @@ class SpoolClientSide:
             _remove_quietly(f"{self._pending}/{marker}")
 
     def pending_batches(self) -> set[str]:
-        return {batch for batch in map(batch_of_marker, self._marks()) if batch is not None}
+        # many marks, few batches: decode each batch once (the reducer asks
+        # on every poll, with thousands queued)
+        encoded = {name[16:] for name in self._marks() if len(name) > 17 and name[16] == "~"}
+        return {batch for batch in (batch_of_marker("0" * 16 + tail) for tail in encoded)
+                if batch is not None}
 
     def queue_length(self) -> int:
-        return sum(1 for name in self._marks() if "~" not in name or valid_marker(name))
+        return sum(1 for name in self._marks() if len(name) == 16 or
+                   (len(name) > 17 and name[16] == "~"))
 
     def _marks(self) -> list[str]:
         try:
-            with os.scandir(self._pending) as it:
-                return [entry.name for entry in it if valid_marker(entry.name)]
+            return os.listdir(self._pending)
         except FileNotFoundError:
             self.check_exists()
             raise
