@@ -70,6 +70,25 @@ def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
 
 # -- orphans ---------------------------------------------------------------------
 
+def test_requeue_of_an_interrupted_request_runs_and_answers_again(spool_env: SpoolEnv):
+    """Its uncollected Interrupted reply does not make the claim refuse the
+    re-run (an id whose reply waits is refused otherwise): the requeue
+    retires it, and the client gets the re-run's answer."""
+    sp = spool_env.spool
+    worker = spool_env.start_worker()
+    client = spool_env.client()
+    rid = client.submit("nonidem", {"seconds": 4, "target": "q", "tag": "first"})
+    wait_for(lambda: started(spool_env, rid), what="nonidem to start")
+    spool_env.stop_worker(worker, signal.SIGKILL)
+    worker = spool_env.start_worker()             # recovery answers it Interrupted
+    wait_for(lambda: (sp.replies / f"{rid}.json").exists(), what="the Interrupted reply")
+    spool_env.stop_worker(worker)
+    assert spool_env.spoolops("requeue", rid).returncode == 0
+    assert not (sp.replies / f"{rid}.json").exists()
+    spool_env.start_worker()
+    reply = client.wait(rid, timeout=90)
+    assert reply.ok and reply.result["tag"] == "first"
+
 def test_orphans_after_sigkill(spool_env: SpoolEnv):
     """Idempotent: requeued with its mtime (its place in line, held in
     active/ where no member can swap it) and re-run.

@@ -100,6 +100,15 @@ class SpoolCare:
         """Back to ``new/`` (mtime kept) from ``failed/``, or from ``active/``
         when no worker holds the lock (taken here, non-blocking, meanwhile)."""
         name = rid + REQUEST_SUFFIX
+        # its earlier answer, if its client never collected it, is superseded
+        # by the re-run's (a waiting reply would make the claim refuse the id)
+        stale = self.replies / name
+        try:
+            st = os.lstat(stale)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                _remove_quietly(stale)
+        except FileNotFoundError:
+            pass
         try:
             os.rename(self.failed / name, self.new / name)
         except FileNotFoundError:
