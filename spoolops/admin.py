@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import Config
 from .dispatch import Dispatcher, Request
-from .errors import Cancelled, SpoolSetupError
+from .errors import Cancelled, SpoolError, SpoolSetupError
 from .formats import parse_iso, valid_id
 from .fsutil import ensure_dir
 from .ops import Registry
@@ -151,3 +151,14 @@ def _invoker() -> str:
     """Who ran the command: the account behind sudo, the one that started this
     process (before become_worker_user), else this one."""
     return os.environ.get("SUDO_USER") or invoked_by or user_name(os.geteuid())
+
+
+def poke_worker(config: Config) -> None:
+    """Ask the running worker (if this process may signal it) to look at the
+    queue now: a request was put back.  Harmless when none runs."""
+    try:
+        transport = open_transport(config)
+        if transport.worker_alive()[0]:
+            transport.load_stats(fresh=True)
+    except (SpoolError, OSError):
+        pass

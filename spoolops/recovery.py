@@ -94,7 +94,15 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
     for path in transport.drop_leftovers():
         done.did(None, "remove", path, "staging leftover of a dead worker")
     for rid, reply in transport.unpublished():
-        _finish_reply(transport, dispatcher, rid, reply, done)
+        try:
+            _finish_reply(transport, dispatcher, rid, reply, done)
+        except OSError as exc:
+            # one reply that cannot be published now (disk full, a plant it
+            # cannot move) must not keep the worker from serving the rest:
+            # it stays staged, and the next start tries again
+            log.error("event=recover_publish_failed id=%s error=%r", rid, str(exc))
+            done.failed("publish", rid, "a finished reply the dead worker had not"
+                        " published", str(exc))
     recover_orphans(transport, registry, dispatcher, done)
     return done
 

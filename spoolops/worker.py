@@ -81,6 +81,7 @@ class Worker:
         self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
         self._stats_wanted = False
+        self._rescan_wanted = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool: ThreadPoolExecutor | None = None
         self._loop_thread = threading.current_thread()
@@ -102,6 +103,7 @@ class Worker:
         counters now, and look at the kept hook calls again."""
         self._stats_wanted = True
         self._hooks_look = True
+        self._rescan_wanted = True      # 'spoolops requeue' put a request back
         self._wake()
 
     def _hooks_changed(self) -> None:
@@ -209,7 +211,8 @@ class Worker:
                 else:
                     for name in names:
                         self.queue.add(name)
-            if time.monotonic() >= next_rescan:
+            if time.monotonic() >= next_rescan or self._rescan_wanted:
+                self._rescan_wanted = False
                 self._rescan()
                 next_rescan = time.monotonic() + self.config.rescan_interval
             if next_orphans is not None and time.monotonic() >= next_orphans:
@@ -306,16 +309,19 @@ class Worker:
             self.queue.set_key(name, request_key(priority, seen.queued_ns, seen.rid), targets)
 
     def _schedule(self) -> None:
-        """Start what may start.  A request whose target is busy goes back in
-        line (so the queue shows all that waits) with its key and target
-        known, and is passed over until the target is free."""
+        """Start what may start.  While a target is busy, queued requests are
+        read ahead of their claim (``_prekey``): one that needs a busy target
+        is passed over and stays queued -- its client may still withdraw it.
+        One claimed with a target found busy after all (two of a batch whose
+        targets were unknown) goes back in line, held by the transport, its
+        key and target known, until the target is free."""
         while True:
             free = self.config.concurrency - self.running
             if self._scan_partial and len(self.queue) < (self.transport.scan_limit or 0) // 2:
                 self._rescan()      # the backlog beyond the last partial scan
             if free <= 0 or not self.queue:
                 return
-            if len(self.queue) > free:
+            if len(self.queue) > free or self.gate.busy or self.gate.elsewhere:
                 self._prekey()
             batch = [job for job in self._claim_all(self.queue.take(free, self.gate))
                      if job is not None]

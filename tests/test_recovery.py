@@ -242,13 +242,16 @@ def test_requeue_from_failed_and_from_active(spool_env: SpoolEnv):
     # no worker: the orphan in active/ can be requeued by hand
     ok = spool_env.spoolops("requeue", held)
     assert ok.returncode == 0 and "active" in ok.stdout
-    assert (sp.new / f"{held}.json").exists() and not (sp.active / f"{held}.json.run").exists()
-    client.cancel(held)
+    # never through new/, where a member could swap it: held in active/
+    # without its run record, so the next worker re-runs it
+    assert (sp.active / f"{held}.json").exists() and not (sp.active / f"{held}.json.run").exists()
+    assert not (sp.new / f"{held}.json").exists() and client.cancel(held) is False
     spool_env.start_worker()
     assert client.wait(rid, timeout=30).error["type"] == "Interrupted"
     again = spool_env.spoolops("requeue", rid)
     assert again.returncode == 0 and "failed" in again.stdout
     assert not (sp.failed / f"{rid}.json.reason").exists()
+    assert not (sp.new / f"{rid}.json").exists()         # into active/; the worker adopts it
     # back in line and running again (a 30 s sleep: seeing it start is enough)
     wait_for(lambda: started(spool_env, rid), timeout=60, what="requeued request to run")
 

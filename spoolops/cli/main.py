@@ -258,7 +258,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from ..admin import become_worker_user, requeue
+    from ..admin import become_worker_user, poke_worker, requeue
     config = config_of(args)
     become_worker_user(config)
     try:
@@ -268,6 +268,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         return Exit.FAIL
     where = f"{origin}/" if config.transport == "spool" else origin
     print(f"requeued {args.id} (was in {where})")
+    poke_worker(config)
     return Exit.OK
 
 

@@ -443,7 +443,9 @@ def _result(ctx: OpContext, filename: str, rel: str, size: int, md5: str, alread
     if already:
         result["already"] = True
     replaced = ctx.memo.get("replacing")
-    if replaced is not None and replaced != md5:
+    if replaced == "":
+        result["replaced"] = True       # a file the submitter may not read: no md5
+    elif replaced is not None and replaced != md5:
         result["replaced_md5"] = replaced
     if sidecar is not None:
         result["sidecar"] = sidecar
@@ -465,10 +467,14 @@ def _same_as_target(ctx: OpContext, ddir: int, sfd: int, filename: str,
     if not stat.S_ISREG(st.st_mode):
         raise Conflict(f"target exists and is not a regular file: {rel}")
     staged = os.fstat(sfd)
-    if not args["overwrite"] and not _readable_by(st, ctx.user):
+    if not _readable_by(ctx.config.storage_root, rel, st, ctx.user):
         # comparing would tell the submitter whether a file it may not read
-        # holds the bytes it guessed: the same answer whatever the bytes
-        raise Conflict(f"target already exists: {rel} (set overwrite to replace it)")
+        # holds the bytes it guessed: the same answer whatever the bytes --
+        # refused, or (overwrite) replaced without a word about what it held
+        if not args["overwrite"]:
+            raise Conflict(f"target already exists: {rel} (set overwrite to replace it)")
+        ctx.memo.put("replacing", "")
+        return None
     if not args["overwrite"] and st.st_size != staged.st_size:
         raise Conflict(f"target already exists with other contents: {rel} (set overwrite"
                        " to replace it)")
@@ -487,19 +493,34 @@ def _same_as_target(ctx: OpContext, ddir: int, sfd: int, filename: str,
     return None
 
 
-def _readable_by(st: os.stat_result, user: str) -> bool:
-    """Whether ``user`` (a unix account) could read a file of this owner and
-    mode itself.  An unknown name (a database role with no account) cannot."""
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IROTH:
-        return True
+def _readable_by(root: Any, rel: str, st: os.stat_result, user: str) -> bool:
+    """Whether ``user`` (a unix account) could read the stored file ``rel``
+    itself: read permission on the file, and search permission on every
+    folder from ``storage_root`` down to it.  A name with no account (a
+    database role) gets what every account gets (the "other" bits)."""
     try:
-        account = pwd.getpwnam(user)
+        account: pwd.struct_passwd | None = pwd.getpwnam(user)
     except KeyError:
+        account = None
+    groups = set() if account is None else set(os.getgrouplist(user, account.pw_gid))
+
+    def may(info: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if account is not None and account.pw_uid == info.st_uid:
+            return bool(info.st_mode & bits[0])
+        if info.st_gid in groups:
+            return bool(info.st_mode & bits[1])
+        return bool(info.st_mode & bits[2])
+
+    search = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    folder = os.path.realpath(root)
+    try:
+        for part in ["", *rel.split("/")[:-1]]:
+            folder = os.path.join(folder, part) if part else folder
+            if not may(os.stat(folder), search):
+                return False
+    except OSError:
         return False
-    if account.pw_uid == st.st_uid:
-        return bool(mode & stat.S_IRUSR)
-    return bool(mode & stat.S_IRGRP) and st.st_gid in os.getgrouplist(user, account.pw_gid)
+    return may(st, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH))
 
 
 def _md5_of(fd: int) -> str:

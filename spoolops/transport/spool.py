@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import socket
 import stat
 import time
@@ -111,6 +112,10 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         # claimed, not started, waiting in active/ (put back, or re-queued by
         # recovery): served from there, never returned to new/
         self._held: set[str] = set()
+        # claimed by this process and not yet answered: an entry of active/
+        # with no run record that is not among them was put there by
+        # 'spoolops requeue', and the next scan adopts it
+        self._mine: set[str] = set()
 
     def __repr__(self) -> str:
         return f"SpoolTransport({str(self.root)!r})"
@@ -205,6 +210,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         """Everything in ``new/`` but what was left there and is skipped (an
         entry that could not be moved out, with its reason in ``failed/``),
         and the requests held in ``active/`` for this process."""
+        self._adopt()
         names = list(self._held)
         with os.scandir(self.new) as it:
             for entry in it:
@@ -217,6 +223,20 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 if name not in self._held:
                     names.append(name)
         return names
+
+    def _adopt(self) -> None:
+        """Hold what an operator re-queued into ``active/`` (no run record,
+        claimed by no one here)."""
+        try:
+            names = os.listdir(self._active)
+        except FileNotFoundError:
+            return
+        present = set(names)
+        for name in names:
+            if name.endswith(REQUEST_SUFFIX) and name not in self._mine and \
+                    name + ".run" not in present and id_from_name(name) is not None:
+                self._held.add(name)
+                self._mine.add(name)
 
     def peek(self, entry: str) -> Claimed | None:
         if entry in self._held:
@@ -263,6 +283,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             return self.quarantine(entry, f"Not a request: {what} ({exc.strerror or exc})",
                                    claimed=False)
         path = f"{self._active}/{entry}"
+        self._mine.add(entry)
         try:
             # only the worker renames into active/: what the name holds cannot be swapped
             f = read_untrusted(path, self.max_request_bytes, check_name=False,
@@ -310,6 +331,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             raise FileNotFoundError(errno.ENOENT, "not claimed", f"{self._active}/{name}")
         _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
         self._held.add(name)
+        self._mine.add(name)
 
     # -- the worker: running and answering -------------------------------------------
 
@@ -328,9 +350,10 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             self.release_mark(batch.marker)     # done: its batch no longer waits
         if not deliver:
             self._retire(rid, started)
-            return
-        self._stage_reply(rid, reply)
-        self._publish_staged(rid, started)
+        else:
+            self._stage_reply(rid, reply)
+            self._publish_staged(rid, started)
+        self._mine.discard(rid + REQUEST_SUFFIX)     # after it left active/
 
     def release_batch(self, rid: str, batch: Batch) -> None:
         self.release_mark(batch.marker)
@@ -408,7 +431,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 break
             except FileExistsError:
                 if self.collect(rid, remove=False, reader="the worker", quiet=True) is None:
-                    _remove_quietly(published)     # not the worker's: a plant
+                    self._clear_plant(published)   # not the worker's: a member's plant
                     continue
                 name = f"{rid}.reply"
                 kept_as = self._rename_into_failed(Path(staged).parent, Path(staged).name,
@@ -422,6 +445,18 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
             raise FileExistsError(errno.EEXIST, "replies/ keeps being planted", published)
         if self.durable:
             fsync_dir(self._replies)
+
+    def _clear_plant(self, path: str) -> None:
+        """Out of the reply's way: unlinked, or -- a folder, which a member
+        may have filled with files the worker cannot remove -- renamed aside
+        in ``replies/`` (the janitor reaps it after ``reply_ttl``)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.warning("event=reply_plant_moved path=%s", path)
+            os.rename(path, f"{self._replies}/.planted-{secrets.token_hex(8)}")
 
     def answer_withdrawn(self, rid: str, reply: dict[str, Any]) -> bool:
         """Publish an operator's ``Cancelled`` reply to a request just
@@ -455,6 +490,8 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         directory = self.active if claimed else self.new
         try:
             moved = self._quarantine(directory, entry, reason)
+            if claimed:
+                self._mine.discard(entry)
         except OSError as exc:
             # the reason could not be written (disk full): an entry still in
             # new/ is skipped from now on, not retried forever
@@ -513,6 +550,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         self._stage_reply(rid, reply, in_place=False)
         self._quarantine(self.active, rid + REQUEST_SUFFIX, reason)
         self._publish_staged(rid)
+        self._mine.discard(rid + REQUEST_SUFFIX)
 
     # -- recovery (under the worker lock) ---------------------------------------------
 
@@ -568,6 +606,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
     def clear(self, rid: str) -> None:
         _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
         _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+        self._mine.discard(rid + REQUEST_SUFFIX)
 
     def drop_leftovers(self, dry_run: bool = False) -> list[str]:
         """Staging files in ``work/`` and run files whose request is gone."""

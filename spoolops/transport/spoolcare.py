@@ -37,7 +37,13 @@ from typing import Any
 
 from ..errors import SpoolSetupError
 from ..formats import encode_json
-from ..fsutil import UnsafeEntry, ensure_tree, read_untrusted, write_atomic
+from ..fsutil import (
+    UnsafeEntry,
+    ensure_tree,
+    read_untrusted,
+    rename_noreplace,
+    write_atomic,
+)
 from ..hookledger import HookLedger
 from .base import Ages, Finding, Removal
 from .spoollock import signal_worker, worker_alive
@@ -97,24 +103,22 @@ class SpoolCare:
     # -- operators --------------------------------------------------------------
 
     def requeue(self, rid: str) -> str:
-        """Back to ``new/`` (mtime kept) from ``failed/``, or from ``active/``
-        when no worker holds the lock (taken here, non-blocking, meanwhile)."""
+        """Back in line -- never through ``new/``, where a member who saw the
+        id could swap it: from ``failed/`` into ``active/`` with no run record
+        (a running worker adopts it at its next scan, which ``spoolops
+        requeue`` asks for; else the next worker's recovery re-runs it as
+        never started); from ``active/``, when no worker holds the lock
+        (taken here, non-blocking, meanwhile), by dropping its run record, so
+        that recovery re-runs it even if its op is not idempotent."""
         name = rid + REQUEST_SUFFIX
-        # its earlier answer, if its client never collected it, is superseded
-        # by the re-run's (a waiting reply would make the claim refuse the id)
-        stale = self.replies / name
-        try:
-            st = os.lstat(stale)
-            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
-                _remove_quietly(stale)
-        except FileNotFoundError:
-            pass
-        try:
-            os.rename(self.failed / name, self.new / name)
-        except FileNotFoundError:
-            pass
-        else:
+        if os.path.lexists(self.failed / name):
+            try:
+                rename_noreplace(str(self.failed / name), str(self.active / name))
+            except FileExistsError:
+                raise SpoolSetupError(f"a request {rid} is running: requeue it once it"
+                                      " is done") from None
             _remove_quietly(self.failed / reason_file_name(name))
+            self._retire_stale_reply(name)
             return "failed"
         if not os.path.lexists(self.active / name):
             raise SpoolSetupError(f"{rid} is neither in failed/ nor in active/")
@@ -128,11 +132,22 @@ class SpoolCare:
             if os.path.lexists(self.work / (rid + STAGED_REPLY_SUFFIX)):
                 raise SpoolSetupError(f"{rid} finished: its reply waits in work/ and the"
                                       " worker publishes it when it starts") from None
-            os.rename(self.active / name, self.new / name)
             _remove_quietly(self.active / (rid + RUN_SUFFIX))
+            self._retire_stale_reply(name)
             return "active"
         finally:
             os.close(fd)
+
+    def _retire_stale_reply(self, name: str) -> None:
+        """The request's earlier answer, if its client never collected it, is
+        superseded by the re-run's (a waiting reply would make the claim
+        refuse the id)."""
+        try:
+            st = os.lstat(self.replies / name)
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            _remove_quietly(self.replies / name)
 
     # -- the janitor ------------------------------------------------------------
 

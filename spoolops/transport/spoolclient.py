@@ -161,41 +161,43 @@ class SpoolClientSide:
     def _withdraw(self, rid: str) -> bool:
         """Cancel: take ``new/ID.json`` out of the queue.  Atomic against
         ``claim``'s rename, so either the worker has it or nobody ever will.
-        With ``durable`` the request is moved aside to ``tmp/`` first and
-        that file fsynced (which commits the rename, as in ``publish``): a
-        cancel reported done survives a power cut."""
+        The request is moved aside to ``tmp/`` under a name nobody can guess
+        (members cannot list ``tmp/``, and it is opened by name: no FIFO or
+        link can be swapped in); with ``durable`` that file is fsynced (which
+        commits the rename, as in ``publish``): a cancel reported done
+        survives a power cut.  Not withdrawn when a request of that id is
+        claimed (running, or held for its target): what was taken out of
+        ``new/`` is then a second file under its name."""
         if not valid_id(rid):
             return False
-        queued = f"{self._new}/{rid}{REQUEST_SUFFIX}"
-        if not self.durable:
-            try:
-                os.unlink(queued)
-            except FileNotFoundError:
-                return False
-            return True
-        # a name nobody can guess (members cannot list tmp/): the file is
-        # opened by name below, and a member must not swap in a FIFO or a link
         aside = f"{self._tmp}/{rid}.{secrets.token_hex(8)}{WITHDRAWN_SUFFIX}"
         try:
-            os.rename(queued, aside)
+            os.rename(f"{self._new}/{rid}{REQUEST_SUFFIX}", aside)
         except FileNotFoundError:
             return False
+        if self.durable:
+            self._make_durable(rid, aside)
+        claimed = os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+        if not claimed:
+            self._unmark(aside)
+        _remove_quietly(aside)
+        return not claimed
+
+    def _make_durable(self, rid: str, aside: str) -> None:
         try:
             fd = os.open(aside, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except PermissionError:
             # not the submitter's own file: root or the worker user, who own tmp/
             fsync_dir(self._tmp)
+            return
         except OSError as exc:
             log.warning("withdrawn request %s could not be made durable: %s", rid, exc)
-        else:
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._unmark(aside)
-        _remove_quietly(aside)
-        return True
+            return
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _unmark(self, request_path: str) -> None:
         """Remove the pending mark a request file names (its own, validated)."""
@@ -304,8 +306,10 @@ def _answers(reply: dict[str, Any], submitter: str | None, op: str | None) -> bo
     unchecked when None): a reply to another member's request under the same
     id is not this client's answer."""
     # a reply naming no op answers a request that was never parsed (refused
-    # as malformed, or cancelled by an operator): its submitter still counts
-    if (submitter is None or reply.get("submitted_by") == submitter) and \
+    # as malformed, or cancelled by an operator), one naming no submitter a
+    # request whose file is gone (recovery after a power cut): only the
+    # worker writes either, and a member cannot make it write one for an id
+    if (submitter is None or reply.get("submitted_by") in (submitter, None)) and \
             (op is None or reply.get("op") in (op, None)):
         return True
     log.warning("ignoring reply for %s: it answers %r's request for %r, not %r's for %r",
