@@ -350,10 +350,12 @@ def test_issue11_3_root_requeue_leaves_a_tree_the_worker_can_use(
     (dep.root / "work" / "worker.lock").unlink()       # as on a tree never served
     done = dep.spoolops(None, "requeue", rid)
     assert done.returncode == 0 and "active" in done.stdout, done.stderr
-    for path in [dep.root / "work" / "worker.lock", dep.root / "new" / f"{rid}.json"]:
+    for path in [dep.root / "work" / "worker.lock", dep.root / "active" / f"{rid}.json"]:
         assert os.lstat(path).st_uid in (uid(WORKER), uid(WEB)), path
     assert os.lstat(dep.root / "work" / "worker.lock").st_uid == uid(WORKER)
-    assert dep.spoolops(None, "cancel", rid).returncode == 0
+    # requeued where it is (never through new/): claimed, so not withdrawable
+    assert not running_file(dep, rid).exists()
+    assert dep.spoolops(None, "cancel", rid).returncode == 1
     dep.start_worker()                                  # opens the lock as itself
     assert dep.call(WEB, "echo", {"after": "requeue"}).code == 0
 

@@ -110,8 +110,10 @@ def _queue(sp: Any, count: int) -> float:
 
     from spoolops.formats import PROTOCOL_VERSION, new_request_id, utc_iso
     from spoolops.transport.pgschema import CLIENT_COLUMNS
-    columns = ", ".join(CLIENT_COLUMNS)
-    marks = ", ".join(["%s"] * len(CLIENT_COLUMNS))
+    # the columns an ordinary request names (answer_wanted only for "reply": false)
+    named = [c for c in CLIENT_COLUMNS if c != "answer_wanted"]
+    columns = ", ".join(named)
+    marks = ", ".join(["%s"] * len(named))
     insert = f'INSERT INTO "{sp.schema}".requests ({columns}) VALUES ({marks})'
     client = {"pid": os.getpid(), "host": socket.gethostname()}
     start = time.perf_counter()

@@ -10,7 +10,10 @@ run one target at once), and answers with one ``UPDATE`` that stores the
 reply, changes the state and -- through the table's trigger -- releases the
 leases and NOTIFYs the client, all in one transaction.  Every answer is
 fenced by ``claimed_by`` and ``attempt``: a worker whose claim was taken
-over cannot answer twice.
+over cannot answer twice.  A request that wants no reply is answered by a
+``DELETE`` fenced the same way (its leases go by cascade; it sends the
+'finished' event itself); a batch kept pending after the answer (hooks to
+retry) is a row of ``batch_holds``, inserted by the same statement.
 
 Workers register in ``workers`` and hold a session advisory lock for their
 life (``pgconn.IntakeListener``); a running row whose worker's lock is gone
@@ -39,7 +42,7 @@ from ..config import Config
 from ..errors import SpoolSetupError, TransportUnavailable
 from ..fsutil import ensure_tree
 from . import pgschema
-from .base import Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
 from .pgconn import IntakeListener, connect, shared_pools
 from .pgschema import REQUEST_COLUMNS, Names, envelope, sql_name, time_ns
@@ -248,10 +251,8 @@ class PgTransport(PgClientSide, PgView, Transport):
         return list(self._seen)
 
     def _claimed(self, row: tuple) -> Claimed:
-        rid, submitter = row[0], row[1]
-        data = envelope((rid, submitter, row[2], row[3], row[4], row[5], row[6], row[7],
-                         row[8]))
-        return Claimed(rid, rid, data, submitter, min(time_ns(row[9]), time.time_ns()))
+        rid, submitter = row[0], row[1]   # a row of REQUEST_COLUMNS
+        return Claimed(rid, rid, envelope(row), submitter, min(time_ns(row[9]), time.time_ns()))
 
     def peek(self, entry: str) -> Claimed | None:
         seen = self._seen.get(entry)
@@ -315,12 +316,15 @@ class PgTransport(PgClientSide, PgView, Transport):
             raise TransportUnavailable(f"{rid} is not claimed by this process")
         return claim
 
-    def _fenced(self, rid: str, what: str, query: str, params: tuple) -> None:
-        """Run an update of a claimed row, fenced by (worker, attempt)."""
+    def _fenced(self, rid: str, what: str, query: str, params: tuple, tail: str = "",
+                tail_params: tuple = ()) -> None:
+        """Run an update of a claimed row, fenced by (worker, attempt); the
+        fence goes between ``query`` and ``tail`` (the rest of a statement
+        whose first part is the update, e.g. a CTE's)."""
         worker, attempt = self._claim_of(rid)
         count = self.pools.run(lambda c: c.execute(
-            query + " AND state = 'running' AND claimed_by = %s AND attempt = %s",
-            (*params, worker, attempt)).rowcount)
+            query + " AND state = 'running' AND claimed_by = %s AND attempt = %s" + tail,
+            (*params, worker, attempt, *tail_params)).rowcount)
         if count == 0 and what in ("reply", "fail", "put_back"):
             row = self.pools.run(lambda c: c.execute(
                 f"SELECT state, claimed_by, attempt FROM {self.s}.requests WHERE id = %s",
@@ -347,16 +351,49 @@ class PgTransport(PgClientSide, PgView, Transport):
         self._fenced(rid, "progress", f"UPDATE {self.s}.requests SET run = %s WHERE id = %s",
                      (Json(record), rid))
 
-    def reply(self, rid: str, reply: dict[str, Any], started: bool = True) -> None:
-        query = (f"UPDATE {self.s}.requests SET state = 'answered', reply = %s, finished ="
-                 " clock_timestamp(), run = NULL WHERE id = %s")
+    def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
+              deliver: bool = True, batch: Batch | None = None) -> None:
+        """One statement, whatever is asked: the UPDATE that stores the reply
+        (the trigger frees the leases and NOTIFYs), or, ``deliver=False``, a
+        DELETE of the row (its leases go by cascade) that sends the 'finished'
+        event itself; with a held batch, a CTE that also inserts the hold."""
+        hold = batch is not None and batch.held and batch.name is not None
+        # the hold names the batch as the row does (args->>'batch': a batch
+        # that is no string is kept as the client wrote it), so that it is
+        # spelt alike while queued, running and held
+        held = (f", held AS (INSERT INTO {self.s}.batch_holds (request_id, batch) SELECT id,"
+                " coalesce(batch, %s) FROM done ON CONFLICT (request_id) DO NOTHING)"
+                ) if hold else ""
+        if deliver and not hold:     # the hot path: the statement it always was
+            query = (f"UPDATE {self.s}.requests SET state = 'answered', reply = %s, finished ="
+                     " clock_timestamp(), run = NULL WHERE id = %s")
+            tail = ""
+        elif deliver:
+            query = (f"WITH done AS (UPDATE {self.s}.requests SET state = 'answered', reply ="
+                     " %s, finished = clock_timestamp(), run = NULL WHERE id = %s")
+            tail = " RETURNING id, batch)" + held + " SELECT id FROM done"
+        else:
+            query = f"WITH done AS (DELETE FROM {self.s}.requests WHERE id = %s"
+            tail = (" RETURNING id, op, batch)" + held + f" SELECT pg_notify(%s, {self.s}."
+                    "finished_event(id, op, %s, 'no reply wanted: removed')) FROM done")
+
+        def run(answer: dict[str, Any]) -> None:
+            params = (Json(answer), rid) if deliver else (rid,)
+            tail_params: tuple = (batch.name,) if hold else ()
+            if not deliver:
+                tail_params += (self.names.events_channel, Json(_outcome(answer)))
+            self._fenced(rid, "reply", query, params, tail, tail_params)
         try:
-            self._fenced(rid, "reply", query, (Json(reply), rid))
+            run(reply)
         except (psycopg.DataError, ValueError) as exc:
             # a result the database cannot hold (a NUL in a string): the
             # request must still be answered, and the reason said
             log.error("event=reply_refused id=%s error=%r", rid, message_of(exc))
-            self._fenced(rid, "reply", query, (Json(_unstorable(reply, exc)), rid))
+            run(_unstorable(reply, exc))
+
+    def release_batch(self, rid: str, batch: Batch) -> None:
+        self.pools.run(lambda c: c.execute(
+            f"DELETE FROM {self.s}.batch_holds WHERE request_id = %s", (rid,)))
 
     def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
         if claimed and entry in self._claims:
@@ -448,6 +485,16 @@ class PgTransport(PgClientSide, PgView, Transport):
         except TransportUnavailable:
             return False
         return True
+
+
+def _outcome(reply: dict[str, Any]) -> dict[str, Any]:
+    """What the 'finished' event says of a reply that is not kept (its
+    result can be large, and is nobody's)."""
+    error = reply.get("error")
+    return {"ok": reply.get("ok"), "started_at": reply.get("started_at"),
+            "finished_at": reply.get("finished_at"),
+            "error": {"type": error.get("type"), "message": error.get("message")}
+            if isinstance(error, dict) else None}
 
 
 def _unstorable(reply: dict[str, Any], exc: BaseException) -> dict[str, Any]:

@@ -28,12 +28,21 @@ class PgClientSide:
 
     def publish(self: PgTransport, request: dict[str, Any]) -> str:
         rid = request["id"]
-        values = (rid, request.get("version"), request.get("op"),
-                  Json(request.get("args")), request.get("priority", 0),
-                  request.get("deadline"), request.get("submitted"),
-                  Json(request.get("client")))
-        insert = (f"INSERT INTO {self.s}.requests ({', '.join(pgschema.CLIENT_COLUMNS)})"
-                  " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
+        wanted = request.get("reply", True)
+        if not isinstance(wanted, bool):
+            raise BadRequest("request field 'reply' must be true or false")
+        values: tuple = (rid, request.get("version"), request.get("op"),
+                         Json(request.get("args")), request.get("priority", 0),
+                         request.get("deadline"), request.get("submitted"),
+                         Json(request.get("client")))
+        # answer_wanted is named only when false: an ordinary request's INSERT
+        # is the statement it always was (its default is true)
+        columns = pgschema.CLIENT_COLUMNS if not wanted else tuple(
+            c for c in pgschema.CLIENT_COLUMNS if c != "answer_wanted")
+        if not wanted:
+            values += (False,)
+        insert = (f"INSERT INTO {self.s}.requests ({', '.join(columns)})"
+                  f" VALUES ({', '.join(['%s'] * len(columns))})")
         tries = 0
 
         def work(conn: psycopg.Connection) -> None:
@@ -60,10 +69,27 @@ class PgClientSide:
             query, params = ((f"DELETE FROM {self.s}.requests WHERE id = %s AND state ="
                              " 'queued'"), (rid,))
         else:
-            query, params = ((f"UPDATE {self.s}.requests SET state = 'answered', reply = %s,"
-                             " finished = clock_timestamp() WHERE id = %s AND state ="
-                             " 'queued'"), (Json(answer), rid))
+            # an operator's cancel answers the client -- unless it wants no
+            # answer: then the row just goes
+            query, params = ((f"WITH answered AS (UPDATE {self.s}.requests SET state ="
+                              " 'answered', reply = %s, finished = clock_timestamp() WHERE"
+                              " id = %s AND state = 'queued' AND answer_wanted RETURNING 1),"
+                              f" gone AS (DELETE FROM {self.s}.requests WHERE id = %s AND"
+                              " state = 'queued' AND NOT answer_wanted RETURNING 1)"
+                              " SELECT 1 FROM answered UNION ALL SELECT 1 FROM gone"),
+                             (Json(answer), rid, rid))
         return self.pools.run(lambda c: c.execute(query, params).rowcount) > 0
+
+    def pending_batches(self: PgTransport) -> set[str]:
+        # every submitter's, through the owner's definer function: a web
+        # role sees only its own rows, and learns only the names here
+        rows = self.pools.run(lambda c: c.execute(
+            f"SELECT b FROM {self.s}.pending_batches() b").fetchall())
+        return {row[0] for row in rows}
+
+    def queue_length(self: PgTransport) -> int:
+        return int(self.pools.run(lambda c: c.execute(
+            f"SELECT {self.s}.queue_length()").fetchone()[0]))
 
     def submitter_name(self: PgTransport) -> str:
         # the trigger records session_user; asked once per transport

@@ -12,7 +12,9 @@ Identity comes from the database: a BEFORE INSERT trigger sets
 ``submitter := session_user`` and resets every column a client must not
 choose, and the submit role may write only the request's own columns.  A
 submitter reads and deletes (cancels, collects) only its own rows; only the
-worker role answers.  Notifications carry ids only: any role may NOTIFY any
+worker role answers.  Of other submitters' requests a submitter learns only
+what two definer functions of the owner say: which batches are pending and
+how many requests wait.  Notifications carry ids only: any role may NOTIFY any
 channel, so a payload is a hint, and the row, read under these policies, is
 the truth.
 
@@ -29,11 +31,11 @@ from datetime import datetime, timedelta, timezone
 
 from ..errors import SpoolSetupError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # the request columns a submitter may write (column privilege and the trigger)
 CLIENT_COLUMNS = ("id", "version", "op", "args", "priority", "deadline", "client_submitted",
-                  "client")
+                  "client", "answer_wanted")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Names:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+
 REQUEST_COLUMNS = ("id, submitter, version, op, args::text, priority, deadline,"
-                   " client_submitted, client::text, submitted")
+                   " client_submitted, client::text, submitted, answer_wanted")
 
 
 def time_ns(moment: datetime) -> int:
@@ -94,11 +96,14 @@ def time_ns(moment: datetime) -> int:
 
 
 def envelope(row: tuple) -> bytes:
-    """The request document of a row, as the spool would hold it: dispatch
-    parses and validates it the same way for both transports.  ``args`` and
-    ``client`` go in as the text the client wrote (duplicate keys, depth and
-    all, for dispatch to judge)."""
+    """The request document of a row of ``REQUEST_COLUMNS``, as the spool
+    would hold it: dispatch parses and validates it the same way for both
+    transports.  ``args`` and ``client`` go in as the text the client wrote
+    (duplicate keys, depth and all, for dispatch to judge); ``"reply": false``
+    only when the client wants no answer (an ordinary request's document is
+    as it always was)."""
     rid, _submitter, version, op, args, priority, deadline, submitted, client = row[:9]
+    answer_wanted = row[10] if len(row) > 10 else True
     fields = [("version", json.dumps(version)), ("id", json.dumps(rid)),
               ("op", json.dumps(op, ensure_ascii=False)), ("args", args or "null"),
               ("priority", json.dumps(priority))]
@@ -109,6 +114,8 @@ def envelope(row: tuple) -> bytes:
         fields.append(("submitted", json.dumps(submitted, ensure_ascii=False)))
     if client is not None:
         fields.append(("client", client))
+    if answer_wanted is False:
+        fields.append(("reply", "false"))
     text = "{" + ", ".join(f'"{key}": {value}' for key, value in fields) + "}"
     return text.encode("utf-8", "backslashreplace")
 
@@ -179,7 +186,32 @@ def _version_1(n: Names) -> list[str]:
     ]
 
 
-MIGRATIONS = {1: _version_1}   # version -> the statements that reach it
+def _version_2(n: Names) -> list[str]:
+    """Requests that want no answer, and batches: which are pending is asked
+    by any submitter (``pending_batches``), cheaply with thousands queued."""
+    s = sql_name(n.schema)
+    return [
+        # answer_wanted: a client column (false: the worker deletes the row
+        # instead of storing a reply).  batch: args->>'batch' kept with the row
+        # (NULL for args that are no object or name no batch: ->> on a json
+        # array or scalar is NULL, not an error), so that the pending batches
+        # are read from a small index, never by parsing every queued row's args
+        f"""ALTER TABLE {s}.requests
+            ADD COLUMN answer_wanted boolean NOT NULL DEFAULT true,
+            ADD COLUMN batch text GENERATED ALWAYS AS (args ->> 'batch') STORED""",
+        f"""CREATE INDEX requests_pending_batch ON {s}.requests (batch)
+            WHERE state IN ('queued', 'running') AND batch IS NOT NULL""",
+        # a request answered with follow-up hook calls still to retry keeps its
+        # batch pending until the worker releases it (the request's row may be
+        # collected long before): no foreign key, on purpose
+        f"""CREATE TABLE {s}.batch_holds (
+            request_id text PRIMARY KEY,
+            batch text NOT NULL,
+            since timestamptz NOT NULL DEFAULT clock_timestamp())""",
+    ]
+
+
+MIGRATIONS = {1: _version_1, 2: _version_2}   # version -> the statements that reach it
 
 
 def _functions(n: Names) -> list[str]:
@@ -192,6 +224,39 @@ def _functions(n: Names) -> list[str]:
             SELECT CASE WHEN octet_length({_lit(p + '_reply_')} || who) <= 63
                         THEN {_lit(p + '_reply_')} || who
                         ELSE {_lit(p + '_reply_')} || md5(who) END $$""",
+        # the 'finished' event of a reply: from the trigger when the reply is
+        # stored, from the worker's DELETE when none was wanted.  A NOTIFY
+        # payload must stay under 8000 bytes or the answer itself fails: the op
+        # and message are cut short (the reply keeps them whole).  No SET
+        # search_path, so that it is inlined into its caller's statement (the
+        # trigger's, whose path is pinned): a SET costs every reply ~5 us.  No
+        # definer: it runs as its caller, on pg_catalog's built-ins only
+        f"""CREATE OR REPLACE FUNCTION {s}.finished_event(id text, op text, reply json,
+                note text DEFAULT NULL) RETURNS text
+            LANGUAGE sql STABLE AS $$
+            SELECT json_build_object('event', 'finished', 'id', id, 'op', left(op, 200),
+                'ok', (reply->>'ok')::boolean, 'error', left(reply->'error'->>'type', 200),
+                'message', left(reply->'error'->>'message', 1000),
+                'duration_s', round(extract(epoch FROM
+                    (reply->>'finished_at')::timestamptz -
+                    (reply->>'started_at')::timestamptz)::numeric, 3),
+                'note', note)::text $$""",
+        # what any submitter may know of everyone's requests -- which batches
+        # are pending, how long the queue is -- and nothing else: definer
+        # functions (the owner reads every row: policy owner_read), no argument.
+        # Index-only scans of the partial indexes: the cost follows the queued
+        # and running rows, never the answered and failed ones (the two counts
+        # each use their own index; state IN (...) would read the table)
+        f"""CREATE OR REPLACE FUNCTION {s}.pending_batches() RETURNS SETOF text
+            LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+            SELECT r.batch FROM {s}.requests r
+                WHERE r.state IN ('queued', 'running') AND r.batch IS NOT NULL
+            UNION
+            SELECT h.batch FROM {s}.batch_holds h $$""",
+        f"""CREATE OR REPLACE FUNCTION {s}.queue_length() RETURNS bigint
+            LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+            SELECT (SELECT count(*) FROM {s}.requests r WHERE r.state = 'queued')
+                 + (SELECT count(*) FROM {s}.requests r WHERE r.state = 'running') $$""",
         # identity and state are the server's: whatever the client sent
         f"""CREATE OR REPLACE FUNCTION {s}.request_inserting() RETURNS trigger
             LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -238,13 +303,7 @@ def _functions(n: Names) -> list[str]:
                         'target', array_to_string(NEW.targets, ','))::text);
                 ELSIF NEW.reply IS NOT NULL AND OLD.reply IS NULL THEN
                     PERFORM pg_notify({s}.reply_channel(NEW.submitter), NEW.id);
-                    PERFORM pg_notify({events}, json_build_object('event', 'finished',
-                        'id', NEW.id, 'op', NEW.op, 'ok', (NEW.reply->>'ok')::boolean,
-                        'error', NEW.reply->'error'->>'type',
-                        'message', NEW.reply->'error'->>'message',
-                        'duration_s', round(extract(epoch FROM
-                            (NEW.reply->>'finished_at')::timestamptz -
-                            (NEW.reply->>'started_at')::timestamptz)::numeric, 3))::text);
+                    PERFORM pg_notify({events}, {s}.finished_event(NEW.id, NEW.op, NEW.reply));
                     IF NEW.state = 'failed' THEN
                         PERFORM pg_notify({events}, json_build_object('event', 'failed',
                             'id', NEW.id, 'reason', NEW.reason)::text);
@@ -276,6 +335,12 @@ def _security(n: Names) -> list[str]:
         # the worker never inserts: a request always has a submitter
         f"GRANT SELECT, UPDATE, DELETE ON {s}.requests TO {wrk}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.leases, {s}.workers TO {wrk}",
+        # held batches: the worker's alone (a submitter learns of them only
+        # through pending_batches)
+        f"REVOKE ALL ON {s}.batch_holds FROM {sub}, {wrk}",
+        f"GRANT SELECT, INSERT, DELETE ON {s}.batch_holds TO {wrk}",
+        f"REVOKE ALL ON FUNCTION {s}.pending_batches(), {s}.queue_length() FROM PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {s}.pending_batches(), {s}.queue_length() TO {sub}, {wrk}",
     ]
     policies = {
         "submit_read": f"FOR SELECT TO {sub} USING (submitter = session_user)",
@@ -284,6 +349,9 @@ def _security(n: Names) -> list[str]:
         "submit_delete": (f"FOR DELETE TO {sub} USING (submitter = session_user"
                           " AND state IN ('queued', 'answered'))"),
         "worker_all": f"FOR ALL TO {wrk} USING (true) WITH CHECK (true)",
+        # the owner (never a login; its definer functions pending_batches and
+        # queue_length) reads every row -- it could alter these policies anyway
+        "owner_read": f"FOR SELECT TO {sql_name(n.owner_role)} USING (true)",
     }
     for name, body in policies.items():
         out += [f"DROP POLICY IF EXISTS {name} ON {s}.requests",

@@ -106,7 +106,7 @@ class PgView:
             "id": rid, "state": "done" if state == "answered" else state,
             "path": f"{self.names.schema}.requests id={rid}",
             "since": utc_iso(since.timestamp()) if since else None, "owner": submitter,
-            "request": json.loads(envelope(row[11:20])),
+            "request": json.loads(envelope(row[11:])),
             "claimed_by": row[8], "attempt": row[9], "targets": row[10]}
         if state == "running":
             info["run"] = run
@@ -204,6 +204,23 @@ class PgView:
                 findings.append(Finding("running_long", f"{table} id={rid}",
                                         f"running with no progress for longer than"
                                         f" stuck_after ({ages.stuck_after:g} s)",
+                                        round(now - since.timestamp(), 3)))
+            # a held batch stays until the worker releases it (its kept hook
+            # calls succeeded or were dropped): never removed here, said when old
+            # (only the worker role may read the holds)
+            try:
+                holds = conn.execute(
+                    f"SELECT request_id, batch, since FROM {self.s}.batch_holds WHERE since <"
+                    " %s ORDER BY since LIMIT 1000", (_at(now - ages.stuck_after),)).fetchall()
+            except psycopg.errors.InsufficientPrivilege:
+                holds = []
+            for rid, batch, since in holds:
+                findings.append(Finding("held", f"{self.names.schema}.batch_holds"
+                                        f" request_id={rid}",
+                                        f"batch {batch!r} held for longer than stuck_after"
+                                        f" ({ages.stuck_after:g} s): follow-up hook calls of"
+                                        " the request still to retry ('spoolops hooks' on"
+                                        " its worker's host)",
                                         round(now - since.timestamp(), 3)))
             # registrations of dead workers with nothing left running
             if not dry_run:
