@@ -321,3 +321,69 @@ class Deployment:
                 proc.kill()
                 proc.wait(30)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- what several real-account test files do (one place, not copies) ---------
+
+def uid(user: str) -> int:
+    import pwd
+    return pwd.getpwnam(user).pw_uid
+
+
+def gid(group: str) -> int:
+    import grp
+    return grp.getgrnam(group).gr_gid
+
+
+def errno_of(dep: Deployment, user: str, code: str) -> str:
+    """Run ``code`` as ``user``; the errno name it raised, or 'ok'."""
+    wrapper = ("import errno, os, sys\ntry:\n" +
+               "".join(f"    {line}\n" for line in code.splitlines()) +
+               "    print('ok')\nexcept OSError as exc:\n"
+               "    print(errno.errorcode.get(exc.errno, exc))\n")
+    done = dep.py(user, wrapper)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def submit(dep: Deployment, user: str, op: str, args: dict, **kw: Any) -> str:
+    """``Client.submit`` in a process of ``user``; the request id."""
+    code = ("import json, sys\nfrom spoolops import Client\n"
+            "op, args, kw = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+            "print(json.dumps(Client().submit(op, args, **kw)))\n")
+    return dep.py_json(user, code, op, json.dumps(args), json.dumps(kw))
+
+
+WAIT = """
+import json, sys
+from spoolops import Client, OpError, Timeout
+try:
+    reply = Client().wait(sys.argv[1], timeout=float(sys.argv[2]))
+    print(json.dumps({"ok": reply.ok, "result": reply.result, "error": reply.error,
+                      "submitted_by": reply.submitted_by}))
+except Timeout as exc:
+    print(json.dumps({"timeout": str(exc)}))
+"""
+
+
+def wait_reply(dep: Deployment, user: str, rid: str, timeout: float = 60) -> dict:
+    """``Client.wait`` in a process of ``user`` (collects the reply)."""
+    return dep.py_json(user, WAIT, rid, str(timeout), timeout=timeout + 60)
+
+
+def running_file(dep: Deployment, rid: str) -> Path:
+    return dep.root / "active" / f"{rid}.json.run"
+
+
+def fits_file(dep: Deployment, name: str) -> Path:
+    """A small FITS file in storage, owned by the worker user as the archive's are."""
+    import numpy as np
+    from astropy.io import fits
+    path = dep.storage / name
+    hdu = fits.PrimaryHDU(np.arange(64, dtype=">i2").reshape(8, 8))
+    hdu.header["OBJECT"] = "deploy"
+    hdu.add_checksum()
+    hdu.writeto(path)
+    os.chown(path, uid(WORKER), gid(WORKER))
+    os.chmod(path, 0o644)
+    return path

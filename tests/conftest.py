@@ -312,3 +312,25 @@ def served(queue):
     """A queue of each transport with its worker running."""
     queue.start_worker()
     return queue
+
+
+@pytest.fixture
+def pgq(pg_cluster, tmp_path: Path):
+    """A PostgreSQL queue of its own (schema, roles web1/web2/worker), no worker."""
+    from queues import make_pg_queue
+    env = make_pg_queue(pg_cluster, tmp_path / "q")
+    yield env
+    env.close()
+
+
+@pytest.fixture
+def ctx(tmp_path: Path):
+    """An operation's context on a throwaway storage/staging/work tree, for
+    running operations in-process."""
+    from spoolops.config import Config
+    from spoolops.ops import OpContext
+    for name in ("storage", "staging", "work"):
+        (tmp_path / name).mkdir()
+    config = Config(storage_root=tmp_path / "storage", upload_staging_dir=tmp_path / "staging",
+                    root=tmp_path / "spool")
+    return OpContext(config=config, work_dir=tmp_path / "work", request_id="req-1")

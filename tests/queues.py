@@ -167,3 +167,9 @@ def make_queue(kind: str, cluster, base: Path, **kw: Any) -> SpoolQueue | PgQueu
         kw.pop("lock_grace", None)
         return make_spool_queue(base, **kw)
     return make_pg_queue(cluster, base, **kw)
+
+
+def connect_as(env: PgQueue, role: str):
+    """An autocommit connection to ``env``'s database as ``role``."""
+    import psycopg
+    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True)

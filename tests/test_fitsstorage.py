@@ -26,7 +26,6 @@ from astropy.io import fits
 from conftest import SpoolEnv, make_env, require_fitsverify, wait_for
 
 from spoolops import BadRequest, Conflict, NotFound
-from spoolops.config import Config
 from spoolops.ops import OpContext
 from spoolops.ops.headers import UPDATE_HEADERS
 from spoolops.ops.ingest import INGEST_UPLOAD
@@ -41,14 +40,6 @@ NESTED = {"values": {"qa_state": "pass", "raw_site": ["iq70", "cc50"],
 FLAT = {"qa_state": "Pass", "raw_site": ["iq70", "cc50"], "release": "2027-01-01",
         "generic": [["OBSERVER", "Flat Form"], ["SEQNUM", 7]]}
 
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> OpContext:
-    for name in ("storage", "staging", "work"):
-        (tmp_path / name).mkdir()
-    config = Config(storage_root=tmp_path / "storage", upload_staging_dir=tmp_path / "staging",
-                    root=tmp_path / "spool")
-    return OpContext(config=config, work_dir=tmp_path / "work", request_id="req-1")
 
 
 def stored(ctx: OpContext, name: str, kind: str = "", seed: int = 0) -> str:

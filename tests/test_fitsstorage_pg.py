@@ -54,7 +54,6 @@ from fitsarchive import (
     utcnow,
 )
 
-from spoolops.config import Config
 from spoolops.errors import Conflict, NotFound
 from spoolops.ops import OpContext
 from spoolops.ops.headers import UPDATE_HEADERS
@@ -115,14 +114,6 @@ def site(archive: FitsArchive, monkeypatch: pytest.MonkeyPatch):
     spec.loader.exec_module(module)
     return module
 
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> OpContext:
-    for name in ("storage", "staging", "work"):
-        (tmp_path / name).mkdir()
-    config = Config(storage_root=tmp_path / "storage", upload_staging_dir=tmp_path / "staging",
-                    root=tmp_path / "spool")
-    return OpContext(config=config, work_dir=tmp_path / "work", request_id="req-1")
 
 
 def test_filename_resolves_as_their_fitseditor_finds_it(site, archive: FitsArchive,

@@ -15,11 +15,9 @@ the new code that it withstands.
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import json
 import os
-import pwd
 import re
 import signal
 import subprocess
@@ -27,45 +25,34 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import MEMBER, PROJECT, WEB, WORKER, Deployment
+from accounts import (
+    MEMBER,
+    PROJECT,
+    WEB,
+    WORKER,
+    Deployment,
+    errno_of,
+    fits_file,
+    gid,
+    running_file,
+    submit,
+    uid,
+    wait_reply,
+)
 from conftest import SHARED_ACCESS, Lines, wait_for
 
 pytestmark = pytest.mark.accounts
 
 
-# -- small helpers (copied, not imported from other test files) ----------------------
-
-def uid(user: str) -> int:
-    return pwd.getpwnam(user).pw_uid
+# -- helpers of these attacks (the shared ones live in accounts.py) -------------------
 
 
-def gid(group: str) -> int:
-    return grp.getgrnam(group).gr_gid
 
 
-def submit(dep: Deployment, user: str, op: str, args: dict, **kw) -> str:
-    """``Client.submit`` in a process of ``user``; the request id."""
-    code = ("import json, sys\nfrom spoolops import Client\n"
-            "op, args, kw = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
-            "print(json.dumps(Client().submit(op, args, **kw)))\n")
-    return dep.py_json(user, code, op, json.dumps(args), json.dumps(kw))
 
 
-WAIT = """
-import json, sys
-from spoolops import Client, Timeout
-try:
-    reply = Client().wait(sys.argv[1], timeout=float(sys.argv[2]))
-    print(json.dumps({"ok": reply.ok, "result": reply.result, "error": reply.error,
-                      "submitted_by": reply.submitted_by}))
-except Timeout as exc:
-    print(json.dumps({"timeout": str(exc)}))
-"""
 
 
-def wait_reply(dep: Deployment, user: str, rid: str, timeout: float = 60) -> dict:
-    """``Client.wait`` in a process of ``user`` (collects the reply)."""
-    return dep.py_json(user, WAIT, rid, str(timeout), timeout=timeout + 60)
 
 
 # a member's own request file under a chosen id: written in tmp/ and renamed
@@ -136,22 +123,8 @@ class ActiveWatcher:
         self.proc.wait(30)
 
 
-def running_file(dep: Deployment, rid: str) -> Path:
-    return dep.root / "active" / f"{rid}.json.run"
 
 
-def fits_file(dep: Deployment, name: str) -> Path:
-    """A small FITS file in storage, owned by the worker user as the archive's are."""
-    import numpy as np
-    from astropy.io import fits
-    path = dep.storage / name
-    hdu = fits.PrimaryHDU(np.arange(64, dtype=">i2").reshape(8, 8))
-    hdu.header["OBJECT"] = "threats"
-    hdu.add_checksum()
-    hdu.writeto(path)
-    os.chown(path, uid(WORKER), gid(WORKER))
-    os.chmod(path, 0o644)
-    return path
 
 
 def worker_file(path: Path, data: bytes, mode: int) -> Path:
@@ -177,15 +150,6 @@ def stage(dep: Deployment, name: str, data: bytes) -> Path:
     return path
 
 
-def errno_of(dep: Deployment, user: str, code: str) -> str:
-    """Run ``code`` as ``user``; the errno name it raised, or 'ok'."""
-    wrapper = ("import errno, os, sys\ntry:\n" +
-               "".join(f"    {line}\n" for line in code.splitlines()) +
-               "    print('ok')\nexcept OSError as exc:\n"
-               "    print(errno.errorcode.get(exc.errno, exc))\n")
-    done = dep.py(user, wrapper)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 def log_of(dep: Deployment) -> str:

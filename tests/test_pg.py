@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Lines, wait_for
-from queues import WEB, WEB2, WORKER_ROLE, make_pg_queue
+from queues import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_queue
 
 from spoolops import BadRequest, Client
 from spoolops.errors import TransportUnavailable
@@ -30,15 +30,6 @@ from spoolops.janitor import run_janitor
 psycopg = pytest.importorskip("psycopg")
 
 
-@pytest.fixture
-def pgq(pg_cluster, tmp_path: Path):
-    env = make_pg_queue(pg_cluster, tmp_path / "q")
-    yield env
-    env.close()
-
-
-def connect_as(env, role: str):
-    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True)
 
 
 def test_identity_comes_from_the_database_and_rows_are_private(pgq, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TESTS, unavailable, wait_for
-from queues import WEB, WEB2, WORKER_ROLE, make_pg_queue
+from queues import WEB, WEB2, WORKER_ROLE, connect_as
 
 from spoolops.formats import utc_iso
 from spoolops.janitor import run_janitor
@@ -52,15 +52,6 @@ psycopg = pytest.importorskip("psycopg")
 V1_COMMIT = "1be5468"
 
 
-@pytest.fixture
-def pgq(pg_cluster, tmp_path: Path):
-    env = make_pg_queue(pg_cluster, tmp_path / "q")
-    yield env
-    env.close()
-
-
-def connect_as(env, role: str):
-    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True)
 
 
 def publish(client, op: str, args, reply: bool = True) -> str:
