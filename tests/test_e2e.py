@@ -233,6 +233,32 @@ def test_fits_operations(served) -> None:
     assert fitsverify_errors(stored) == 0
 
 
+def test_fire_and_forget_and_a_batch_pending_until_its_hook_ran(queue, tmp_path: Path) -> None:
+    """FitsStorage's callers send no-reply requests; their reducer waits for a
+    batch until its re-ingest hook ran: on each transport, a request with
+    "reply": false leaves nothing behind, and a batch stays pending while its
+    failed hook is kept for a retry -- until the retry succeeds."""
+    down = tmp_path / "archive-database-down"
+    down.write_text("")
+    (queue.config.storage_root / "b").mkdir(parents=True)
+    simple_image(queue.config.storage_root / "b" / "h.fits")
+    queue.start_worker(SPOOLOPS_TEST_HOOK_FAIL=str(down),
+                       SPOOLOPS_TEST_HOOK_LOG=str(tmp_path / "hooks.jsonl"))
+    client = queue.client()
+    client.submit("echo", {"batch": "gone"}, reply=False)
+    reply = client.call_reply("update_headers", {"filename": "b/h.fits", "qa_state": "Pass",
+                                                 "batch": "night-7"}, timeout=60)
+    assert reply.ok and reply.raw["hooks"] == {"record": "retrying"}
+    wait_for(lambda: client.queue_length() == 0, what="the no-reply echo to be done")
+    assert client.pending_batches() == {"night-7"}
+    assert queue.replies_left() == 0             # the echo left nothing; the call collected
+    down.unlink()
+    done = queue.spoolops("hooks", "retry", "--all")
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: client.pending_batches() == set(), timeout=60,
+             what="the batch to be done once its hook ran")
+
+
 def test_operator_commands(served) -> None:
     """status, ls, show, cancel and the janitor through the command line."""
     client = served.client()

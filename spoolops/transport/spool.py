@@ -346,8 +346,11 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
 
     def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
               deliver: bool = True, batch: Batch | None = None) -> None:
-        if batch is not None and not batch.held:
-            self.release_mark(batch.marker)     # done: its batch no longer waits
+        if batch is not None:
+            if batch.held:
+                self.hold_mark(batch.marker)    # answered; its batch waits for the hooks
+            else:
+                self.release_mark(batch.marker)     # done: its batch no longer waits
         if not deliver:
             self._retire(rid, started)
         else:

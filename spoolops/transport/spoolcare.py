@@ -49,6 +49,7 @@ from .base import Ages, Finding, Removal
 from .spoollock import signal_worker, worker_alive
 from .spoolnames import (
     DIR_MODES,
+    HELD_SUFFIX,
     LOCK_NAME,
     LOCKS_DIR,
     REASON_SUFFIX,
@@ -198,7 +199,7 @@ class SpoolCare:
                 except (UnsafeEntry, OSError, ValueError, AttributeError):
                     continue
         for name, st in old:
-            if name not in named:
+            if name.removesuffix(HELD_SUFFIX) not in named:
                 sweep.remove(self.pending / name, "a pending mark no queued or running"
                              " request names, older than tmp_ttl", sweep.age(st))
 

@@ -30,6 +30,7 @@ from ..fsutil import (
 from ..users import user_name
 from .base import Waiter
 from .spoolnames import (
+    HELD_SUFFIX,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     WITHDRAWN_SUFFIX,
@@ -211,17 +212,28 @@ class SpoolClientSide:
     def release_mark(self, marker: object) -> None:
         if valid_marker(marker):
             _remove_quietly(f"{self._pending}/{marker}")
+            _remove_quietly(f"{self._pending}/{marker}{HELD_SUFFIX}")
+
+    def hold_mark(self, marker: object) -> None:
+        """The request is answered, its hooks still to retry: its mark now
+        stands for its batch alone (``queue_length`` no longer counts it)."""
+        if valid_marker(marker):
+            try:
+                os.rename(f"{self._pending}/{marker}", f"{self._pending}/{marker}{HELD_SUFFIX}")
+            except FileNotFoundError:
+                pass
 
     def pending_batches(self) -> set[str]:
         # many marks, few batches: decode each batch once (the reducer asks
         # on every poll, with thousands queued)
-        encoded = {name[16:] for name in self._marks() if len(name) > 17 and name[16] == "~"}
+        encoded = {name[16:].removesuffix(HELD_SUFFIX) for name in self._marks()
+                   if len(name) > 17 and name[16] == "~"}
         return {batch for batch in (batch_of_marker("0" * 16 + tail) for tail in encoded)
                 if batch is not None}
 
     def queue_length(self) -> int:
-        return sum(1 for name in self._marks() if len(name) == 16 or
-                   (len(name) > 17 and name[16] == "~"))
+        return sum(1 for name in self._marks() if (len(name) == 16 or (
+            len(name) > 17 and name[16] == "~")) and not name.endswith(HELD_SUFFIX))
 
     def _marks(self) -> list[str]:
         try:

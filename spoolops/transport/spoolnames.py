@@ -45,6 +45,7 @@ LOCKS_DIR = "locks"               # work/locks/: the per-target locks
 
 _MARKER_RE = re.compile(r"^[0-9a-f]{16}(~[A-Za-z0-9_-]{1,200})?$")
 MAX_BATCH_BYTES = 150            # its base64url must fit a file name with the token
+HELD_SUFFIX = ".held"            # answered, follow-up hooks to retry: the batch waits
 
 
 def marker_name(batch: str | None) -> str:
