@@ -113,7 +113,7 @@ class Dispatcher:
         self.work_dir = Path(work_dir)
         self.clock = clock
         self.worker_info = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.hook_ledger = HookLedger(self.work_dir, config.durable)
+        self.hook_ledger = HookLedger(self.work_dir, config.durable, cached=True)
         self.hook_kept = hook_kept        # told when a failed hook call is kept
 
     # -- validation ---------------------------------------------------------

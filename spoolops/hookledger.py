@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,9 +78,18 @@ def delay_after(tries: int) -> float:
 class HookLedger:
     """The failed hook calls of one worker home (``work/``)."""
 
-    def __init__(self, work_dir: str | os.PathLike, durable: bool = True) -> None:
+    def __init__(self, work_dir: str | os.PathLike, durable: bool = True,
+                 cached: bool = False) -> None:
+        """``cached`` (the worker): the calls are read once and then kept in
+        memory with every change this process makes -- thousands may be kept
+        while the archive's database is down, and the worker looks at them
+        after every retry; ``reload()`` when another process changed them
+        (``spoolops hooks retry``/``drop``)."""
         self.dir = Path(work_dir) / LEDGER_DIR
         self.durable = durable
+        self._cache: dict[str, HookCall] | None = {} if cached else None
+        self._loaded = False
+        self._lock = threading.Lock()   # pool threads keep and retry calls
 
     def _path(self, rid: str, key: str, hook: str) -> Path:
         digest = hashlib.sha256(hook.encode()).hexdigest()[:12]
@@ -100,13 +110,23 @@ class HookLedger:
         self._save(call)
 
     def succeeded(self, call: HookCall) -> None:
-        self._remove(self._path(call.id, call.key, call.hook))
+        path = self._path(call.id, call.key, call.hook)
+        self._remove(path)
+        if self._cache is not None:
+            with self._lock:
+                self._cache.pop(path.name, None)
+
+    def reload(self) -> None:
+        self._loaded = False
 
     def _save(self, call: HookCall) -> None:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         path = self._path(call.id, call.key, call.hook)
         write_atomic(path.with_name(path.name + ".tmp"), path, encode_json(asdict(call)),
                      self.durable, mode=0o600, own_staging=True)
+        if self._cache is not None:
+            with self._lock:
+                self._cache[path.name] = call
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -117,6 +137,17 @@ class HookLedger:
 
     def calls(self) -> list[HookCall]:
         """Every kept call, oldest first; unreadable files are skipped."""
+        if self._cache is not None:
+            with self._lock:
+                if not self._loaded:
+                    self._cache = {self._path(c.id, c.key, c.hook).name: c
+                                   for c in self._read()}
+                    self._loaded = True
+                kept = list(self._cache.values())
+            return sorted(kept, key=lambda c: (c.first_failed, c.id, c.hook))
+        return self._read()
+
+    def _read(self) -> list[HookCall]:
         try:
             names = sorted(os.listdir(self.dir))
         except FileNotFoundError:
@@ -137,6 +168,9 @@ class HookLedger:
     def due(self, now: float | None = None) -> list[HookCall]:
         now = time.time() if now is None else now
         return [call for call in self.calls() if call.next_at <= now]
+
+    def pending_for(self, rid: str) -> bool:
+        return any(call.id == rid for call in self.calls())
 
     def next_due_in(self, now: float | None = None) -> float | None:
         now = time.time() if now is None else now

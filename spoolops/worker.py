@@ -89,6 +89,7 @@ class Worker:
         self._left_orphans: set[str] = set()   # orphans left to their host, said once
         # kept hook calls (hookledger): when the next is due, which are running
         self._hooks_look = True
+        self._hooks_reload = False
         self._hooks_next: float | None = None
         self._hooks_running: set[tuple[str, str]] = set()
 
@@ -102,6 +103,7 @@ class Worker:
         """SIGUSR1 (sent by ``spoolops status`` and ``hooks retry``): save the
         counters now, and look at the kept hook calls again."""
         self._stats_wanted = True
+        self._hooks_reload = True       # 'spoolops hooks retry' changed the calls
         self._hooks_look = True
         self._rescan_wanted = True      # 'spoolops requeue' put a request back
         self._wake()
@@ -181,6 +183,9 @@ class Worker:
                 timeout = min(timeout, retry)
             if self._hooks_look:
                 self._hooks_look = False
+                if self._hooks_reload:
+                    self._hooks_reload = False
+                    self.dispatcher.hook_ledger.reload()
                 due_in = self.dispatcher.hook_ledger.next_due_in()
                 self._hooks_next = None if due_in is None else time.monotonic() + due_in
             if self._hooks_next is not None:
@@ -511,19 +516,26 @@ class Worker:
                              batch=answer.batch)
 
     def _retry_hooks(self) -> None:
-        """Hand the kept hook calls that are due to the pool."""
+        """Hand the kept hook calls that are due to the pool -- a few at a
+        time, so that requests keep most of the pool while the archive's
+        database is down and thousands of calls wait (the rest are due still,
+        and go when these are done)."""
         self._hooks_next = None
         assert self._pool is not None
+        room = max(1, self.config.concurrency // 2) - len(self._hooks_running)
         for call in self.dispatcher.hook_ledger.due():
+            if room <= 0:
+                break
             key = (call.id, call.hook)
             if key not in self._hooks_running:
                 self._hooks_running.add(key)
+                room -= 1
                 self._pool.submit(self._retry_hook, call, key)
 
     def _retry_hook(self, call: Any, key: tuple[str, str]) -> None:
         try:
-            if self.dispatcher.retry_hook(call) and not any(
-                    other.id == call.id for other in self.dispatcher.hook_ledger.calls()):
+            if self.dispatcher.retry_hook(call) and \
+                    not self.dispatcher.hook_ledger.pending_for(call.id):
                 # the request's last kept call: its batch is no longer pending
                 batch = batch_of(Request(id=call.id, op=call.op, args=call.args,
                                          user=call.user, queued_at=0.0, marker=call.marker))
