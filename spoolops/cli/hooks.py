@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not count:
         print(f"spoolops hooks {args.action}: no kept hook call for {args.id}", file=sys.stderr)
         return Exit.FAIL
-    if args.action == "retry":
-        transport.load_stats(fresh=True)    # the running worker looks at them now
+    # the running worker re-reads the calls now (it keeps them in memory)
+    transport.load_stats(fresh=True)
     print(f"{args.action}: {count} hook call(s)")
     return Exit.OK
