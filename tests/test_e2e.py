@@ -259,6 +259,27 @@ def test_fire_and_forget_and_a_batch_pending_until_its_hook_ran(queue, tmp_path:
              what="the batch to be done once its hook ran")
 
 
+def test_fitsstorage_compat_api_gives_their_values(served) -> None:
+    """Their queue API on each transport: poll_for_response returns what their
+    worker returned (test_fileopser.py's echo), a no-response add leaves
+    nothing, and the reducer's gate and statistics calls answer."""
+    from spoolops.compat import fitsstorage as compat
+    compat._client = served.client()
+    try:
+        fq = compat.FileopsQueue(session=None, logger=None)
+        entry = fq.add(compat.FileOpsRequest("echo", {"echo": "Hello, world"}),
+                       response_required=True)
+        response = fq.poll_for_response(entry.id, timeout=30)
+        assert response.dict() == {"ok": True, "error": "", "value": "Hello, world"}
+        assert response.result == {"echo": "Hello, world"}
+        fq.add(compat.FileOpsRequest("echo", {"echo": "fire"}), batch="b-compat")
+        wait_for(lambda: compat.queue_length() == 0 and compat.pending_batches() == set(),
+                 what="the no-response request to be done")
+        assert served.replies_left() == 0
+    finally:
+        compat._client = None
+
+
 def test_operator_commands(served) -> None:
     """status, ls, show, cancel and the janitor through the command line."""
     client = served.client()
