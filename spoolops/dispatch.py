@@ -159,7 +159,7 @@ class Dispatcher:
         if not isinstance(wants_reply, bool):
             raise BadRequest("'reply' must be true or false")
         marker = obj.get("marker")
-        if marker is not None and (not isinstance(marker, str) or not _MARKER_RE.match(marker)):
+        if marker is not None and (not isinstance(marker, str) or not _MARKER_RE.fullmatch(marker)):
             raise BadRequest("'marker' is not a mark this spool makes")
         key = hashlib.sha256(b"\0".join((rid.encode(), user.encode(), data))).hexdigest()[:16]
         return Request(id=rid, op=op, args=args, user=user,

@@ -20,8 +20,10 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import ALL_USERS, Config, load_config
 from .errors import ConfigError, SpoolSetupError
@@ -84,7 +86,16 @@ def run_checks(config_path: str | os.PathLike | None = None,
 
 
 def check_hooks(config: Config) -> list[Finding]:
-    """Follow-up hook calls that failed (kept in the worker's folder)."""
+    """Follow-up hook calls that failed (kept in the worker's folder), read
+    as the worker user: the folder is the worker account's."""
+    if os.geteuid() == 0 and config.worker_user:
+        return _in_worker_child(config, lambda: [[f.check, f.ok, f.message, f.fix] for f
+                                                 in _hook_findings(config)],
+                                ["hooks", "run 'spoolops hooks' as the worker user"])
+    return _hook_findings(config)
+
+
+def _hook_findings(config: Config) -> list[Finding]:
     from .status import hook_counts
     try:
         counts = hook_counts(open_transport(config).work_dir, config.durable)
@@ -117,6 +128,15 @@ def check_transport(config: Config) -> list[Finding]:
 def _as_worker_user(config: Config) -> list[Finding]:
     """Root has no database role: ask as the worker user (its peer role), in a
     child process, since switching users cannot be undone."""
+    return _in_worker_child(config, lambda: [list(item) for item in
+                                             open_transport(config).diagnose()],
+                            ["queue", "see README, 'Deploying over PostgreSQL'"])
+
+
+def _in_worker_child(config: Config, check: Callable[[], list[list[Any]]],
+                     failed: list[str]) -> list[Finding]:
+    """Run ``check`` as the worker user in a child process (switching users
+    cannot be undone): root reads nothing the worker account could plant."""
     import json
     read, write = os.pipe()
     pid = os.fork()
@@ -125,9 +145,9 @@ def _as_worker_user(config: Config) -> list[Finding]:
         try:
             from .admin import become_worker_user
             become_worker_user(config)
-            items = [list(item) for item in open_transport(config).diagnose()]
+            items = check()
         except Exception as exc:  # noqa: BLE001 - reported by the parent
-            items = [["queue", False, str(exc), "see README, 'Deploying over PostgreSQL'"]]
+            items = [[failed[0], False, str(exc), failed[1]]]
         os.write(write, json.dumps(items).encode())
         os._exit(0)
     os.close(write)
@@ -137,7 +157,7 @@ def _as_worker_user(config: Config) -> list[Finding]:
     try:
         return [Finding(*item) for item in json.loads(data)]
     except (ValueError, TypeError):
-        return [Finding("queue", False, "the check as the worker user failed")]
+        return [Finding(failed[0], False, "the check as the worker user failed")]
 
 
 def _names(config: Config) -> tuple[str | None, str | None]:

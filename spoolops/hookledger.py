@@ -157,12 +157,15 @@ class HookLedger:
             if not name.endswith(".json"):
                 continue
             try:
-                # as a hostile file: root's doctor and status read it too
+                # as a hostile file, checked field by field: a crafted entry
+                # must not stop the worker's retries or an operator's status
                 data = read_untrusted(self.dir / name, MAX_CALL_BYTES, check_name=False,
                                       limit_name="a kept hook call's size").data
-                found.append(HookCall(**json.loads(data)))
-            except (UnsafeEntry, OSError, ValueError, TypeError):
+                call = HookCall(**json.loads(data))
+            except (UnsafeEntry, OSError, ValueError, TypeError, RecursionError):
                 continue
+            if _well_formed(call):
+                found.append(call)
         return sorted(found, key=lambda c: (c.first_failed, c.id, c.hook))
 
     def due(self, now: float | None = None) -> list[HookCall]:
@@ -201,3 +204,14 @@ class HookLedger:
                 self.succeeded(call)
                 dropped += 1
         return dropped
+
+
+def _well_formed(call: HookCall) -> bool:
+    texts = (call.id, call.key, call.hook, call.op, call.user, call.first_failed,
+             call.last_error)
+    return (all(isinstance(t, str) for t in texts) and isinstance(call.args, dict)
+            and isinstance(call.result, dict) and isinstance(call.targets, list)
+            and all(isinstance(t, str) for t in call.targets)
+            and isinstance(call.tries, int) and not isinstance(call.tries, bool)
+            and isinstance(call.next_at, (int, float)) and not isinstance(call.next_at, bool)
+            and (call.marker is None or isinstance(call.marker, str)))

@@ -52,7 +52,7 @@ import pwd
 import secrets
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import confine, faults
@@ -242,7 +242,8 @@ def _stream(ctx: OpContext, src: int, dst: int, rel: str) -> tuple[int, str]:
 # --- the operation ----------------------------------------------------------
 
 def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
-                      args: Mapping[str, Any], rel: str) -> tuple[int, str]:
+                      args: Mapping[str, Any], rel: str,
+                      before_publish: Callable[[], None] | None = None) -> tuple[int, str]:
     config = ctx.config
     filename, overwrite = args["filename"], args["overwrite"]
     tname = _temp_for(filename, secrets.token_hex(8))
@@ -275,6 +276,8 @@ def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
             raise Conflict(f"md5 mismatch for {filename}: expected {args['md5']}, "
                            f"staged file has {md5}; nothing published")
         _check_target(ddir, filename, overwrite, rel)
+        if before_publish is not None:
+            before_publish()        # accepted: its metadata goes in first
         faults.hit("ingest.before_publish")
         try:
             if overwrite:
@@ -310,11 +313,64 @@ def _copy_and_publish(ctx: OpContext, sfd: int, ddir: int, dest_dir: str,
         forget_temp(ctx.work_dir, tpath)
 
 
-def _publish_sidecar(ctx: OpContext, sdir: int, ddir: int, dest_parts: list[str],
-                     filename: str) -> str | None:
-    """Copy ``<filename>.json`` (FitsStorage's misc-file metadata) beside the
-    stored file, replacing an older one atomically; its path, or None when
-    the upload has none."""
+class _Sidecar:
+    """``<filename>.json`` (FitsStorage's misc-file metadata) copied beside
+    the stored file: written to a temporary file first, put in place only
+    once the upload itself is accepted (``commit``, just before the file is
+    published: a published file never lacks the .json that describes it, and
+    a refused upload changes nothing), else removed (``discard``)."""
+
+    def __init__(self, ctx: OpContext, ddir: int, dest_parts: list[str], name: str,
+                 data: bytes) -> None:
+        config = ctx.config
+        self.ctx, self.ddir, self.name = ctx, ddir, name
+        self.rel = "/".join([*dest_parts, name])
+        self.tname = _temp_for(name, secrets.token_hex(8))
+        self.tpath = os.path.join(os.path.realpath(config.storage_root), *dest_parts,
+                                  self.tname)
+        register_temp(ctx.work_dir, self.tpath, config.durable)
+        self.open = True
+        try:
+            fd = os.open(self.tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, config.file_mode & 0o777, dir_fd=ddir)
+            try:
+                os.fchmod(fd, config.file_mode)
+                os.write(fd, data)
+                if config.durable:
+                    faults.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        if not self.open:
+            return
+        try:
+            st = os.stat(self.name, dir_fd=self.ddir, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise Conflict(f"{self.rel} exists and is not a regular file")
+        except FileNotFoundError:
+            pass
+        os.rename(self.tname, self.name, src_dir_fd=self.ddir, dst_dir_fd=self.ddir)
+        self.open = False
+        forget_temp(self.ctx.work_dir, self.tpath)
+
+    def discard(self) -> None:
+        if not self.open:
+            return
+        try:
+            os.unlink(self.tname, dir_fd=self.ddir)
+        except FileNotFoundError:
+            pass
+        self.open = False
+        forget_temp(self.ctx.work_dir, self.tpath)
+
+
+def _stage_sidecar(ctx: OpContext, sdir: int, ddir: int, dest_parts: list[str],
+                   filename: str) -> _Sidecar | None:
+    """The upload's metadata, staged beside the target; None when it has none."""
     name = filename + SIDECAR
     if len(name.encode()) > confine.MAX_COMPONENT:
         return None
@@ -323,44 +379,17 @@ def _publish_sidecar(ctx: OpContext, sdir: int, ddir: int, dest_parts: list[str]
     except FileNotFoundError:
         return None
     _check_staged_stat(st, name)
-    if st.st_size > MAX_SIDECAR:
-        raise BadRequest(f"{name} is {st.st_size} bytes, more than {MAX_SIDECAR} for metadata")
-    config = ctx.config
-    rel = "/".join([*dest_parts, name])
     src = confine.open_file(sdir, name, what="staged metadata")
     try:
+        # the size of what was opened, not of what the name held a moment ago
+        if os.fstat(src).st_size > MAX_SIDECAR:
+            raise BadRequest(f"{name} is more than {MAX_SIDECAR} bytes for metadata")
         data = os.pread(src, MAX_SIDECAR + 1, 0)
     finally:
         os.close(src)
-    tname = _temp_for(name, secrets.token_hex(8))
-    tpath = os.path.join(os.path.realpath(config.storage_root), *dest_parts, tname)
-    register_temp(ctx.work_dir, tpath, config.durable)
-    try:
-        fd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     config.file_mode & 0o777, dir_fd=ddir)
-        try:
-            os.fchmod(fd, config.file_mode)
-            os.write(fd, data)
-            if config.durable:
-                faults.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            st_target = os.stat(name, dir_fd=ddir, follow_symlinks=False)
-            if not stat.S_ISREG(st_target.st_mode):
-                raise Conflict(f"{rel} exists and is not a regular file")
-        except FileNotFoundError:
-            pass
-        os.rename(tname, name, src_dir_fd=ddir, dst_dir_fd=ddir)
-    except BaseException:
-        try:
-            os.unlink(tname, dir_fd=ddir)
-        except FileNotFoundError:
-            pass
-        raise
-    finally:
-        forget_temp(ctx.work_dir, tpath)
-    return rel
+    if len(data) > MAX_SIDECAR:
+        raise BadRequest(f"{name} is more than {MAX_SIDECAR} bytes for metadata")
+    return _Sidecar(ctx, ddir, dest_parts, name, data)
 
 
 def _remove_staged_sidecar(ctx: OpContext, sdir: int, name: str) -> None:
@@ -409,18 +438,23 @@ def run_ingest(ctx: OpContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
             ddir = confine.open_dir(config.storage_root, dest_parts, True,
                                   dir_mode_for(config.file_mode), config.durable)
+            staged_meta = _stage_sidecar(ctx, sdir, ddir, dest_parts, filename)
+            sidecar = None if staged_meta is None else staged_meta.rel
+            commit_meta = staged_meta.commit if staged_meta is not None else None
             try:
-                # the misc file's metadata first, as FitsStorage moves it: a
-                # published file never lacks the .json that describes it
-                sidecar = _publish_sidecar(ctx, sdir, ddir, dest_parts, filename)
                 already = _same_as_target(ctx, ddir, sfd, filename, args, rel)
                 if already is None:
                     dest_dir = os.path.join(os.path.realpath(config.storage_root),
                                             *dest_parts)
-                    size, md5 = _copy_and_publish(ctx, sfd, ddir, dest_dir, args, rel)
+                    size, md5 = _copy_and_publish(ctx, sfd, ddir, dest_dir, args, rel,
+                                                  before_publish=commit_meta)
                 else:
                     size, md5 = already
+                    if commit_meta is not None:
+                        commit_meta()
             finally:
+                if staged_meta is not None:
+                    staged_meta.discard()      # refused: the stored metadata stays
                 os.close(ddir)
             if already is None:
                 ctx.log.info("event=ingest_published path=%s size=%d md5=%s request=%s",

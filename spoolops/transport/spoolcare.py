@@ -77,6 +77,7 @@ class SpoolCare:
     replies: Path
     pending: Path
     work: Path
+    max_request_bytes: int
     lock_path: Path
     worker_uid: Callable[[], int]
 
@@ -193,11 +194,13 @@ class SpoolCare:
                 if not name.endswith(REQUEST_SUFFIX):
                     continue
                 try:
-                    data = read_untrusted(folder / name, 16 * 1024 * 1024,
+                    data = read_untrusted(folder / name, self.max_request_bytes,
                                           check_name=False, reader="the janitor").data
-                    named.add(json.loads(data).get("marker"))
-                except (UnsafeEntry, OSError, ValueError, AttributeError):
+                    marker = json.loads(data).get("marker")
+                except (UnsafeEntry, OSError, ValueError, AttributeError, RecursionError):
                     continue
+                if isinstance(marker, str):       # a member's request says what it likes
+                    named.add(marker)
         for name, st in old:
             if name.removesuffix(HELD_SUFFIX) not in named:
                 sweep.remove(self.pending / name, "a pending mark no queued or running"

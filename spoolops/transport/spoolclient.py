@@ -210,9 +210,13 @@ class SpoolClientSide:
         self.release_mark(marker)
 
     def release_mark(self, marker: object) -> None:
+        """Never raises: a mark is a hint for the reducer's gate, and a
+        member's folder under a mark's name must not stop an answer (what
+        cannot be removed keeps a batch pending, which a member could do
+        with a mark of its own; the janitor reports it)."""
         if valid_marker(marker):
-            _remove_quietly(f"{self._pending}/{marker}")
-            _remove_quietly(f"{self._pending}/{marker}{HELD_SUFFIX}")
+            for name in (marker, f"{marker}{HELD_SUFFIX}"):
+                _remove_mark(f"{self._pending}/{name}")
 
     def hold_mark(self, marker: object) -> None:
         """The request is answered, its hooks still to retry: its mark now
@@ -220,8 +224,9 @@ class SpoolClientSide:
         if valid_marker(marker):
             try:
                 os.rename(f"{self._pending}/{marker}", f"{self._pending}/{marker}{HELD_SUFFIX}")
-            except FileNotFoundError:
-                pass
+            except OSError as exc:
+                if not isinstance(exc, FileNotFoundError):
+                    log.warning("pending mark %s not held: %s", marker, exc)
 
     def pending_batches(self) -> set[str]:
         # many marks, few batches: decode each batch once (the reducer asks
@@ -335,3 +340,15 @@ def _remove_quietly(path: str | os.PathLike) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _remove_mark(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        try:
+            os.rmdir(path)        # an empty folder a member put there
+        except OSError:
+            log.warning("pending mark %s not removed: %s", path, exc)

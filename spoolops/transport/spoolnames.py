@@ -60,7 +60,7 @@ def marker_name(batch: str | None) -> str:
 
 
 def valid_marker(name: object) -> bool:
-    return isinstance(name, str) and bool(_MARKER_RE.match(name))
+    return isinstance(name, str) and bool(_MARKER_RE.fullmatch(name))
 
 
 def batch_of_marker(name: str) -> str | None:
