@@ -275,7 +275,7 @@ TRANSPORTS = ("spool", "postgresql")
 
 
 @pytest.fixture(scope="session")
-def pg_cluster():
+def pg_cluster(request):
     """A throwaway PostgreSQL cluster for the session (the machine's server
     binaries, run as an unprivileged account when the tests run as root)."""
     try:
@@ -289,6 +289,21 @@ def pg_cluster():
         cluster = start_cluster()
     except PgUnavailable as exc:
         unavailable(f"no PostgreSQL to test with: {exc}")
+    try:
+        # the tests log in as the roles they name through cluster.dsn(); this
+        # one only from a configuration written by hand (test_pg's outsider)
+        cluster.allow("outsider")
+        from accounts import WORKER, unusable_reason
+        if unusable_reason() is None:
+            # test_fitsstorage_pg runs the worker account's site code as an archive role
+            try:
+                request.getfixturevalue("accounts")
+                cluster.admit(WORKER, named_roles=True)
+            except (pytest.skip.Exception, pytest.fail.Exception, PgUnavailable):
+                pass                 # the real-account tests say why themselves
+    except BaseException:
+        cluster.destroy()
+        raise
     yield cluster
     cluster.destroy()
 

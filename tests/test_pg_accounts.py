@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from accounts import MEMBER, OUTSIDER, WEB, Deployment
+from accounts import MEMBER, OUTSIDER, WEB, WORKER, Deployment
 
 pytestmark = pytest.mark.accounts
 
@@ -22,7 +22,9 @@ def peer_cluster(accounts):
 
     from spoolops.pgcluster import PgUnavailable, start_cluster
     try:
-        cluster = start_cluster(peer=True)
+        # the test accounts reach the socket (its folder's group) and log in as
+        # themselves; OUTSIDER too, so that the database (no role) refuses it
+        cluster = start_cluster(peer=True, clients=(WORKER, WEB, MEMBER, OUTSIDER))
     except PgUnavailable as exc:
         unavailable(f"no PostgreSQL to test with: {exc}")
     yield cluster
