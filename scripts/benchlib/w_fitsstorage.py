@@ -3,7 +3,8 @@
 - ``pending_batches()`` and ``queue_length()`` with 10,000 requests queued
   (100 batches) and no worker: their reducer's ``after_batch`` gate asks on
   every poll.  Median of repeated calls in this process, against the floor
-  of one ``os.listdir`` of a folder of as many names.
+  of one ``os.listdir`` of a folder of as many names (the spool) or of a
+  ``SELECT 1`` round trip (PostgreSQL, after ``VACUUM ANALYZE``).
 - ``"reply": false`` (their callers' ``response_required=False``) against a
   normal echo: a backlog of N echo requests of each kind, queued with the
   worker stopped, then drained by ``spoolops worker --once``; the drain rate
@@ -59,6 +60,41 @@ def _gate(base: Path, quick: bool, log: Any) -> dict[str, Any]:
             "listdir_ms": _calls(lambda: os.listdir(floor_dir), repeat) * 1e3}
 
 
+def _gate_pg(base: Path, quick: bool, log: Any) -> dict[str, Any]:
+    """The same over PostgreSQL: 10,000 queued by a web role, asked by it."""
+    try:
+        import psycopg  # noqa: F401
+
+        from spoolops.pgcluster import PgUnavailable, start_cluster
+    except ImportError:
+        return {"na": "psycopg not installed"}
+    try:
+        cluster = start_cluster()
+    except PgUnavailable as exc:
+        return {"na": f"no PostgreSQL: {exc}"}
+    from spoolops.config import load_config
+
+    from .pgtree import PgSpoolops
+    try:
+        sp = PgSpoolops(cluster, base / "pg-gate", "sp_gate")
+        client = Client(config=load_config(sp.client_config))
+        for n in range(QUEUED):
+            client.submit("echo", {"batch": f"night-{n % BATCHES}"}, reply=False)
+        log(f"fitsstorage: {QUEUED:,} queued over PostgreSQL")
+        assert len(client.pending_batches()) == BATCHES and client.queue_length() == QUEUED
+        sp.sql("VACUUM ANALYZE")
+        repeat = 10 if quick else 30
+        return {"pending_batches_ms": _calls(client.pending_batches, repeat) * 1e3,
+                "queue_length_ms": _calls(client.queue_length, repeat) * 1e3,
+                # one round trip on the client's own pooled connection
+                "floor_ms": _calls(lambda: client.transport.pools.run(
+                    lambda c: c.execute("SELECT 1").fetchone()), repeat) * 1e3}
+    except Exception as exc:  # noqa: BLE001 - the spool's rows stand
+        return {"na": f"error: {type(exc).__name__}: {exc}"}
+    finally:
+        cluster.destroy()
+
+
 def _drain(tree: SpoolopsTree, count: int, reply: bool) -> float:
     client = Client(config=tree.config)
     for _ in range(count):
@@ -76,6 +112,7 @@ def _drain(tree: SpoolopsTree, count: int, reply: bool) -> float:
 
 def run(base: Path, quick: bool, log: Any) -> dict[str, Any]:
     res = _gate(base, quick, log)
+    res["pg"] = _gate_pg(base, quick, log)
     count = 1000 if quick else 5000
     tree = SpoolopsTree(base / "drain", durable=True)
     rates: dict[str, list[float]] = {"reply": [], "no_reply": []}
@@ -97,8 +134,23 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         {"workload": f"9 queue_length(), {queued}", "spoolops": res["queue_length_ms"],
          "baseline": res["listdir_ms"], "baseline_name": "listdir floor", "unit": "ms",
          "ratio": res["queue_length_ms"] / res["listdir_ms"], "target": None},
+        *_pg_rows(res.get("pg", {}), queued),
         {"workload": f"9 drain {res['drained']:,} echo, reply: false (durable)",
          "spoolops": res["no_reply_rate"], "baseline": res["reply_rate"],
          "baseline_name": "with reply", "unit": "req/s",
          "ratio": res["no_reply_rate"] / res["reply_rate"], "target": None},
+    ]
+
+
+def _pg_rows(pg: dict[str, Any], queued: str) -> list[dict[str, Any]]:
+    if "na" in pg or not pg:
+        return [{"workload": "9 PG pending_batches()", "spoolops": f"n/a ({pg.get('na')})",
+                 "baseline": None, "ratio": None, "target": None}]
+    return [
+        {"workload": f"9 PG pending_batches(), {queued}", "spoolops": pg["pending_batches_ms"],
+         "baseline": pg["floor_ms"], "baseline_name": "SELECT 1", "unit": "ms",
+         "target": None},
+        {"workload": f"9 PG queue_length(), {queued}", "spoolops": pg["queue_length_ms"],
+         "baseline": pg["floor_ms"], "baseline_name": "SELECT 1", "unit": "ms",
+         "target": None},
     ]
