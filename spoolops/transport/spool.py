@@ -346,17 +346,20 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
 
     def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
               deliver: bool = True, batch: Batch | None = None) -> None:
-        if batch is not None:
-            if batch.held:
-                self.hold_mark(batch.marker)    # answered; its batch waits for the hooks
-            else:
-                self.release_mark(batch.marker)     # done: its batch no longer waits
         if not deliver:
             self._retire(rid, started)
         else:
             self._stage_reply(rid, reply)
             self._publish_staged(rid, started)
         self._mine.discard(rid + REQUEST_SUFFIX)     # after it left active/
+        # after the answer, off the waiting client's path: the batch's hooks
+        # ran already (or are kept: then the mark stays, held); a mark a crash
+        # leaves behind names no request, and the janitor removes it
+        if batch is not None:
+            if batch.held:
+                self.hold_mark(batch.marker)
+            else:
+                self.release_mark(batch.marker)
 
     def release_batch(self, rid: str, batch: Batch) -> None:
         self.release_mark(batch.marker)
