@@ -17,6 +17,14 @@ Runs once, under the worker lock, before any request is claimed:
    idempotent it goes back in line (its place kept); otherwise it gets an
    ``Interrupted`` reply and is kept aside with a reason.
 
+A running worker of a shared transport (PostgreSQL) does step 4 now and
+then for the orphans of workers that died or hung elsewhere
+(``recover_orphans``), and for its own strays (``recover_strays``): rows the
+queue says it holds but it does not know of -- a claim that committed while
+its answer was lost, a ``put_back`` that failed.  They are this host's
+orphans and take the same path (put back in line, their place kept, or
+answered).
+
 Policy only: every step goes through the transport.  The caller must hold
 the worker lock (the worker does; ``spoolops janitor`` takes it non-blocking
 before calling ``recover``).  ``plan_orphan`` says what ``recover`` would do
@@ -116,6 +124,19 @@ def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispat
     done = done if done is not None else Recovery()
     for orphan in transport.orphans():
         _recover_orphan(transport, registry, dispatcher, orphan, done, quiet)
+    return done
+
+
+def recover_strays(transport: Transport, registry: Registry, dispatcher: Dispatcher,
+                   known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
+                   ) -> Recovery:
+    """Step 4 for the requests this worker holds without knowing it (not in
+    ``known``: what it claims, runs or answers now; ``unstarted``: those it
+    knows it never started).  The caller is the worker's main thread, which
+    alone claims: nothing is half-claimed."""
+    done = Recovery()
+    for orphan in transport.strays(known, unstarted):
+        _recover_orphan(transport, registry, dispatcher, orphan, done)
     return done
 
 

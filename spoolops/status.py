@@ -41,6 +41,13 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time,
                         f" {queued.oldest_age_s:.0f} s")
     alive, pid = transport.worker_alive()
     result["worker"] = {"pid": pid, "alive": bool(alive)}
+    try:
+        # several workers (PostgreSQL): which is alive and holds what
+        workers = transport.workers()
+    except OSError:
+        workers = None
+    if workers is not None:
+        result["workers"] = workers
     stats = transport.load_stats(fresh=refresh) if alive else None
     if stats is not None:
         result["worker"]["uptime_s"] = round(max(0.0, now - stats.get("started_ts", now)), 1)

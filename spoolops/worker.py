@@ -9,6 +9,15 @@ blocks an unrelated fast one.  An op declared ``inline`` and idempotent
 (``echo``: no I/O, instant) runs on the main thread when a thread hand-off
 would cost more than the op.
 
+Liveness: the main loop proves it turns -- ``WATCHDOG=1`` to systemd
+(``sdnotify``; a hung worker is killed and restarted) and, on a shared
+transport, a heartbeat in the queue that other workers judge (a worker that
+learns it was fenced stops at once: its requests are another's).  On a
+shared transport it also reconciles: what the queue says it holds but it
+does not know of (a claim whose answer was lost, a failed put-back) is
+recovered like an orphan, after a lost connection and every
+``ORPHAN_CHECK_S``.
+
 Security: runs as the worker user; every request is hostile until dispatch
 has validated it; what cannot be attributed to an id is quarantined with a
 reason.  Signals only set flags; logging and I/O happen in the main loop.
@@ -41,6 +50,7 @@ from .fsutil import write_atomic
 from .metrics import render_metrics
 from .ops import Registry, default_registry
 from .schedule import Queue, TargetGate, request_key
+from .sdnotify import Notifier
 from .stats import Stats
 from .transport import Transport, open_transport
 from .transport.base import STATES, Batch, Claimed, Quarantined, Refused
@@ -51,7 +61,10 @@ PUBLISH_RETRY_S = 1.0
 # a target another worker holds (shared transports) is tried again this soon
 ELSEWHERE_RETRY_S = 0.05
 # how often a worker of a shared transport looks for other workers' orphans
+# (and for its own strays)
 ORPHAN_CHECK_S = 2.0
+# the exit status of a worker that must stop now (fenced): systemd restarts it
+EX_TEMPFAIL = 75
 # After a request, look for the next one this long before sleeping in select(),
 # but only while requests have been arriving that quickly (a caller running
 # requests one after another, e.g. a QA tool marking files in turn): a sleeping
@@ -92,6 +105,15 @@ class Worker:
         self._hooks_reload = False
         self._hooks_next: float | None = None
         self._hooks_running: set[tuple[str, str]] = set()
+        # ids claimed and not yet done with (claimed, running, being answered):
+        # anything else the queue says this worker holds is a stray
+        self._held: set[str] = set()
+        # of those, ones whose start failed (the queue away): never run, so
+        # put back in line even if their run record was stored after all
+        self._unstarted: set[str] = set()
+        self._reconcile_wanted = False
+        self.notifier = Notifier()
+        self._next_beat: float | None = None
 
     # -- signals: flags only ------------------------------------------------------
 
@@ -132,7 +154,11 @@ class Worker:
             log.warning("event=deployment %s", warning)
         if self.standby:
             log.info("event=standby transport=%r", self.transport)
-        lock = self.transport.lock_worker(wait=self.standby, should_stop=lambda: self._stop)
+        if self.standby:
+            # started, as far as systemd is concerned; the wait proves its
+            # loop turns through should_stop
+            self.notifier.ready("standby: waiting for the worker lock")
+        lock = self.transport.lock_worker(wait=self.standby, should_stop=self._waiting)
         self._loop_thread = threading.current_thread()
         # the dispatch thread must get the GIL back promptly from busy op threads
         sys.setswitchinterval(0.001)
@@ -151,13 +177,51 @@ class Worker:
             self._rescan()
             # the line operators and tests wait for: from here on requests are served
             log.info("event=worker_ready pid=%d queued=%d", os.getpid(), len(self.queue))
+            self.notifier.ready(f"serving (pid {os.getpid()})")
             self._loop(arrivals)
             return 0
         finally:
+            self.notifier.stopping()
             self._shutdown()
             self.transport.unwatch()
             lock.release()
             log.info("event=worker_stop pid=%d served=%d", os.getpid(), self.stats.served)
+
+    def _waiting(self) -> bool:
+        """A standby's wait for the lock: asked every few tens of ms."""
+        self.notifier.ping()
+        return self._stop
+
+    def _keepalive(self) -> None:
+        """Prove the loop turns: systemd's watchdog, the queue's heartbeat."""
+        self.notifier.ping()
+        interval = self.transport.heartbeat_interval
+        if interval is None:
+            return
+        now = time.monotonic()
+        if self._next_beat is not None and now < self._next_beat:
+            return
+        self._next_beat = now + interval
+        try:
+            alive = self.transport.heartbeat()
+        except OSError as exc:
+            log.error("event=heartbeat_failed error=%r", str(exc))
+            return
+        if not alive:
+            # another worker declared this one dead and took its requests
+            # over: whatever it finishes now would run them twice
+            log.critical("event=worker_fenced_self action=exit note=%r", "another worker"
+                         " took this one's requests over (its heartbeat was stale)")
+            logging.shutdown()
+            os._exit(EX_TEMPFAIL)
+
+    def _keepalive_in(self) -> float | None:
+        """Seconds until ``_keepalive`` has something to do."""
+        waits = [w for w in (self.notifier.due_in(),) if w is not None]
+        if self.transport.heartbeat_interval is not None:
+            waits.append(0.0 if self._next_beat is None else
+                         max(0.0, self._next_beat - time.monotonic()))
+        return min(waits, default=None)
 
     def _loop(self, arrivals: int) -> None:
         next_rescan = time.monotonic() + self.config.rescan_interval
@@ -178,6 +242,11 @@ class Worker:
                 timeout = min(timeout, save_in)
             if next_orphans is not None:
                 timeout = min(timeout, max(0.0, next_orphans - time.monotonic()))
+            keepalive = self._keepalive_in()
+            if keepalive is not None:
+                timeout = min(timeout, keepalive)
+            if self._reconcile_wanted:
+                timeout = min(timeout, PUBLISH_RETRY_S)
             retry = self.gate.next_retry()
             if retry is not None:
                 timeout = min(timeout, retry)
@@ -208,11 +277,15 @@ class Worker:
                         pass
                 except BlockingIOError:
                     pass
+            self._keepalive()
             if arrivals in readable:
                 names = self.transport.arrivals()
                 if names is None:
                     log.warning("event=inotify_overflow action=rescan")
                     self._rescan()
+                    # (a lost connection, on a shared transport: what was
+                    # claimed meanwhile may have lost its answer)
+                    self._reconcile_wanted = True
                 else:
                     for name in names:
                         self.queue.add(name)
@@ -221,8 +294,11 @@ class Worker:
                 self._rescan()
                 next_rescan = time.monotonic() + self.config.rescan_interval
             if next_orphans is not None and time.monotonic() >= next_orphans:
+                self._reconcile()
                 self._recover_others()
                 next_orphans = time.monotonic() + ORPHAN_CHECK_S
+            elif self._reconcile_wanted:
+                self._reconcile()
             if self.unpublished:
                 self._retry_unpublished()
             if self._hooks_next is not None and time.monotonic() >= self._hooks_next \
@@ -266,7 +342,15 @@ class Worker:
 
     def _shutdown(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)  # finish what runs; queued stays queued
+            # finish what runs (queued stays queued), still proving that this
+            # worker lives: others would take its running requests over
+            pool = self._pool
+            closing = threading.Thread(target=pool.shutdown, kwargs={"wait": True},
+                                       name="spoolops-shutdown", daemon=True)
+            closing.start()
+            while closing.is_alive():
+                closing.join(self._keepalive_in())
+                self._keepalive()
             self._pool = None
             self._finish_done()
         self.stats.save(self._gauges())
@@ -283,6 +367,22 @@ class Worker:
         self._scan_partial = limit is not None and len(names) >= limit
         self.queue.sync(names)
 
+    def _reconcile(self) -> None:
+        """A shared transport: put back in line (or answer) what the queue
+        says this worker holds but it does not know of -- a claim that
+        committed while its answer was lost, a put-back that failed."""
+        self._reconcile_wanted = False
+        known = self._held | set(self.unpublished)
+        try:
+            recovery.recover_strays(self.transport, self.registry, self.dispatcher, known,
+                                    self._unstarted)
+            self._unstarted.clear()
+        except OSError as exc:
+            self._reconcile_wanted = True       # the database is away: again soon
+            log.error("event=reconcile_failed error=%r", str(exc))
+        except Exception:
+            log.exception("event=reconcile_crashed")
+
     def _recover_others(self) -> None:
         """A shared transport: answer or requeue the requests of workers that
         died elsewhere (theirs is the only copy of that work)."""
@@ -297,7 +397,13 @@ class Worker:
     def _prekey(self) -> None:
         """Read queued requests early to learn their priority and targets."""
         for name in self.queue.unkeyed():
-            seen = self.transport.peek(name)
+            try:
+                seen = self.transport.peek(name)
+            except OSError as exc:
+                # the queue is out of reach (a database restarting): the rest
+                # stay unkeyed, read again next round -- the loop must go on
+                log.error("event=prekey_failed name=%s error=%r", name, str(exc))
+                return
             if seen is None:              # the request itself is gone (cancelled)
                 self.queue.discard(name)
                 continue
@@ -357,10 +463,13 @@ class Worker:
 
     def _put_back(self, job: Job) -> None:
         """Return a claimed, not started request to its place in line."""
+        self._held.discard(job.request.id)
         try:
-            self.transport.put_back(job.request.id)
+            self.transport.put_back(job.request.id, job.targets)
         except OSError as exc:
+            # it may still be claimed by this worker: a stray, reconciled soon
             log.error("event=unclaim_failed id=%s error=%r", job.request.id, exc)
+            self._reconcile_wanted = True
             return
         self.queue.add(job.extra["entry"])
         self.queue.set_key(job.extra["entry"], _job_key(job), job.targets)
@@ -374,9 +483,13 @@ class Worker:
             taken = self.transport.claim_all(names)
         except OSError as exc:
             # the queue is out of reach (a database restarting): the entries stay
-            # queued there, and the scan after reconnecting finds them again
+            # queued there, and the scan after reconnecting finds them again --
+            # or the claim committed and its answer was lost: the reconcile
+            # finds them held by this worker and puts them back
             log.error("event=claim_failed names=%s error=%r", ",".join(names), str(exc))
+            self._reconcile_wanted = True
             return []
+        self._held.update(c.rid for c in taken if isinstance(c, (Claimed, Refused)))
         return [self._validate(name, claimed) for name, claimed in zip(names, taken)]
 
     def _validate(self, name: str, claimed: Claimed | Refused | Quarantined | None
@@ -461,6 +574,14 @@ class Worker:
                     self.transport.start(request.id, record, durable=self.config.durable
                                          and not job.operation.idempotent)
             except OSError as exc:
+                if isinstance(exc, ConnectionError) and self.transport.shared:
+                    # the queue is out of reach (a database restarting): not
+                    # started, so it goes back in line once the queue answers
+                    # -- the reconcile finds it held and not running
+                    job.extra["requeue"] = True
+                    log.error("event=not_started id=%s op=%s error=%r action=requeue",
+                              request.id, request.op, str(exc))
+                    return
                 # no run record, no start (disk full): answer now; the reply
                 # itself waits in memory until there is room for it
                 reply = self.dispatcher.reply(request, error=OpFailed(
@@ -566,13 +687,18 @@ class Worker:
             item = self._done.popleft()
             self.running -= 1
             if isinstance(item, tuple):
-                _rid, reply = item
+                rid, reply = item
+                self._held.discard(rid)
                 # a rejected request names whatever op it likes: counted under
                 # its name only if that op exists, so requesters cannot mint labels
                 op = reply["op"] if reply["op"] in self.registry else "-"
                 self.stats.count(op, reply["error"]["type"], 0.0)
                 continue
             job = item
+            self._held.discard(job.request.id)
+            if job.extra.get("requeue"):
+                self._unstarted.add(job.request.id)
+                self._reconcile_wanted = True
             self.running_since.pop(job.request.id, None)
             reply = job.extra.get("reply")
             if reply is not None:

@@ -26,8 +26,8 @@ burst of load from elsewhere hits all alike.  Per run: median round trip and
 throughput (calls / wall time of the run); reported: medians over runs.
 
 Backlog: N echo requests are queued while no worker runs (one ``web1``
-connection, batched INSERTs of exactly the columns and values
-``Client.submit`` -> ``PgTransport.publish`` writes), then the worker starts;
+connection, batched calls of the ``submit`` function with exactly the values
+``Client.submit`` -> ``PgTransport.publish`` sends), then the worker starts;
 the superuser counts queued + running rows every 0.2 s until none is left.
 Drain rate = (answered - 1) / (last - first ``finished``, the server's
 microsecond clock); peak RSS = the worker's ``VmHWM``.  Baseline: a backlog
@@ -103,21 +103,19 @@ def _echo(targets: dict[str, tuple[str, str]], quick: bool, log: Any) -> dict[st
 
 def _queue(sp: Any, count: int) -> float:
     """Queue ``count`` echo requests as ``web1``, exactly as ``Client.submit``
-    would (same columns and values, ``PgTransport.publish``'s adapters), in
-    batched INSERTs: faster than one round trip per request."""
+    would (the ``submit`` function a web role calls, with
+    ``PgTransport.publish``'s values and adapters), in batches of calls in
+    one transaction: faster than one round trip per request."""
     import psycopg
     from psycopg.types.json import Json
 
     from spoolops.formats import PROTOCOL_VERSION, new_request_id, utc_iso
-    from spoolops.transport.pgschema import CLIENT_COLUMNS
-    # the columns an ordinary request names (answer_wanted only for "reply": false)
-    named = [c for c in CLIENT_COLUMNS if c != "answer_wanted"]
-    columns = ", ".join(named)
-    marks = ", ".join(["%s"] * len(named))
-    insert = f'INSERT INTO "{sp.schema}".requests ({columns}) VALUES ({marks})'
+    insert = (f'SELECT "{sp.schema}".submit(%s, %s::int, %s, %s::json, %s::int,'
+              " %s::timestamptz, %s, %s::json, true, 5000, false)")
     client = {"pid": os.getpid(), "host": socket.gethostname()}
     start = time.perf_counter()
-    with psycopg.connect(sp.cluster.dsn(sp.dbname, "web1")) as conn:
+    with psycopg.connect(sp.cluster.dsn(sp.dbname, "web1"),
+                         options="-c search_path=pg_catalog,pg_temp") as conn:
         for first in range(0, count, BATCH):
             rows = [(new_request_id(), PROTOCOL_VERSION, "echo", Json({"i": i}), 0, None,
                      utc_iso(), Json(client)) for i in range(first, min(count, first + BATCH))]
@@ -273,7 +271,7 @@ def _names(big: int) -> list[str]:
 def _backlog_names(big: int) -> list[str]:
     return [f"PG drain rate, {big:,} queued vs 100 queued", f"PG worker peak RSS, {big:,} queued",
             f"PG time to first reply, {big:,} queued",
-            f"PG queueing {big:,} (batched INSERT as web1)"]
+            f"PG queueing {big:,} (batched submit() as web1)"]
 
 
 def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -323,7 +321,7 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
          "spoolops": lg["first_reply_s"], "baseline": bl["small_first_reply_s"],
          "baseline_name": "100 queued", "unit": "s", "target": None,
          "note": "from the worker's launch"},
-        {"workload": f"PG queueing {big:,} (batched INSERT as web1)",
+        {"workload": f"PG queueing {big:,} (batched submit() as web1)",
          "spoolops": bl["queue_rate"], "baseline": None, "unit": "req/s", "target": None},
     ]
     return out

@@ -69,6 +69,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"worker    running, pid {worker['pid']}{extra}")
         else:
             print("worker    NOT RUNNING")
+        for w in status.get("workers", ()):
+            state = "FENCED" if w["fenced"] else "alive" if w["alive"] else "gone"
+            holds = f", running {','.join(w['running'])}" if w["running"] else ""
+            leases = f", leases {','.join(w['leases'])}" if w["leases"] else ""
+            print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {state}, heartbeat"
+                  f" {age_text(w['heartbeat_age_s'])} ago{holds}{leases}")
         for problem in status["problems"]:
             print(f"PROBLEM: {problem}")
     return Exit.FAIL if status["problems"] else Exit.OK

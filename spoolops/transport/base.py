@@ -310,8 +310,10 @@ class Transport(ABC):
         return [self.claim(entry) for entry in entries]
 
     @abstractmethod
-    def put_back(self, rid: str) -> None:
-        """Return a claimed, not started request to its place in line."""
+    def put_back(self, rid: str, targets: tuple[str, ...] | None = None) -> None:
+        """Return a claimed, not started request to its place in line;
+        ``targets``, when known, stay with it (a ``shared`` transport keeps a
+        later request on one of them from starting first)."""
 
     def lease(self, rid: str, targets: tuple[str, ...]) -> bool:
         """Reserve ``targets`` for claimed ``rid`` against other workers of a
@@ -394,6 +396,25 @@ class Transport(ABC):
     def recovery_pending(self) -> bool:
         """Whether a dead worker left anything for recovery to do."""
 
+    def strays(self, known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
+               ) -> list[Orphan]:
+        """Requests the queue says this worker holds but that are not in
+        ``known`` (what it is claiming, running or answering): a claim whose
+        answer was lost, a ``put_back`` that failed.  Recovered like this
+        host's orphans, by the worker itself; those in ``unstarted`` as never
+        started (whose ``start`` failed, its answer maybe lost).  None where
+        a claim cannot be lost (the spool: the rename happened or not)."""
+        return []
+
+    # how often the worker's main loop must call ``heartbeat`` (seconds);
+    # None: no heartbeat (the spool: systemd's watchdog is the judge)
+    heartbeat_interval: float | None = None
+
+    def heartbeat(self) -> bool:
+        """The worker's main loop is alive; False when the worker was fenced
+        (another took its requests over) and must stop at once."""
+        return True
+
     # -- operators ---------------------------------------------------------------
 
     @abstractmethod
@@ -409,6 +430,13 @@ class Transport(ABC):
     @abstractmethod
     def worker_alive(self) -> tuple[bool | None, int | None]:
         """(alive, pid) of the worker; alive None when this reader cannot tell."""
+
+    def workers(self) -> list[dict[str, Any]] | None:
+        """Each registered worker of a ``shared`` transport: id, host, pid,
+        whether it is alive, its heartbeat's age, the requests and targets
+        it holds.  None where there is one worker (its lock file says all)
+        or this reader may not look."""
+        return None
 
     @abstractmethod
     def save_stats(self, snapshot: dict[str, Any]) -> bool:

@@ -3,25 +3,36 @@
 A request is a row of ``<schema>.requests``.  The client INSERTs it (the
 server stamps the submitter, ``session_user``, and the time) and LISTENs on
 its role's reply channel before it does; the worker LISTENs for new ids,
-claims a row with one ``UPDATE ... WHERE state = 'queued'`` over ``FOR
-UPDATE SKIP LOCKED`` (never waiting on a row another worker is taking),
-leases its targets in ``leases`` (a primary key per target: two workers never
-run one target at once), and answers with one ``UPDATE`` that stores the
-reply, changes the state and -- through the table's trigger -- releases the
-leases and NOTIFYs the client, all in one transaction.  Every answer is
-fenced by ``claimed_by`` and ``attempt``: a worker whose claim was taken
-over cannot answer twice.  A request that wants no reply is answered by a
-``DELETE`` fenced the same way (its leases go by cascade; it sends the
-'finished' event itself); a batch kept pending after the answer (hooks to
-retry) is a row of ``batch_holds``, inserted by the same statement.
+claims rows with one ``UPDATE ... WHERE state = 'queued'`` over ``FOR
+UPDATE`` in id order (waiting for a claim another worker is committing, so
+that what it did not get is seen running), leases its targets in ``leases``
+(a primary key per target: two workers never run one target at once; and
+no lease while an earlier request on one of them is still queued or
+running, whichever worker holds it: ``lease``), and answers with one
+``UPDATE`` that stores the reply, changes the state and -- through the
+table's trigger -- releases the leases and NOTIFYs the client, all in one
+transaction.  Every answer is fenced by ``claimed_by`` and ``attempt``: a
+worker whose claim was taken over cannot answer twice.  A request that wants
+no reply is answered by a ``DELETE`` fenced the same way (its leases go by
+cascade; it sends the 'finished' event itself); a batch kept pending after
+the answer (hooks to retry) is a row of ``batch_holds``, inserted by the
+same statement.
 
-Workers register in ``workers`` and hold a session advisory lock for their
-life (``pgconn.IntakeListener``); a running row whose worker's lock is gone
-is an orphan -- at once for this host's own dead worker (this worker holds
-the host's ``work/worker.lock``), after ``lock_grace`` for another host's.
+Workers register in ``workers`` with the pid of their listening backend
+and a random advisory key it holds (``pgconn.IntakeListener``; the test is
+``pgschema.Names.lock_held``), and their main loop writes ``heartbeat``
+every ``lock_grace / 4``.  A running row whose worker is not alive, or
+whose heartbeat is stale (a worker frozen or hung: its lock stays held), is
+an orphan -- at once for this host's own dead worker (this worker holds the
+host's ``work/worker.lock``), after ``lock_grace`` of being seen so for
+another host's, which is then fenced (``fenced_at``; its session
+terminated when this role may) before its requests are recovered.  Rows a
+worker holds without knowing it (a claim whose answer was lost, a failed
+``put_back``) are its ``strays``, recovered by itself.
 
 Trusts: the database's identity (``session_user``) and its row-level
-security (``pgschema``); a notification only as a hint.
+security (``pgschema``); a notification only as a hint; other workers (the
+worker role) to report their own liveness honestly.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from ..fsutil import ensure_tree
 from . import pgschema
 from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
-from .pgconn import IntakeListener, connect, shared_pools
+from .pgconn import IntakeListener, WorkerFenced, connect, shared_pools
 from .pgschema import REQUEST_COLUMNS, Names, envelope, sql_name, time_ns
 from .pgview import PgView
 from .spoollock import FlockWorkerLock
@@ -54,6 +65,9 @@ log = logging.getLogger("spoolops.transport")
 
 SCAN_LIMIT = 2000
 WORK_MODE = 0o700
+# SQL: request e comes before request r in the queue's order (the claim's)
+_EARLIER = ("(e.priority > r.priority OR (e.priority = r.priority AND (e.submitted, e.id) <"
+            " (r.submitted, r.id)))")
 
 
 class _PgWorkerLock(WorkerLock):
@@ -159,9 +173,50 @@ class PgTransport(PgClientSide, PgView, Transport):
             server = conn.execute("SHOW server_version").fetchone()[0]
             out = [("database", True, (f"connected (PostgreSQL {server}, database"
                     f" {conn.info.dbname})"), "")]
-            return out + pgschema.check(conn, self.names)
+            out += pgschema.check(conn, self.names)
         finally:
             conn.close()
+        # (the registrations' columns are this version's)
+        if [ok for check, ok, _m, _f in out if check == "schema version"] == [True]:
+            out += self._diagnose_workers()
+        return out
+
+    def _diagnose_workers(self) -> list[tuple[str, bool, str, str]]:
+        """One line per registered worker: which holds what, and whether it
+        is alive (a web role may not read the registrations: nothing)."""
+        try:
+            found = self.workers()
+        except (TransportUnavailable, psycopg.Error):
+            return []
+        if found is None:
+            return []
+        if not found:
+            return [("workers", True, "no worker registered", "")]
+        stale = self.config.lock_grace / 2
+        out = []
+        for w in found:
+            held = "running nothing"
+            if w["running"]:
+                more = " ..." if len(w["running"]) > 5 else ""
+                held = f"running {len(w['running'])}: {', '.join(w['running'][:5])}{more}"
+            if w["leases"]:
+                held += f"; leases {', '.join(w['leases'])}"
+            where = f"worker {w['id']} on {w['host']} (pid {w['pid']}, role {w['role']})"
+            if w["fenced"]:
+                ok, state = not w["running"], "FENCED (another worker took its requests over)"
+                fix = "it stops when it sees it; restart it"
+            elif not w["alive"]:
+                ok, state = not w["running"], "gone (no session holds its key)"
+                fix = ("its requests are recovered by another worker after lock_grace, or by"
+                       " the next worker on its host")
+            else:
+                ok = w["heartbeat_age_s"] < stale
+                state = (f"alive (backend {w['backend_pid']} holds its key), heartbeat"
+                         f" {w['heartbeat_age_s']:g} s ago")
+                fix = "" if ok else ("its main loop is stuck: another worker fences it after"
+                                     " lock_grace (or restart it)")
+            out.append((f"worker {w['id']}", ok, f"{where}: {state}; {held}", fix))
+        return out
 
     def may_answer(self) -> bool:
         try:
@@ -188,7 +243,8 @@ class PgTransport(PgClientSide, PgView, Transport):
         try:
             changes += pgschema.install(admin, self.names,
                                         tuple(options.get("web_logins") or ()),
-                                        tuple(options.get("worker_logins") or ()))
+                                        tuple(options.get("worker_logins") or ()),
+                                        max_request_bytes=self.max_request_bytes)
         except psycopg.Error as exc:
             raise SpoolSetupError(f"cannot set up schema {self.names.schema}: {exc}"
                                   " (connect as the database administrator, e.g."
@@ -206,7 +262,6 @@ class PgTransport(PgClientSide, PgView, Transport):
         try:
             self.me = self.pools.run(self._register, retry=False)
             self.listener = IntakeListener(self.dsn, self.names.new_channel,
-                                           (self.names.lock_space, self.me),
                                            self.config.lock_grace, self._locked)
         except BaseException:
             self.me = None
@@ -226,11 +281,45 @@ class PgTransport(PgClientSide, PgView, Transport):
                                 " (%s, %s, %s) RETURNING id",
                                 (self.host, str(self.work_dir), os.getpid())).fetchone()[0]
 
-    def _locked(self, conn: psycopg.Connection) -> None:
-        """This worker holds its lock (again): a loss another worker noted in
-        the meantime is over, and its grace must start afresh next time."""
-        conn.execute(f"UPDATE {self.s}.workers SET lost_at = NULL WHERE id = %s AND"
-                     " lost_at IS NOT NULL", (self.me,))
+    def _locked(self, conn: psycopg.Connection, key: int) -> None:
+        """This worker holds ``key`` on ``conn`` (again): register the pair
+        (the liveness test), on that connection, so that it is this very
+        session.  A loss another worker noted in the meantime is over (its
+        grace must start afresh next time) -- unless the heartbeat is stale
+        too.  ``WorkerFenced`` when another worker took this one's requests
+        over meanwhile, or its registration is gone."""
+        row = conn.execute(
+            f"UPDATE {self.s}.workers SET backend_pid = pg_catalog.pg_backend_pid(), lock_key"
+            f" = %s, lost_at = CASE WHEN heartbeat >= {self._stale_sql()} THEN NULL ELSE"
+            " lost_at END WHERE id = %s RETURNING fenced_at IS NOT NULL",
+            (key, self.me)).fetchone()
+        if row is None or row[0]:
+            raise WorkerFenced(f"worker {self.me}: " + ("its registration is gone" if row is
+                               None else "another worker took its requests over"))
+
+    def _stale_sql(self) -> str:
+        """SQL: the moment before which a heartbeat is stale (half of
+        ``lock_grace``: the worker writes one every quarter)."""
+        return f"clock_timestamp() - interval '{self.config.lock_grace / 2:.3f} seconds'"
+
+    @property
+    def heartbeat_interval(self) -> float | None:
+        return self.config.lock_grace / 4 if self.me is not None else None
+
+    def heartbeat(self) -> bool:
+        """The main loop is alive: say so (and end a loss others noted, if
+        the lock is held); False when this worker was fenced -- another
+        worker took its requests over -- and must stop."""
+        if self.me is None:
+            return True
+        try:
+            row = self.pools.run(lambda c: c.execute(
+                f"UPDATE {self.s}.workers w SET heartbeat = clock_timestamp(), lost_at ="
+                f" CASE WHEN {self.names.lock_held('w.id')} THEN NULL ELSE lost_at END WHERE"
+                " id = %s RETURNING fenced_at IS NULL", (self.me,)).fetchone())
+        except TransportUnavailable:
+            return True     # the database is away: the listener's grace decides
+        return bool(row and row[0])
 
     def watch(self) -> int:
         assert self.listener is not None, "lock_worker first"
@@ -244,11 +333,12 @@ class PgTransport(PgClientSide, PgView, Transport):
         return self.listener.take()
 
     def scan(self) -> list[str]:
+        # bodies up to pgschema.SCAN_BYTES in all: the rest are read by peek,
+        # one at a time (a backlog of large requests never sits here at once)
         rows = self.pools.run(lambda c: c.execute(
-            f"SELECT {REQUEST_COLUMNS} FROM {self.s}.requests WHERE state = 'queued'"
-            " ORDER BY priority DESC, submitted, id LIMIT %s", (SCAN_LIMIT,)).fetchall())
-        self._seen = {row[0]: self._claimed(row) for row in rows}
-        return list(self._seen)
+            pgschema.scan_sql(self.s), (pgschema.SCAN_BYTES, SCAN_LIMIT)).fetchall())
+        self._seen = {row[0]: self._claimed(row[2:]) for row in rows if row[1]}
+        return [row[0] for row in rows]
 
     def _claimed(self, row: tuple) -> Claimed:
         rid, submitter = row[0], row[1]   # a row of REQUEST_COLUMNS
@@ -267,13 +357,17 @@ class PgTransport(PgClientSide, PgView, Transport):
         return self.claim_all([entry])[0]
 
     def claim_all(self, entries: list[str]) -> list[Claimed | Refused | Quarantined | None]:
-        """One statement for the lot (requests that arrive together)."""
+        """One statement for the lot (requests that arrive together).  A row
+        another worker is claiming is waited for, not skipped (and rows are
+        locked in id order, so two claims never deadlock): once this returns,
+        what it did not get is visibly running elsewhere -- the order rule
+        of ``lease`` relies on it."""
         for entry in entries:
             self._seen.pop(entry, None)
         rows = self.pools.run(lambda c: c.execute(
             f"UPDATE {self.s}.requests r SET state = 'running', claimed_by = %s, claimed_at ="
             f" clock_timestamp(), attempt = r.attempt + 1 FROM (SELECT id FROM {self.s}.requests"
-            " WHERE id = ANY(%s) AND state = 'queued' FOR UPDATE SKIP LOCKED) c WHERE"
+            " WHERE id = ANY(%s) AND state = 'queued' ORDER BY id FOR UPDATE) c WHERE"
             " r.id = c.id RETURNING r.attempt,"
             f" {', '.join('r.' + c for c in REQUEST_COLUMNS.split(', '))}",
             (self.me, entries)).fetchall(), retry=False)
@@ -292,17 +386,40 @@ class PgTransport(PgClientSide, PgView, Transport):
         return claimed
 
     def lease(self, rid: str, targets: tuple[str, ...]) -> bool:
+        """Hold ``targets`` for ``rid`` -- unless one is leased, or an earlier
+        request (priority, submitted, id) is still in the way: queued or
+        running with a target of these (its targets stored by a ``lease``,
+        ``start`` or ``put_back``), or running elsewhere with targets nobody
+        has stored yet (claimed, not yet leased: it may need one of these).
+        A worker's own claims are in its memory, its order its own.  With
+        ``claim_all`` waiting for claims being committed, a later request
+        never starts on a target before an earlier one, whichever worker
+        holds which (the spool's promise, across workers)."""
         if not targets:
             return True
         wanted = sorted(set(targets))
+        mine = [r for r, (worker, _) in self._claims.items() if worker == self.me]
+        params = {"rid": rid, "wanted": wanted, "me": self.me, "mine": mine}
 
         def work(conn: psycopg.Connection) -> bool:
             with conn.transaction() as tx:
-                got = conn.execute(
-                    f"WITH got AS (INSERT INTO {self.s}.leases (target, request_id) SELECT t,"
-                    " %s FROM unnest(%s::text[]) t ON CONFLICT DO NOTHING RETURNING 1)"
-                    " SELECT count(*) FROM got", (rid, wanted)).fetchone()[0]
-                if got != len(wanted):
+                got, ahead = conn.execute(
+                    f"WITH r AS (SELECT priority, submitted, id FROM {self.s}.requests WHERE id ="
+                    " %(rid)s), ahead AS ((SELECT e.id FROM"
+                    f" {self.s}.requests e, r WHERE e.state IN ('queued', 'running') AND"
+                    " e.targets IS NOT NULL AND cardinality(e.targets) > 0 AND e.targets &&"
+                    f" %(wanted)s::text[] AND e.id <> r.id AND {_EARLIER} LIMIT 1) UNION ALL"
+                    f" (SELECT e.id FROM {self.s}.requests e, r WHERE e.state = 'running' AND"
+                    " e.targets IS NULL AND NOT (e.claimed_by IS NOT DISTINCT FROM %(me)s AND"
+                    f" e.id = ANY(%(mine)s::text[])) AND e.id <> r.id AND {_EARLIER} LIMIT 1)),"
+                    f" got AS (INSERT INTO {self.s}.leases (target, request_id) SELECT t, %(rid)s"
+                    " FROM unnest(%(wanted)s::text[]) t WHERE NOT EXISTS (SELECT 1 FROM ahead)"
+                    " ON CONFLICT DO NOTHING RETURNING 1)"
+                    " SELECT (SELECT count(*) FROM got), (SELECT min(id) FROM ahead)",
+                    params).fetchone()
+                if ahead is not None or got != len(wanted):
+                    if ahead is not None:
+                        log.debug("event=lease_waits id=%s behind=%s", rid, ahead)
                     raise psycopg.Rollback(tx)
                 conn.execute(f"UPDATE {self.s}.requests SET targets = %s WHERE id = %s",
                              (list(targets), rid))
@@ -336,16 +453,27 @@ class PgTransport(PgClientSide, PgView, Transport):
         if what != "progress" and what != "start":
             self._claims.pop(rid, None)
 
-    def put_back(self, rid: str) -> None:
-        self._fenced(rid, "put_back",
-                     f"UPDATE {self.s}.requests SET state = 'queued', claimed_by = NULL,"
-                     " claimed_at = NULL, run = NULL, targets = NULL WHERE id = %s", (rid,))
+    def put_back(self, rid: str, targets: tuple[str, ...] | None = None) -> None:
+        # its targets stay (those learnt now, or those stored before): while
+        # it waits, a later request on one of them may not start (lease)
+        known = None if targets is None else list(targets)
+        try:
+            self._fenced(rid, "put_back",
+                         f"UPDATE {self.s}.requests SET state = 'queued', claimed_by = NULL,"
+                         " claimed_at = NULL, run = NULL, targets = coalesce(%s, targets)"
+                         " WHERE id = %s", (known, rid))
+        finally:
+            # failed, it may still be held: a stray (strays() takes it up
+            # again), no longer one of this worker's own for lease's order
+            self._claims.pop(rid, None)
 
     # -- the worker: running and answering -------------------------------------------
 
     def start(self, rid: str, record: dict[str, Any], durable: bool) -> None:
-        self._fenced(rid, "start", f"UPDATE {self.s}.requests SET run = %s WHERE id = %s",
-                     (Json(record), rid))
+        # the targets too ('{}' for none): a running request whose targets are
+        # unknown holds back every later lease (see lease)
+        self._fenced(rid, "start", f"UPDATE {self.s}.requests SET run = %s, targets = %s"
+                     " WHERE id = %s", (Json(record), list(record.get("targets") or ()), rid))
 
     def progress(self, rid: str, record: dict[str, Any]) -> None:
         self._fenced(rid, "progress", f"UPDATE {self.s}.requests SET run = %s WHERE id = %s",
@@ -428,34 +556,99 @@ class PgTransport(PgClientSide, PgView, Transport):
         pass
 
     def _dead_workers_sql(self) -> str:
-        """Running rows whose worker holds no lock; ``lost_at`` stamped once."""
+        """Running rows of other workers that are not alive, fenced, gone, or
+        whose heartbeat is stale (``pgview.requeue`` uses it too: only
+        ``%(me)s`` as a parameter)."""
+        s, alive = self.s, self.names.lock_held("r.claimed_by")
         return (f"SELECT r.id, r.claimed_by, r.attempt, r.run IS NOT NULL, w.host, w.work_dir,"
-                f" w.pid, w.lost_at, clock_timestamp() FROM {self.s}.requests r LEFT JOIN"
-                f" {self.s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running' AND"
-                f" r.claimed_by IS DISTINCT FROM %(me)s AND NOT"
-                f" {self.names.lock_held('r.claimed_by')} ORDER BY r.claimed_at")
+                f" w.pid, w.lost_at, clock_timestamp(), {alive}, w.backend_pid FROM {s}.requests"
+                f" r LEFT JOIN {s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running'"
+                " AND r.claimed_by IS DISTINCT FROM %(me)s AND (w.id IS NULL OR w.fenced_at IS"
+                f" NOT NULL OR w.heartbeat < {self._stale_sql()} OR NOT {alive})"
+                " ORDER BY r.claimed_at")
 
     def orphans(self) -> list[Orphan]:
+        """Requests of workers that are gone -- or frozen: alive by their
+        lock, but with a heartbeat older than half of ``lock_grace``.  Each
+        such worker is noted (``lost_at``, once) when first seen so; another
+        host's is taken over only once it has been so for ``lock_grace``
+        (the worker itself stops after ``lock_grace / 2`` without its
+        lock), and is fenced first (see ``_fence``).  A registration that is
+        gone altogether can never come back: its rows are taken at once."""
         params = {"me": self.me}
 
         def work(conn: psycopg.Connection) -> list[tuple]:
             rows = conn.execute(self._dead_workers_sql(), params).fetchall()
-            lost = sorted({r[1] for r in rows if r[7] is None and r[1] is not None})
+            lost = sorted({r[1] for r in rows if r[7] is None and r[4] is not None})
             if lost:
                 conn.execute(f"UPDATE {self.s}.workers SET lost_at = clock_timestamp() WHERE"
                              " id = ANY(%s) AND lost_at IS NULL", (lost,))
             return rows
         out = []
-        for rid, worker, attempt, started, host, work_dir, pid, lost_at, now in \
-                self.pools.run(work):
+        taken: dict[int, tuple[bool, int | None, str | None]] = {}
+        for rid, worker, attempt, started, host, work_dir, pid, lost_at, now, alive, \
+                backend in self.pools.run(work):
             local = host == self.host and work_dir == str(self.work_dir)
             # this host's own dead worker is surely dead: its host lock is ours now
-            if not local and (lost_at is None or
-                              (now - lost_at).total_seconds() < self.config.lock_grace):
+            if host is not None and not local and (
+                    lost_at is None or (now - lost_at).total_seconds() < self.config.lock_grace):
                 continue
+            if host is not None:
+                taken[worker] = (alive, backend, host)
             self._claims[rid] = (worker, attempt)
             out.append(Orphan(rid, rid, started, f"{self.names.schema}.requests id={rid}"
                               f" (worker {worker} on {host or '?'}, pid {pid})", local=local))
+        if taken and self.me is not None:
+            self._fence(taken)
+        return out
+
+    def _fence(self, workers: dict[int, tuple[bool, int | None, str | None]]) -> None:
+        """Before their requests are recovered: mark the workers fenced (one
+        that comes back, or thaws, sees it and stops at once; its late
+        answers are refused anyway: they are fenced by claimed_by and
+        attempt) and end the session of one still alive by its lock (a
+        frozen worker keeps it), when this role may (the same login role,
+        or pg_signal_backend): its lock then goes, and ``doctor`` says so."""
+        fenced = self.pools.run(lambda c: c.execute(
+            f"UPDATE {self.s}.workers SET fenced_at = clock_timestamp() WHERE id = ANY(%s) AND"
+            " fenced_at IS NULL RETURNING id", (sorted(workers),)).fetchall())
+        for (worker,) in fenced:
+            alive, backend, host = workers[worker]
+            ended = False
+            if alive and backend is not None:
+                try:
+                    ended = bool(self.pools.run(lambda c, b=backend: c.execute(
+                        "SELECT pg_catalog.pg_terminate_backend(%s)", (b,)).fetchone()[0]))
+                except psycopg.errors.InsufficientPrivilege:
+                    pass     # fenced by claimed_by/attempt alone
+            log.warning("event=worker_fenced worker=%d host=%s why=%s session_ended=%s",
+                        worker, host, "heartbeat_stale" if alive else "gone",
+                        "yes" if ended else "no")
+
+    def strays(self, known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
+               ) -> list[Orphan]:
+        """Rows this worker holds (claimed_by it, running) that it does not
+        know of: a claim whose answer was lost, a ``put_back`` that failed,
+        a job that crashed.  Returned as this host's orphans, for recovery
+        to put back in line (their place kept) or answer; one in
+        ``unstarted`` (its ``start`` failed: the run record it may carry was
+        never acted on) as not started."""
+        if self.me is None:
+            return []
+        rows = self.pools.run(lambda c: c.execute(
+            f"SELECT id, attempt, run IS NOT NULL FROM {self.s}.requests WHERE state ="
+            " 'running' AND claimed_by = %s", (self.me,)).fetchall())
+        out = []
+        for rid, attempt, started in rows:
+            if rid in known:
+                continue
+            started = started and rid not in unstarted
+            log.warning("event=stray_claim id=%s attempt=%d started=%s note=%r", rid, attempt,
+                        started, "held by this worker, which did not know it (a lost answer"
+                        " or a failed put_back): recovered now")
+            self._claims[rid] = (self.me, attempt)
+            out.append(Orphan(rid, rid, started, f"{self.names.schema}.requests id={rid}"
+                              f" (this worker, {self.me})", local=True))
         return out
 
     def read_claimed(self, entry: str) -> Claimed | None:
@@ -472,6 +665,29 @@ class PgTransport(PgClientSide, PgView, Transport):
 
     def recovery_pending(self) -> bool:
         return bool(self.orphans())
+
+    def workers(self) -> list[dict[str, Any]] | None:
+        """Who holds what, for ``doctor`` and ``status``: each registered
+        worker, whether it is alive (its backend holds its key), its
+        heartbeat's age, and the requests and targets it holds.  None when
+        this role may not read the registrations (a web role)."""
+        try:
+            rows = self.pools.run(lambda c: c.execute(
+                f"SELECT w.id, w.host, w.pid, w.backend_pid, w.role,"
+                f" {self.names.lock_held('w.id')}, extract(epoch FROM clock_timestamp() -"
+                " w.heartbeat)::float8, w.fenced_at IS NOT NULL, w.lost_at IS NOT NULL,"
+                f" ARRAY(SELECT r.id FROM {self.s}.requests r WHERE r.state = 'running' AND"
+                " r.claimed_by = w.id ORDER BY r.claimed_at), ARRAY(SELECT l.target FROM"
+                f" {self.s}.leases l JOIN {self.s}.requests r ON r.id = l.request_id WHERE"
+                " r.state = 'running' AND r.claimed_by = w.id ORDER BY l.target)"
+                f" FROM {self.s}.workers w ORDER BY w.id").fetchall())
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+        return [{"id": wid, "host": host, "pid": pid, "backend_pid": backend, "role": role,
+                 "alive": bool(alive), "heartbeat_age_s": round(age, 1), "fenced": fenced,
+                 "noted_lost": lost, "running": list(running), "leases": list(leases)}
+                for wid, host, pid, backend, role, alive, age, fenced, lost, running, leases
+                in rows]
 
     # -- the worker's counters -------------------------------------------------------
 

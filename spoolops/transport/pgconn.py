@@ -13,9 +13,21 @@ runs queries while it waits (psycopg holds the connection's lock in
 * ``IntakeListener`` (worker): LISTENs for new requests and holds the
   worker's session-level advisory lock on the same connection, so that the
   lock dies with the worker's process or connection and the worker notices
-  at once.  A connection lost for longer than half of ``lock_grace`` ends
-  the worker (fail-stop: other workers take its requests over after
-  ``lock_grace``).
+  at once.  The key is random and new on every connection, and the worker
+  registers it with its backend's pid (``on_locked``): liveness is that pid
+  holding that key (``pgschema.Names.lock_held``), which no other role's
+  session can fake -- taking a key (any role may take any key, and every
+  key is visible in ``pg_locks``) proves nothing.  A connection lost for
+  longer than half of ``lock_grace`` ends the worker (fail-stop: other
+  workers take its requests over after ``lock_grace``), and so does a
+  registration found fenced (``WorkerFenced``: another worker took this
+  one's requests over while it was frozen or cut off).
+
+Every session runs with ``SESSION_OPTIONS`` (``search_path = pg_catalog,
+pg_temp``: nothing planted in a schema on a default path is ever called).
+A pooled connection that has something to read while idle (a server's
+goodbye) is never sent on, and a server that refuses new sessions is said at
+once (``NotSent``: nothing was sent).
 
 Errors become ``TransportUnavailable`` (a ``ConnectionError``).
 """
@@ -24,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +46,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import SpoolSetupError, TransportUnavailable
 from .base import Waiter
@@ -42,23 +56,56 @@ log = logging.getLogger("spoolops.transport")
 RECONNECT_S = (0.05, 0.2, 0.5, 1.0)   # backoff between attempts, then the last forever
 EX_TEMPFAIL = 75
 
+# -- session settings: every session the transport opens ------------------------
+# search_path: nothing but the catalog (and this session's own temporary
+# objects, last), so that no function or operator any role planted in a
+# schema on a default path (``public``, writable by every role up to
+# PostgreSQL 14) is ever called in place of a built-in; the transport names
+# its own objects with their schema.  idle_in_transaction_session_timeout:
+# no session of ours idles in a transaction.  After the DSN's own options
+# (and $PGOPTIONS): the last -c of a name wins.
+SESSION_OPTIONS = ("-c search_path=pg_catalog,pg_temp"
+                   " -c idle_in_transaction_session_timeout=60s")
+CONNECT_TIMEOUT_S = 5      # unless the DSN or $PGCONNECT_TIMEOUT says otherwise
+POOL_WAIT_S = 0.5          # for an idle pooled connection, before asking if the server is up
+
+
+def session_kwargs(dsn: str, options: str = "") -> dict[str, Any]:
+    """The keywords of ``psycopg.connect`` for a session of the transport."""
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        given = {}
+    ours = " ".join(part for part in (str(given.get("options") or os.environ.get(
+        "PGOPTIONS", "")), SESSION_OPTIONS, options) if part)
+    kwargs: dict[str, Any] = {"options": ours}
+    if "connect_timeout" not in given and not os.environ.get("PGCONNECT_TIMEOUT"):
+        kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
+    return kwargs
+
 
 def connect(dsn: str, **options: Any) -> psycopg.Connection:
     """A dedicated autocommit connection; ``SpoolSetupError`` when this
     account may not connect (no such role or database, authentication
     refused: retrying will not help), else ``TransportUnavailable``."""
+    kwargs = session_kwargs(dsn, options.pop("options", ""))
+    kwargs.update(options)
     try:
-        return psycopg.connect(dsn, autocommit=True, **options)
+        return psycopg.connect(dsn, autocommit=True, **kwargs)
     except psycopg.Error as exc:
         raise _connect_error(exc) from None
+
+
+class NotSent(TransportUnavailable):
+    """No connection to send on: nothing was sent (so nothing was done)."""
 
 
 def _connect_error(exc: psycopg.Error) -> Exception:
     text = _first(exc)
     state = getattr(exc, "sqlstate", None) or ""
-    refused = state.startswith("28") or state == "3D000" or any(
+    refused = state.startswith("28") or state in ("3D000", "42501") or any(
         word in text for word in ("does not exist", "authentication failed",
-                                  "no pg_hba.conf entry"))
+                                  "no pg_hba.conf entry", "permission denied for database"))
     if refused:
         return SpoolSetupError(f"the queue database refuses this account: {text}")
     return TransportUnavailable(f"cannot connect to the queue database: {text}")
@@ -83,13 +130,11 @@ class Pools:
             return pool
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
-                kwargs: dict[str, Any] = {"autocommit": True}
-                if self.options:
-                    kwargs["options"] = self.options
+                kwargs: dict[str, Any] = {"autocommit": True,
+                                          **session_kwargs(self.dsn, self.options)}
                 # one connection first, so that a refused account or a server
                 # that is down is said at once, not after the pool's retries
-                probe = {"options": self.options} if self.options else {}
-                connect(self.dsn, **probe).close()
+                connect(self.dsn, options=self.options).close()
                 # the parent's pool (if any) is left alone: closing it here
                 # would close the parent's sockets
                 self._pool = ConnectionPool(self.dsn, min_size=1, max_size=self.max_size,
@@ -101,28 +146,62 @@ class Pools:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection; connection failures become ``TransportUnavailable``
-        (the pool drops a broken connection when it comes back)."""
+        """A pooled connection that looked alive before anything was sent on
+        it: ``NotSent`` while getting it (a server that is down is said at
+        once, not after the pool's wait), ``TransportUnavailable`` for a
+        connection failure of the work (which may or may not have been done;
+        the pool drops a broken connection when it comes back)."""
+        pool = self._get()
+        conn = self._healthy(pool)
         try:
-            with self._get().connection() as conn:
-                yield conn
+            yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise TransportUnavailable(f"the queue database is unreachable: {_first(exc)}") \
                 from None
-        except Exception as exc:
-            if type(exc).__name__ == "PoolTimeout":
-                raise TransportUnavailable(f"no connection to the queue database: {exc}") \
-                    from None
-            raise
+        finally:
+            pool.putconn(conn)
+
+    def _healthy(self, pool: ConnectionPool) -> psycopg.Connection:
+        for _ in range(self.max_size + 1):
+            try:
+                try:
+                    conn = pool.getconn(timeout=POOL_WAIT_S)
+                except PoolTimeout:
+                    if not self.reachable():
+                        raise NotSent("the queue database is unreachable") from None
+                    conn = pool.getconn()
+            except PoolTimeout as exc:
+                raise NotSent(f"no connection to the queue database: {exc}") from None
+            if not _stale(conn):
+                return conn
+            # something came on an idle connection: the server's goodbye (a
+            # restart, a terminated backend) -- never send on it
+            conn.close()
+            pool.putconn(conn)
+            if not self.reachable():
+                raise NotSent("the queue database is unreachable (it closed this"
+                              " process's connections and refuses new ones)")
+        raise NotSent("no live connection to the queue database")
+
+    def reachable(self) -> bool:
+        """Whether a new session can be opened now (on failure paths only)."""
+        try:
+            connect(self.dsn, options=self.options).close()
+        except (TransportUnavailable, SpoolSetupError):
+            return False
+        return True
 
     def run(self, work: Callable[[psycopg.Connection], Any], retry: bool = True) -> Any:
         """``work(conn)``, once more on a fresh connection if the first was
-        broken (a restarted server): only for work that is safe to repeat."""
+        broken (a restarted server) and the server answers again: only for
+        work that is safe to repeat."""
         try:
             with self.connection() as conn:
                 return work(conn)
+        except NotSent:
+            raise
         except TransportUnavailable:
-            if not retry:
+            if not retry or not self.reachable():
                 raise
         with self.connection() as conn:
             return work(conn)
@@ -165,7 +244,23 @@ def shutdown() -> None:
 
 
 def listen(conn: psycopg.Connection, channel: str) -> None:
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    """LISTEN on ``channel``; on a ``pgschema.DbChannel``, whose real name
+    only the database says, through the schema's ``listen`` function."""
+    listen_sql = getattr(channel, "listen_sql", None)
+    if listen_sql is not None:
+        conn.execute(listen_sql())
+    else:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+
+def _stale(conn: psycopg.Connection) -> bool:
+    """An idle connection that has something to read (or none at all)."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class _PgWaiter(Waiter):
@@ -229,7 +324,7 @@ class ReplyListener:
         attempt = 0
         while not self._stop:
             try:
-                conn = psycopg.connect(self.dsn, autocommit=True)
+                conn = psycopg.connect(self.dsn, autocommit=True, **session_kwargs(self.dsn))
             except psycopg.Error as exc:
                 if attempt == 0 and self._listening.is_set():
                     # (a first connection that fails is the caller's to report)
@@ -280,6 +375,11 @@ def shared_reply_listener(dsn: str, channel_of: Callable[[psycopg.Connection], s
         return listener
 
 
+class WorkerFenced(Exception):
+    """This worker's registration says another worker took its requests over
+    (or is gone): it must stop at once, whatever it runs."""
+
+
 class IntakeListener:
     """The worker's listening connection, which also holds its advisory lock.
 
@@ -287,11 +387,12 @@ class IntakeListener:
     connection was lost and found again: ``take`` then returns None, asking
     for a full scan)."""
 
-    def __init__(self, dsn: str, channel: str, lock_key: tuple[int, int],
-                 grace_s: float,
-                 on_locked: Callable[[psycopg.Connection], object] | None = None) -> None:
-        self.dsn, self.channel, self.lock_key, self.grace_s = dsn, channel, lock_key, grace_s
-        self.on_locked = on_locked   # run each time the lock is (re)taken
+    def __init__(self, dsn: str, channel: str, grace_s: float,
+                 on_locked: Callable[[psycopg.Connection, int], object]) -> None:
+        self.dsn, self.channel, self.grace_s = dsn, channel, grace_s
+        # run on the locked connection each time the lock is (re)taken, with
+        # the key: registers it and this backend's pid (WorkerFenced: stop)
+        self.on_locked = on_locked
         self._ids: list[str] = []
         self._lost = False
         self._lock = threading.Lock()
@@ -308,14 +409,23 @@ class IntakeListener:
     def _connect_and_lock(self) -> psycopg.Connection:
         conn = connect(self.dsn)
         try:
-            got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self.lock_key
-                               ).fetchone()[0]
-            if not got:
-                raise TransportUnavailable("the worker's lock is still held by its old"
-                                           " session")
-            if self.on_locked is not None:
-                self.on_locked(conn)
+            # a fresh random key per connection: one a squatter saw in
+            # pg_locks is never needed again (typed and schema-qualified, so
+            # that no function planted in a schema on the path is called)
+            for _ in range(8):
+                key = secrets.randbelow(2**63 - 1) + 1
+                if conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s::bigint)",
+                                (key,)).fetchone()[0]:
+                    break
+            else:
+                raise TransportUnavailable("no free advisory key for the worker's lock")
+            self.on_locked(conn, key)
             listen(conn, self.channel)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # a server going down between the connect and these: try again
+            # (an error escaping here would end the listening thread)
+            conn.close()
+            raise TransportUnavailable(f"the worker's lock: {_first(exc)}") from None
         except BaseException:
             conn.close()
             raise
@@ -363,6 +473,11 @@ class IntakeListener:
                 pass
             try:
                 self.conn = self._connect_and_lock()
+            except WorkerFenced as exc:
+                # its requests are another worker's now: nothing it does may count
+                log.critical("event=worker_fenced_self reason=%r action=exit", str(exc))
+                logging.shutdown()
+                os._exit(EX_TEMPFAIL)
             except TransportUnavailable as exc:
                 if time.monotonic() - lost_at > self.grace_s / 2:
                     # other workers treat this one as dead after lock_grace and

@@ -3,11 +3,14 @@ live events; and its care: requeue, the janitor's removals, workers' health.
 
 The spool's state words map to the table's ``state``: queued, running,
 failed, and ``replies`` (answered rows nobody collected yet).  Read with the
-caller's own role: the worker role sees every row, a submit role only its
-own (row-level security), so a web user's ``spoolops ls`` lists its own
-requests.  ``tail`` LISTENs on the events channel the table's trigger
-feeds.  The janitor's clock is the caller's (``now``), never the server's,
-so that tests can age the queue.
+caller's own role: the worker role (and a superuser) reads ``requests``,
+every row; a web role, which holds no privilege on the table, reads the
+view ``my_requests``, its own rows only -- so a web user's ``spoolops ls``
+lists its own requests.  ``tail`` LISTENs on the events channel the table's
+trigger feeds (the worker role's: its name is private) and reads each
+event's details from the table; a web role's ``tail`` follows the replies to
+its own requests.  The janitor's clock is the caller's (``now``), never the
+server's, so that tests can age the queue.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from ..errors import SpoolSetupError, TransportUnavailable
-from ..formats import utc_iso
+from ..formats import parse_iso, utc_iso
 from .base import Ages, Entry, Finding, Removal, StateCount
 from .pgconn import connect, listen
 from .pgschema import REQUEST_COLUMNS, envelope
+
+RETIRED_KEEP_S = 3600.0   # how long a removed no-reply request's id answers a repeated submit
 
 if TYPE_CHECKING:
     from .pg import PgTransport
@@ -36,6 +41,9 @@ _SINCE = {"queued": "submitted", "running": "claimed_at", "failed": "finished",
           "answered": "finished"}
 
 
+_reads_all: dict[tuple[str, str, str], bool] = {}
+
+
 def _ts(moment: datetime | None) -> float | None:
     return None if moment is None else moment.timestamp()
 
@@ -44,15 +52,39 @@ def _at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=timezone.utc)  # noqa: UP017
 
 
+def _duration(started: str | None, finished: str | None) -> float | None:
+    try:
+        return round(parse_iso(finished) - parse_iso(started), 3)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 class PgView:
     """Mixed into ``PgTransport``."""
+
+    def _reads_all(self: PgTransport) -> bool:
+        """Whether this role reads every request (the worker role, a
+        superuser) or, a web role, its own through ``my_requests`` and the
+        definer functions (asked once per process and DSN)."""
+        key = (self.dsn, self.names.schema, self.names.worker_role)
+        known = _reads_all.get(key)
+        if known is None:
+            row = self.pools.run(lambda c: c.execute(
+                "SELECT pg_has_role(session_user, %s, 'USAGE') OR r.rolsuper OR"
+                " r.rolbypassrls FROM pg_roles r WHERE r.rolname = session_user",
+                (self.names.worker_role,)).fetchone())
+            known = _reads_all[key] = bool(row and row[0])
+        return known
+
+    def _rows(self: PgTransport) -> str:
+        return f"{self.s}.requests" if self._reads_all() else f"{self.s}.my_requests"
 
     def counts(self: PgTransport, now: float) -> dict[str, StateCount]:
         where = f"{self.names.schema}.requests"
         try:
             rows = self.pools.run(lambda c: c.execute(
                 f"SELECT state, count(*), min(CASE state WHEN 'queued' THEN submitted WHEN"
-                f" 'running' THEN claimed_at ELSE finished END) FROM {self.s}.requests"
+                f" 'running' THEN claimed_at ELSE finished END) FROM {self._rows()}"
                 " GROUP BY state").fetchall())
         except psycopg.errors.InsufficientPrivilege:
             return {state: StateCount(None, where=where, problem="unreadable")
@@ -69,7 +101,7 @@ class PgView:
         column = _SINCE[_STATE_OF[state]]
         rows = self.pools.run(lambda c: c.execute(
             f"SELECT id, {column}, op, submitter, priority, args->>'filename', targets,"
-            f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self.s}.requests"
+            f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self._rows()}"
             f" WHERE state = %s ORDER BY {column}, id", (_STATE_OF[state],)).fetchall())
         out = []
         for rid, since, op, user, priority, filename, targets, pid, reason, ok, error in rows:
@@ -88,7 +120,7 @@ class PgView:
     def find(self: PgTransport, prefix: str) -> list[str]:
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = self.pools.run(lambda c: c.execute(
-            f"SELECT id FROM {self.s}.requests WHERE id LIKE %s ORDER BY id LIMIT 100",
+            f"SELECT id FROM {self._rows()} WHERE id LIKE %s ORDER BY id LIMIT 100",
             (pattern,)).fetchall())
         found = [r[0] for r in rows]
         return [prefix] if prefix in found else found
@@ -96,7 +128,7 @@ class PgView:
     def describe(self: PgTransport, rid: str) -> dict[str, Any] | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state, submitter, submitted, claimed_at, finished, run, reply, reason,"
-            f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self.s}.requests"
+            f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self._rows()}"
             " WHERE id = %s", (rid,)).fetchone())
         if row is None:
             return None
@@ -118,9 +150,14 @@ class PgView:
 
     def follow(self: PgTransport, should_stop: Callable[[], bool], poll_s: float = 0.5
                ) -> Iterator[dict[str, Any]]:
+        """Events as they come: ids (and a few bounded words) on the channel,
+        the rest read from the table -- under the caller's own rights: the
+        worker role follows every request's events, a web role the replies
+        to its own."""
+        channel = self.names.events_channel if self._reads_all() else self.names.reply_channel
         conn = connect(self.dsn)
         try:
-            listen(conn, self.names.events_channel)
+            listen(conn, channel)
             while not should_stop():
                 _ready, _, _ = select.select([conn.fileno()], [], [], poll_s)
                 try:
@@ -130,18 +167,60 @@ class PgView:
                            "note": "the connection to the database was lost; reconnecting"}
                     conn.close()
                     conn = connect(self.dsn)
-                    listen(conn, self.names.events_channel)
+                    listen(conn, channel)
                     continue
                 for note in notes:
-                    try:
-                        event = json.loads(note.payload)
-                    except ValueError:
-                        continue
-                    if isinstance(event, dict):
+                    event = self._event_of(note.payload, channel.kind)
+                    if event is not None:
                         yield {"time": utc_iso(), **{k: v for k, v in event.items()
                                                      if v is not None}}
         finally:
             conn.close()
+
+    def _event_of(self: PgTransport, payload: str, kind: str) -> dict[str, Any] | None:
+        """An event of the channel, with what the table says of its request."""
+        if kind == "reply":
+            event: Any = {"event": "finished", "id": payload}
+            where = "coalesce(client_id, id) = %s"
+        else:
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                return None
+            if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+                return None
+            where = "id = %s"
+        try:
+            row = self.pools.run(lambda c: c.execute(
+                f"SELECT op, submitter, priority, array_to_string(targets, ','), run->'pid',"
+                " run->>'host', reply->>'ok', reply->'error'->>'type',"
+                " left(reply->'error'->>'message', 1000), reply->>'started_at',"
+                f" reply->>'finished_at', reason, state FROM {self._rows()} WHERE {where}",
+                (event["id"],)).fetchone())
+        except (psycopg.Error, TransportUnavailable):
+            row = None
+        if row is None:
+            return event        # gone already (collected, removed): the event as it came
+        op, user, priority, target, pid, host, ok, error, message, started, finished, \
+            reason, _state = row
+        name = event.get("event")
+        details: dict[str, Any] = {"op": op}
+        if name == "queued":
+            details.update(priority=priority, user=user)
+        elif name == "started":
+            details.update(user=user, pid=pid, host=host, target=target or None)
+        elif name == "finished":
+            if kind == "reply" and ok is None:
+                return None     # a wake-up with no reply behind it (forged, or early)
+            details.update(ok=ok == "true" if ok is not None else event.get("ok"),
+                           error=error or event.get("error"), message=message,
+                           duration_s=_duration(started, finished))
+        elif name == "failed":
+            details = {"reason": reason}
+        elif name == "removed":
+            details = {}
+        # the payload's words first (said when it happened), the row's for the rest
+        return {**details, **{k: v for k, v in event.items() if v is not None}}
 
     # -- care -----------------------------------------------------------------------
 
@@ -222,12 +301,24 @@ class PgView:
                                         " the request still to retry ('spoolops hooks' on"
                                         " its worker's host)",
                                         round(now - since.timestamp(), 3)))
-            # registrations of dead workers with nothing left running
+            # ids of removed requests that wanted no reply (kept for a submit
+            # repeated after a lost answer): housekeeping, not reported
+            if not dry_run:
+                try:
+                    with conn.transaction():
+                        conn.execute(f"DELETE FROM {self.s}.retired WHERE at < %s",
+                                     (_at(now - min(ages.reply_ttl, RETIRED_KEEP_S)),))
+                except psycopg.errors.InsufficientPrivilege:
+                    pass
+            # registrations of dead workers with nothing left running -- and
+            # silent for lock_grace: one reconnecting now (a restarted server)
+            # still beats, and would find itself gone, i.e. fenced, and stop
             if not dry_run:
                 conn.execute(
                     f"DELETE FROM {self.s}.workers w WHERE NOT EXISTS (SELECT 1 FROM"
                     f" {self.s}.requests r WHERE r.state = 'running' AND r.claimed_by = w.id)"
-                    f" AND NOT {self.names.lock_held('w.id')}")
+                    f" AND NOT {self.names.lock_held('w.id')} AND w.heartbeat <"
+                    f" clock_timestamp() - interval '{self.config.lock_grace:.3f} seconds'")
         self.pools.run(work, retry=False)
         return removals, findings
 

@@ -321,7 +321,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 return what
         return None
 
-    def put_back(self, rid: str) -> None:
+    def put_back(self, rid: str, targets: tuple[str, ...] | None = None) -> None:
         """Back in line, its place (the mtime) kept -- but held in ``active/``,
         never returned to ``new/``, where a member could swap it: the next
         claim of its name in this process serves it from there, and after a

@@ -11,6 +11,9 @@ A data_label resolver (``labels``: a JSON map in ``$SPOOLOPS_TEST_LABELS``)
 and a follow-up hook (``record``: one JSON line per call appended to
 ``$SPOOLOPS_TEST_HOOK_LOG``; it raises when ``$SPOOLOPS_TEST_HOOK_FAIL`` is
 set), both idle unless their variable is set.
+``append``: appends its ``tag`` (one line) to the file ``path``, holding
+target ``target``, after ``seconds``; not idempotent -- the file says in
+which order, and how often, requests ran (order and exactly-once tests).
 ``hold``: runs until the file ``release`` exists (or ``timeout`` passes),
 reporting progress 1/2 when it starts: a test holds a request running for
 as long as it needs, then releases it -- no sleep stands in for "still
@@ -79,6 +82,25 @@ def _run_hold(ctx, args):
     return {"start": start, "end": time.time(), "tag": args["tag"], "pid": os.getpid()}
 
 
+def _validate_append(args, ctx):
+    checked = _validate_sleep(args, ctx)
+    if not isinstance(args.get("path"), str) or not os.path.isabs(args["path"]):
+        raise BadRequest("path must be an absolute path")
+    if not isinstance(args.get("tag"), str):
+        raise BadRequest("tag must be a string")
+    return dict(checked, path=args["path"], tag=args["tag"])
+
+
+def _run_append(ctx, args):
+    time.sleep(args["seconds"])
+    fd = os.open(args["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (args["tag"] + "\n").encode())
+    finally:
+        os.close(fd)
+    return {"tag": args["tag"], "pid": os.getpid()}
+
+
 def operations():
     targets = lambda args, ctx: [args["target"]] if args["target"] else []
     return [
@@ -88,6 +110,8 @@ def operations():
         Operation("nonidem", _run_sleep, validate=_validate_sleep, targets=targets,
                   allowed_users=EVERYONE,
                   idempotent=False),
+        Operation("append", _run_append, validate=_validate_append, targets=targets,
+                  allowed_users=EVERYONE, idempotent=False),
         Operation("hold", _run_hold, validate=_validate_hold, targets=targets,
                   allowed_users=EVERYONE,
                   idempotent=True),
