@@ -1,7 +1,8 @@
 """Real unix accounts for the tests, and a deployment made the way users make one.
 
 When the tests run as root (CI does), ``Accounts`` creates a submit group
-and four users, named so that they cannot clash with real ones:
+and four users, named ``spt_<run>_<role>`` so that they clash neither with
+real ones nor with another test run's (below, by role):
 
 - ``WORKER`` (spt_wrk): the worker user.  Its PRIMARY group is its own; it
   is only a member of the submit group (the design allows that, and a suite
@@ -27,8 +28,10 @@ readable as they are.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -44,12 +47,50 @@ TESTS = Path(__file__).resolve().parent
 PROJECT = TESTS.parent
 SITEOPS = TESTS / "siteops"
 
-GROUP = "spt_sub"
-WORKER = "spt_wrk"
-WEB = "spt_web"
-MEMBER = "spt_web2"
-OUTSIDER = "spt_out"
+ACCOUNT_PREFIX = "spt_"
+# One set of accounts per test run, and per pytest-xdist worker within it:
+# two runs on one host (a second suite, a helper's, the xdist workers) never
+# share accounts, so one's teardown cannot delete another's users mid-test.
+# The run's tag is its first process's pid (hex), inherited by every process
+# it starts (the xdist workers, the accounts' own); a worker adds its number.
+_RUN_TAG = os.environ.setdefault("SPOOLOPS_TEST_RUN", format(os.getpid(), "x"))
+_WORKER_TAG = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+TAG = _RUN_TAG + (f"g{_WORKER_TAG}" if _WORKER_TAG else "")
+
+
+def account_name(role: str) -> str:
+    """This run's name for a test account: ``spt_<tag>_<role>``."""
+    return f"{ACCOUNT_PREFIX}{TAG}_{role}"
+
+
+GROUP = account_name("sub")
+WORKER = account_name("wrk")
+WEB = account_name("web")
+MEMBER = account_name("web2")
+OUTSIDER = account_name("out")
 USERS = (WORKER, WEB, MEMBER, OUTSIDER)
+
+
+def sweep_stale_accounts() -> None:
+    """Remove the accounts and groups of runs whose first process is gone
+    (a run killed before its teardown); never another live run's."""
+    stale_users = [e.pw_name for e in pwd.getpwall() if _stale(e.pw_name)]
+    for name in stale_users:
+        run("userdel", "-f", name)
+    for entry in grp.getgrall():
+        if _stale(entry.gr_name):
+            run("groupdel", entry.gr_name)
+
+
+def _stale(name: str) -> bool:
+    if not name.startswith(ACCOUNT_PREFIX) or name.count("_") < 2:
+        return False
+    tag = name[len(ACCOUNT_PREFIX):].split("_", 1)[0].split("g", 1)[0]
+    try:
+        pid = int(tag, 16)
+    except ValueError:
+        return False
+    return pid != os.getpid() and not os.path.exists(f"/proc/{pid}")
 PROBE = "import spoolops.worker, spoolops.client, filelock, inotify_simple, astropy.io.fits"
 
 
@@ -77,7 +118,8 @@ class Accounts:
         self._runtime: Path | None = None
 
     def create(self) -> None:
-        self.remove()                          # leftovers of an aborted run
+        sweep_stale_accounts()                 # leftovers of aborted runs
+        self.remove()
         steps = [("groupadd", GROUP),
                  ("useradd", "-M", "-U", "-G", GROUP, "-d", "/nonexistent", "-s",
                   "/usr/sbin/nologin", WORKER),

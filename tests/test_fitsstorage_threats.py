@@ -228,6 +228,8 @@ def test_attack_a_members_marker_naming_a_victims_mark_is_a_deletion_nothing_mor
     plant(dep, MEMBER, "attack-marker-1", {"op": "echo", "args": {"x": 1}, "marker": mark})
     reply = published(dep, "attack-marker-1")
     assert reply["ok"] and reply["submitted_by"] == MEMBER, reply
+    # a mark is released just after the answer is published (off the client's path)
+    wait_for(lambda: mark not in marks(dep), what="the echo's mark to be released")
     assert marks(dep) == [decoy.name]                      # the victim's mark went, only it
     assert os.path.exists(running_file(dep, victim))       # the victim runs on
     release.touch()

@@ -23,9 +23,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from accounts import account_name
 
-STRANGER = "spt_pgx"      # an unrelated local account
-CLIENT = "spt_pgc"        # an account admitted to the cluster
+STRANGER = account_name("pgx")      # an unrelated local account
+CLIENT = account_name("pgc")        # an account admitted to the cluster
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
