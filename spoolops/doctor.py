@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import ALL_USERS, Config, load_config
 from .errors import ConfigError, SpoolSetupError
-from .transport import Transport, open_transport
+from .transport import Transport, open_transport, transport_class
 
 # where the durable submit and cancel are known to be durable without
 # reading new/ (an fsync of a renamed file commits the rename's transaction)
@@ -67,20 +67,19 @@ def run_checks(config_path: str | os.PathLike | None = None,
                         "correct the file (see etc/spoolops.conf for a sample)")]
     source = config.source or "defaults (no config file found)"
     findings = [Finding("config", True, f"parsed {source}")]
-    if config.transport == "postgresql":
-        # the worker's host: its account, its folder and the data; the queue
-        # itself is the database's (roles, grants, row-level security)
-        findings += check_accounts(config, groups=False)
-        findings += check_tree(config)
-        findings += check_filesystems(config)
-        findings += check_transport(config)
-        findings += check_hooks(config)
-        return findings
-    findings += check_accounts(config)
+    try:
+        folders = transport_class(config).submit_group_folders
+    except SpoolSetupError as exc:
+        return findings + [Finding("transport", False, str(exc), "install what it names")]
+    # web users reach the queue through the submit group's folders (their
+    # members, inotify's limits), or through the transport's own identities
+    # (the database's roles, grants, row-level security: ``diagnose``)
+    findings += check_accounts(config, groups=folders)
     findings += check_tree(config)
-    findings += check_groups(config)
+    if folders:
+        findings += check_groups(config)
     findings += check_filesystems(config)
-    findings += check_inotify()
+    findings += check_inotify() if folders else check_transport(config)
     findings += check_hooks(config)
     return findings
 

@@ -4,7 +4,13 @@
 worker's own gauges) and the worker's counters into the text format
 node_exporter's textfile collector reads: queue depth and oldest age per
 state, whether a worker is up, requests served by op and outcome, and the
-operation duration histogram.  No I/O; trusts the counters (the worker's).
+operation duration histogram.  No I/O.
+
+The counters come from the worker account (its stats snapshot, read by
+``spoolops status --prometheus``), op names from web users: label values are
+escaped as the exposition format requires (backslash, double quote, line
+feed), and a sample whose value is not a number is left out rather than
+written raw -- text there could end the line and forge other samples.
 """
 
 from __future__ import annotations
@@ -15,11 +21,23 @@ from .status import STATES
 
 
 def _label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """A label value as the exposition format spells it: ``\\``, ``\\"`` and
+    ``\\n`` escaped (the only escapes it has); any other character is allowed
+    but must be UTF-8, so a lone surrogate (from JSON) becomes U+FFFD."""
+    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _num(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _value(value: Any) -> str | None:
+    """A sample value from the worker's counters; None (the sample is left
+    out) unless it is a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return _num(value)
 
 
 def render_metrics(status: dict[str, Any], stats: dict[str, Any] | None) -> str:
@@ -51,8 +69,10 @@ def render_metrics(status: dict[str, Any], stats: dict[str, Any] | None) -> str:
               " and outcome."), "# TYPE spoolops_served_total counter"]
     for op in sorted(outcomes):
         for outcome in sorted(outcomes[op]):
-            lines.append(f'spoolops_served_total{{op="{_label(op)}",outcome="{_label(outcome)}"}}'
-                         f" {outcomes[op][outcome]}")
+            value = _value(outcomes[op][outcome])
+            if value is not None:
+                lines.append(f'spoolops_served_total{{op="{_label(op)}",'
+                             f'outcome="{_label(outcome)}"}} {value}')
     histograms = (stats or {}).get("histograms", {})
     bounds = (stats or {}).get("buckets", [])
     lines += ["# HELP spoolops_operation_seconds Time operations took to run.",
@@ -60,9 +80,16 @@ def render_metrics(status: dict[str, Any], stats: dict[str, Any] | None) -> str:
     for op in sorted(histograms):
         hist = histograms[op]
         label = _label(op)
-        for bound, count in zip(bounds, hist["buckets"], strict=False):
-            lines.append(f'spoolops_operation_seconds_bucket{{op="{label}",le="{bound:g}"}} {count}')
-        lines.append(f'spoolops_operation_seconds_bucket{{op="{label}",le="+Inf"}} {hist["count"]}')
-        lines.append(f'spoolops_operation_seconds_sum{{op="{label}"}} {_num(float(hist["sum"]))}')
-        lines.append(f'spoolops_operation_seconds_count{{op="{label}"}} {hist["count"]}')
+        count = _value(hist["count"])
+        total = _value(hist["sum"])
+        if count is None or total is None:
+            continue        # not the worker's own counters: no histogram for this op
+        for bound, bucket in zip(bounds, hist["buckets"], strict=False):
+            value = _value(bucket)
+            if value is not None and _value(bound) is not None:
+                lines.append(f'spoolops_operation_seconds_bucket{{op="{label}",'
+                             f'le="{bound:g}"}} {value}')
+        lines.append(f'spoolops_operation_seconds_bucket{{op="{label}",le="+Inf"}} {count}')
+        lines.append(f'spoolops_operation_seconds_sum{{op="{label}"}} {_num(float(total))}')
+        lines.append(f'spoolops_operation_seconds_count{{op="{label}"}} {count}')
     return "\n".join(lines) + "\n"

@@ -204,8 +204,12 @@ def accounts():
     made.remove()
 
 
-SHARED_ACCESS = {"restricted": "spt_web", "update_headers": "spt_web",
-                 "ingest_upload": "spt_web"}
+def _shared_access() -> dict[str, str]:
+    from accounts import WEB
+    return {"restricted": WEB, "update_headers": WEB, "ingest_upload": WEB}
+
+
+SHARED_ACCESS = _shared_access()
 
 
 @pytest.fixture(scope="session")

@@ -440,7 +440,10 @@ def test_issue11_7_the_janitor_reports_only_what_it_did(fresh_deployment: Deploy
 # -- operator views as the accounts that run them ------------------------------------
 
 def test_operator_views_as_root_the_worker_user_and_a_member(deployment: Deployment) -> None:
-    rid = submit(deployment, WEB, "sleep", {"seconds": 2, "target": "views", "tag": "v"})
+    # running until the views are done, however slow the host (no sleep stands in)
+    release = deployment.base / "release-views"
+    rid = submit(deployment, WEB, "hold", {"release": str(release), "target": "views",
+                                            "timeout": 120})
     wait_for(running_file(deployment, rid).exists, what="the request to start")
     for user in (None, WORKER):
         status = deployment.spoolops(user, "status", "--json")
@@ -454,6 +457,7 @@ def test_operator_views_as_root_the_worker_user_and_a_member(deployment: Deploym
     member = deployment.spoolops(WEB, "status", "--json")
     assert member.returncode == 1
     assert any("cannot list new/" in p for p in json.loads(member.stdout)["problems"])
+    release.touch()
     assert wait_reply(deployment, WEB, rid)["ok"]
 
 

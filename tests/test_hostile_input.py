@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,12 @@ def _fifo(path: Path) -> None:
 
 
 def _socket(path: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(os.fspath(path))
-    sock.close()  # the socket file stays
+    # bound where the name fits sun_path (108 bytes), then renamed into place
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(os.path.join(short, "s"))
+        sock.close()  # the socket file stays
+        os.rename(os.path.join(short, "s"), path)
 
 
 def _directory(path: Path) -> None:

@@ -68,7 +68,7 @@ def test_one_web_account_cannot_read_anothers_reply(pg_deployment) -> None:
 
 def test_an_account_without_a_role_is_refused_clearly(pg_deployment) -> None:
     reply = pg_deployment.call(OUTSIDER, "echo")
-    assert reply.code == 2 and "spt_out" in reply.stderr, reply.stderr
+    assert reply.code == 2 and OUTSIDER in reply.stderr, reply.stderr
 
 
 def test_operator_views_as_root(pg_deployment) -> None:

@@ -141,7 +141,7 @@ def test_a_claim_whose_answer_is_lost_is_answered_without_a_restart(pg_cluster,
             for pid, query in env.sql(
                     "SELECT pid, query FROM pg_stat_activity WHERE usename = %s AND"
                     " wait_event = 'SyncRep'", WORKER_ROLE):
-                if "SET state = 'running'" in query:
+                if "claim_batch(" in query:      # the worker's claim
                     claim_pid = pid
                 else:
                     # anything else may commit (a cancelled wait keeps the commit)

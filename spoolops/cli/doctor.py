@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from ..doctor import run_checks
 from .common import Exit
+from .text import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for finding in findings:
             if getattr(args, "all", False) or not finding.ok:
-                print(finding.line())
+                # a finding quotes paths, user and group names, what the
+                # database or the worker account answered: one line, printable
+                print(printable(finding.line()))
         if problems:
             print(f"doctor: {len(problems)} problem(s) in {len(findings)} checks")
         else:

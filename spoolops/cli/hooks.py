@@ -19,6 +19,7 @@ from ..hookledger import HookLedger
 from ..transport import open_transport
 from ..transport.base import Batch
 from .common import Exit, config_of
+from .text import printable as p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             for call in calls:
                 view = call.view()
-                print(f"{view['state']:8} {call.id}  hook={call.hook} op={call.op}"
-                      f" tries={call.tries} next={view['next_try']}  {call.last_error}")
+                # each field as the worker account kept it (the id and op a web
+                # user's): printable, never raw
+                print(f"{p(view['state']):8} {p(call.id)}  hook={p(call.hook)}"
+                      f" op={p(call.op)} tries={p(call.tries)} next={p(view['next_try'])}"
+                      f"  {p(call.last_error)}")
             if not calls:
                 print("no hook calls wait for a retry")
         return Exit.OK

@@ -24,10 +24,20 @@ from ..status import STATES, spool_status
 from ..transport import open_transport
 from ..transport.base import STATE_WORDS
 from .common import Exit, age_text, operator_config_of, progress_text
+from .text import printable as p
 
-STATE_LABELS = {state: word for word, state in STATE_WORDS.items()}
-# the PostgreSQL queue's row states, for the same lines
-PG_LABELS = {"queued": "queued", "running": "running", "failed": "failed", "replies": "answered"}
+# Every field printed in text is passed through ``p`` (``text.printable``):
+# ids, op names, users, targets, hosts, errors and reasons are written by web
+# users or the worker account and must not reach the terminal raw.
+
+
+def _joined(values: Any, sep: str = ",") -> str:
+    """A list of untrusted values, each printable, joined ('' for none)."""
+    if not values:
+        return ""
+    if isinstance(values, (list, tuple)):
+        return sep.join(p(value) for value in values)
+    return p(values)
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,35 +58,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif args.json:
         print(json.dumps(status, indent=2))
     else:
-        if config.transport == "postgresql":
-            print(f"queue {config.schema} (PostgreSQL)")
-            labels, column = PG_LABELS, "row state"
-        else:
-            print(f"spool {status['root']}")
-            labels = {state: label + "/" for state, label in STATE_LABELS.items()}
-            column = "dir"
-        print(f"{'state':<10}{column:<10}{'count':>8}  oldest")
+        print(p(transport.title()))
+        print(f"{'state':<10}{transport.place_heading:<10}{'count':>8}  oldest")
         for state in STATES:
             s = status[state]
-            count = "?" if s["count"] is None else str(s["count"])
-            print(f"{state:<10}{labels[state]:<10}{count:>8}"
+            count = "?" if s["count"] is None else p(s["count"])
+            print(f"{state:<10}{transport.place_of(state):<10}{count:>8}"
                   f"  {age_text(s['oldest_age_s'])}")
         worker = status["worker"]
         if worker["alive"]:
             extra = ""
             if "uptime_s" in worker:
-                extra = f", up {age_text(worker['uptime_s'])}, served {worker.get('served')}"
-            print(f"worker    running, pid {worker['pid']}{extra}")
+                extra = (f", up {age_text(worker['uptime_s'])},"
+                         f" served {p(worker.get('served'))}")
+            print(f"worker    running, pid {p(worker['pid'])}{extra}")
         else:
             print("worker    NOT RUNNING")
         for w in status.get("workers", ()):
             state = "FENCED" if w["fenced"] else "alive" if w["alive"] else "gone"
-            holds = f", running {','.join(w['running'])}" if w["running"] else ""
-            leases = f", leases {','.join(w['leases'])}" if w["leases"] else ""
-            print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {state}, heartbeat"
+            holds = f", running {_joined(w['running'])}" if w["running"] else ""
+            leases = f", leases {_joined(w['leases'])}" if w["leases"] else ""
+            print(f"  worker {p(w['id'])} on {p(w['host'])} pid {p(w['pid'])}: {state},"
+                  " heartbeat"
                   f" {age_text(w['heartbeat_age_s'])} ago{holds}{leases}")
         for problem in status["problems"]:
-            print(f"PROBLEM: {problem}")
+            print(f"PROBLEM: {p(problem)}")
     return Exit.FAIL if status["problems"] else Exit.OK
 
 
@@ -93,41 +99,49 @@ def cmd_show(args: argparse.Namespace) -> int:
         return Exit.FAIL
     if len(ids) > 1:
         print(f"spoolops show: {args.id!r} matches {len(ids)} requests: "
-              + ", ".join(ids[:10]), file=sys.stderr)
+              + _joined(ids[:10], ", "), file=sys.stderr)
         return Exit.FAIL
     info = transport.describe(ids[0])
     if info is None:
-        print(f"spoolops show: {ids[0]} vanished", file=sys.stderr)
+        print(f"spoolops show: {p(ids[0])} vanished", file=sys.stderr)
         return Exit.FAIL
     if args.json:
         print(json.dumps(info, indent=2))
         return Exit.OK
     request, reply, run = info.get("request"), info.get("reply"), info.get("run")
-    print(f"id:       {info['id']}")
-    print(f"state:    {info['state']}  ({info.get('path', '')}, since {info.get('since')})")
+    print(f"id:       {p(info['id'])}")
+    print(f"state:    {p(info['state'])}  ({p(info.get('path', ''))},"
+          f" since {p(info.get('since'))})")
     if isinstance(request, dict):
-        print(f"op:       {request.get('op')}   priority {request.get('priority', 0)}"
-              f"   submitted {request.get('submitted')} by {info.get('owner')} (file owner)")
+        print(f"op:       {p(request.get('op'))}   priority {p(request.get('priority', 0))}"
+              f"   submitted {p(request.get('submitted'))} by {p(info.get('owner'))}"
+              " (file owner)")
     if isinstance(run, dict):
-        print(f"running:  since {run.get('started_at')} by worker pid {run.get('pid')}"
-              f" on {run.get('host')}; target {', '.join(run.get('targets') or []) or '-'}")
+        print(f"running:  since {p(run.get('started_at'))} by worker pid {p(run.get('pid'))}"
+              f" on {p(run.get('host'))}; target {_joined(run.get('targets'), ', ') or '-'}")
         bar = progress_text(run.get("progress"))
         if bar:
             print(f"progress: {bar}")
     if isinstance(reply, dict):
-        print(f"timings:  queued {reply.get('queued_at')} -> started {reply.get('started_at')}"
-              f" -> finished {reply.get('finished_at')}")
-        worker = reply.get("worker") or {}
-        print(f"worker:   pid {worker.get('pid')} on {worker.get('host')}")
-        error = reply.get("error") or {}
+        print(f"timings:  queued {p(reply.get('queued_at'))}"
+              f" -> started {p(reply.get('started_at'))}"
+              f" -> finished {p(reply.get('finished_at'))}")
+        worker = reply.get("worker")
+        worker = worker if isinstance(worker, dict) else {}
+        print(f"worker:   pid {p(worker.get('pid'))} on {p(worker.get('host'))}")
+        error = reply.get("error")
+        error = error if isinstance(error, dict) else {}
         print("outcome:  " + ("ok" if reply.get("ok") else
-                              f"{error.get('type')}: {error.get('message')}"))
+                              f"{p(error.get('type'))}: {p(error.get('message'))}"))
     if info.get("reason"):
-        print(f"reason:   {info['reason']}")
+        print(f"reason:   {p(info['reason'])}")
     for label, body in (("request", request), ("reply", reply)):
         if body is not None:
             print(f"{label}:")
-            print(json.dumps(body, indent=2) if not isinstance(body, str) else body)
+            # JSON is printed as json.dumps writes it (every control and
+            # non-ASCII character escaped); a body that is no JSON line by line
+            print(json.dumps(body, indent=2) if not isinstance(body, str) else
+                  "\n".join(p(line) for line in body.split("\n")))
     return Exit.OK
 
 
@@ -156,11 +170,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(row))
             else:
-                unread = f"  [not read: {row['unread']}]" if row.get("unread") else ""
-                print(f"{folder:<8} {row['id']:<40} {row['op'] or '?':<15}"
-                      f" {row['user'] or '?':<10} {age_text(row['age_s']):>7}"
-                      f" {row['priority'] if row['priority'] is not None else '-':>4}"
-                      f"  {row['target'] or '-'}{unread}")
+                unread = f"  [not read: {p(row['unread'])}]" if row.get("unread") else ""
+                print(f"{folder:<8} {p(row['id']):<40} {p(row['op'] or '?'):<15}"
+                      f" {p(row['user'] or '?'):<10} {age_text(row['age_s']):>7}"
+                      f" {p(row['priority'] if row['priority'] is not None else '-'):>4}"
+                      f"  {p(row['target'] or '-')}{unread}")
     return Exit.OK
 
 
@@ -172,20 +186,21 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tail_line(event: dict[str, Any]) -> str:
     kind = event["event"]
-    head = f"{event['time']} {kind:<8} {event.get('id', '')}"
+    head = f"{p(event['time'])} {p(kind):<8} {p(event.get('id', ''))}"
     if kind == "queued":
-        return f"{head} op={event.get('op')} priority={event.get('priority')}"
+        return f"{head} op={p(event.get('op'))} priority={p(event.get('priority'))}"
     if kind == "started":
-        return (f"{head} op={event.get('op')} pid={event.get('pid')} user={event.get('user')}"
-                f" target={event.get('target') or '-'}")
+        return (f"{head} op={p(event.get('op'))} pid={p(event.get('pid'))}"
+                f" user={p(event.get('user'))} target={p(event.get('target') or '-')}")
     if kind == "finished":
         if event.get("ok") is None:
-            return f"{head} ({event.get('note')})"
-        outcome = "ok" if event.get("ok") else f"{event.get('error')}: {event.get('message')}"
-        return f"{head} op={event.get('op')} {outcome} in {event.get('duration_s')}s"
+            return f"{head} ({p(event.get('note'))})"
+        outcome = "ok" if event.get("ok") else \
+            f"{p(event.get('error'))}: {p(event.get('message'))}"
+        return f"{head} op={p(event.get('op'))} {outcome} in {p(event.get('duration_s'))}s"
     if kind == "failed":
-        return f"{head} {event.get('reason')}"
-    return f"{head} {event.get('where', '')} ({event.get('note', '')})"
+        return f"{head} {p(event.get('reason'))}"
+    return f"{head} {p(event.get('where', ''))} ({p(event.get('note', ''))})"
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

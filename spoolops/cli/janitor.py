@@ -14,6 +14,7 @@ import json
 from ..admin import become_worker_user
 from ..janitor import JanitorReport, run_janitor
 from .common import Exit, age_text, config_of
+from .text import printable as p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,19 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def render_text(report: JanitorReport) -> str:
     lines = []
     worker = report.worker
-    state = "running, pid " + str(worker["pid"]) if worker["alive"] else (
+    state = "running, pid " + p(worker["pid"]) if worker["alive"] else (
         "unknown" if worker["alive"] is None else "NOT RUNNING")
-    lines.append(f"spool {report.root}: worker {state}"
+    lines.append(f"spool {p(report.root)}: worker {state}"
                  + (" (dry run: nothing changed)" if report.dry_run else ""))
+    # paths name files that web users named, reasons the ops they asked for:
+    # every field printable
     for a in report.actions:
-        verb = a.action if a.done else f"would {a.action}"
+        verb = p(a.action) if a.done else f"would {p(a.action)}"
         if a.error:
-            verb = f"FAILED to {a.action}"
-        tail = f": {a.error}" if a.error else ""
-        lines.append(f"{verb} {a.path} (age {age_text(a.age_s)}; {a.why}){tail}")
+            verb = f"FAILED to {p(a.action)}"
+        tail = f": {p(a.error)}" if a.error else ""
+        lines.append(f"{verb} {p(a.path)} (age {age_text(a.age_s)}; {p(a.why)}){tail}")
     for f in report.findings:
         label = "STUCK" if f.kind in ("stuck", "orphan", "running_long") else "NOTE"
-        lines.append(f"{label} {f.kind}: {f.path} (age {age_text(f.age_s)}): {f.why}")
+        lines.append(f"{label} {p(f.kind)}: {p(f.path)} (age {age_text(f.age_s)}):"
+                     f" {p(f.why)}")
     if not report.actions and not report.findings:
         lines.append("nothing to do")
     return "\n".join(lines)

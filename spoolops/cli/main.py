@@ -26,8 +26,10 @@ from ..errors import (
     Timeout,
     WorkerRunning,
 )
+from ..transport import transport_class
 from . import doctor, hooks, inspect, janitor
 from .common import Exit, config_of, progress_text
+from .text import printable, printable_lines
 
 
 def _add_config(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -149,20 +151,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.dsn is not None:
         config = replace_config(config, dsn=args.dsn)
     accounts = resolve_accounts(config, args.worker_user, args.group)
-    options = {}
-    if config.transport == "postgresql":
-        options = {"admin_dsn": args.admin_dsn or f"{config.dsn} user=postgres",
-                   "web_logins": args.web_login,
-                   "worker_logins": args.worker_login or [accounts.worker_user],
-                   "database_only": args.database_only}
+    kind = transport_class(config)
+    offered = {"admin_dsn": args.admin_dsn or f"{config.dsn} user=postgres",
+               "web_logins": args.web_login,
+               "worker_logins": args.worker_login or [accounts.worker_user],
+               "database_only": args.database_only}
+    options = {key: value for key, value in offered.items() if key in kind.create_options}
     for line in init_tree(config, accounts, **options):
         print(line)
-    if config.transport == "postgresql":
-        print(f"queue ready in schema {config.schema} (worker folder {config.root}/work,"
-              f" worker {accounts.worker_user})")
-    else:
-        print(f"spool ready at {config.root} (worker {accounts.worker_user},"
-              f" group {accounts.group})")
+    print(kind.ready_line(config, accounts.worker_user, accounts.group))
     if args.write_config:
         written = replace_config(config, worker_user=accounts.worker_user,
                                  group=accounts.group)
@@ -237,7 +234,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         reply = client.call_reply(args.op, call_args, timeout=args.timeout,
                                   priority=args.priority, on_progress=progress)
     except Timeout as exc:
-        print(f"spoolops call: {exc}", file=sys.stderr)
+        print(f"spoolops call: {printable(exc)}", file=sys.stderr)
         return Exit.TIMEOUT
     finally:
         progress.done()
@@ -264,10 +261,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     try:
         origin = requeue(config, args.id)
     except SpoolSetupError as exc:
-        print(f"spoolops requeue: {exc}", file=sys.stderr)
+        print(f"spoolops requeue: {printable(exc)}", file=sys.stderr)
         return Exit.FAIL
-    where = f"{origin}/" if config.transport == "spool" else origin
-    print(f"requeued {args.id} (was in {where})")
+    print(f"requeued {args.id} (was in {printable(origin)})")
     poke_worker(config)
     return Exit.OK
 
@@ -287,20 +283,26 @@ COMMANDS = {"init": cmd_init, "worker": cmd_worker, "call": cmd_call,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # an error's message may quote what it failed on: a request id, a file
+    # name, a reply's message -- printable (a configuration error may quote
+    # its file over several lines: kept, each line printable)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SpoolSetupError, WorkerRunning) as exc:
-        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"spoolops {args.command}: {printable_lines(exc)}", file=sys.stderr)
+        return Exit.USAGE
+    except (SpoolSetupError, WorkerRunning) as exc:
+        print(f"spoolops {args.command}: {printable(exc)}", file=sys.stderr)
         return Exit.USAGE
     except PermissionError as exc:
-        print(f"spoolops {args.command}: permission denied: {exc.filename or exc}",
+        print(f"spoolops {args.command}: permission denied: {printable(exc.filename or exc)}",
               file=sys.stderr)
         return Exit.USAGE
     except OpError as exc:
-        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+        print(f"spoolops {args.command}: {printable(exc)}", file=sys.stderr)
         return Exit.FAIL
     except SpoolError as exc:
-        print(f"spoolops {args.command}: {exc}", file=sys.stderr)
+        print(f"spoolops {args.command}: {printable(exc)}", file=sys.stderr)
         return Exit.FAIL
     except KeyboardInterrupt:
         return Exit.INTERRUPTED

@@ -9,8 +9,10 @@ from ..config import Config
 from .base import Transport
 
 
-def open_transport(config: Config) -> Transport:
-    """The transport of ``config`` (``[spool] transport``)."""
+def transport_class(config: Config) -> type[Transport]:
+    """The class of ``config``'s transport (``[spool] transport``): what it
+    says of itself before there is one (``create_options``, ``ready_line``,
+    ``submit_group_folders``).  The one place that reads the setting."""
     if config.transport == "postgresql":
         try:
             from .pg import PgTransport
@@ -19,10 +21,14 @@ def open_transport(config: Config) -> Transport:
             raise SpoolSetupError(f"[spool] transport = postgresql needs psycopg 3 and"
                                   f" psycopg_pool: pip install 'spoolops[postgresql]'"
                                   f" ({exc})") from None
-        return PgTransport(config)
+        return PgTransport
     from .spool import SpoolTransport
-    return SpoolTransport(config.root, config.durable, config.max_request_bytes,
-                          config.worker_user)
+    return SpoolTransport
 
 
-__all__ = ["Transport", "open_transport"]
+def open_transport(config: Config) -> Transport:
+    """The transport of ``config``."""
+    return transport_class(config).from_config(config)
+
+
+__all__ = ["Transport", "open_transport", "transport_class"]

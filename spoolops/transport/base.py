@@ -24,7 +24,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from ..config import Config
 
 # the states a request passes through, as status reports them
 STATES = ("queued", "running", "failed", "replies")
@@ -183,6 +185,34 @@ class Transport(ABC):
     shared: bool = False
     # a scan returns at most this many entries (the best first); None: all
     scan_limit: int | None = None
+
+    # -- how it speaks to operators (no caller switches on the transport) ----------
+    # web users reach it through folders of the submit group (the spool):
+    # doctor checks the group's members and the host's inotify limits;
+    # otherwise through the transport's own identities (``diagnose``)
+    submit_group_folders: ClassVar[bool] = False
+    # the keywords ``create`` takes (``spoolops init``'s options for it)
+    create_options: ClassVar[frozenset[str]] = frozenset()
+    # the heading of the column that says where each state lives
+    place_heading: ClassVar[str] = "where"
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Config) -> Transport:
+        """The transport ``config`` describes."""
+
+    @classmethod
+    def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
+        """What ``spoolops init`` says once the transport is set up."""
+        return f"ready (worker {worker_user}, group {group})"
+
+    def title(self) -> str:
+        """How ``spoolops status`` names this queue."""
+        return "queue"
+
+    def place_of(self, state: str) -> str:
+        """Where a state word (``STATES``) lives, as an operator would look."""
+        return state
 
     # -- set-up -------------------------------------------------------------------
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,9 +54,10 @@ from ..fsutil import ensure_tree
 from . import pgschema
 from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
-from .pgconn import IntakeListener, WorkerFenced, connect, shared_pools
-from .pgschema import REQUEST_COLUMNS, Names, envelope, sql_name, time_ns
-from .pgview import PgView
+from .pgconn import IntakeListener, WorkerFenced, connect
+from .pgqueue import PgQueue
+from .pgschema import REQUEST_COLUMNS, envelope, time_ns
+from .pgview import ROW_STATES, PgView
 from .spoollock import FlockWorkerLock
 from .spoolnames import LOCK_NAME
 
@@ -91,32 +91,35 @@ class _PgWorkerLock(WorkerLock):
             self.host_lock.release()
 
 
-class PgTransport(PgClientSide, PgView, Transport):
+class PgTransport(PgClientSide, PgView, PgQueue, Transport):
     """One queue in one PostgreSQL schema."""
 
     shared = True
     scan_limit = SCAN_LIMIT
 
     def __init__(self, config: Config) -> None:
-        if not config.dsn and not os.environ.get("PGHOST") and \
-                not os.environ.get("PGSERVICE") and not os.environ.get("PGDATABASE"):
-            raise SpoolSetupError("[postgresql] dsn is empty: name the queue's database")
-        self.config = config
-        self.dsn = config.dsn
-        self.names = Names(config.schema, config.channel or config.schema,
-                           config.submit_role, config.worker_role)
-        self.s = sql_name(config.schema)
-        self.durable = config.durable
-        self.max_request_bytes = config.max_request_bytes
-        self.work_dir = Path(config.root) / "work"
-        self.host = socket.gethostname()
-        # durable = no: commits need not wait for the server's WAL flush
-        options = "" if self.durable else "-c synchronous_commit=off"
-        self.pools = shared_pools(self.dsn, max(8, config.concurrency + 4), options)
-        self.me: int | None = None            # this worker's id, while it serves
+        PgQueue.__init__(self, config)
         self.listener: IntakeListener | None = None
         self._claims: dict[str, tuple[int, int]] = {}   # rid -> (worker, attempt) held
         self._seen: dict[str, Claimed] = {}   # queued rows read by the last scan
+
+    create_options = frozenset({"admin_dsn", "web_logins", "worker_logins", "database_only"})
+    place_heading = "row state"
+
+    @classmethod
+    def from_config(cls, config: Config) -> PgTransport:
+        return cls(config)
+
+    @classmethod
+    def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
+        return (f"queue ready in schema {config.schema} (worker folder {config.root}/work,"
+                f" worker {worker_user})")
+
+    def title(self) -> str:
+        return f"queue {self.names.schema} (PostgreSQL)"
+
+    def place_of(self, state: str) -> str:
+        return ROW_STATES[state]
 
     def __repr__(self) -> str:
         return f"PgTransport(schema={self.names.schema!r})"
@@ -297,11 +300,6 @@ class PgTransport(PgClientSide, PgView, Transport):
             raise WorkerFenced(f"worker {self.me}: " + ("its registration is gone" if row is
                                None else "another worker took its requests over"))
 
-    def _stale_sql(self) -> str:
-        """SQL: the moment before which a heartbeat is stale (half of
-        ``lock_grace``: the worker writes one every quarter)."""
-        return f"clock_timestamp() - interval '{self.config.lock_grace / 2:.3f} seconds'"
-
     @property
     def heartbeat_interval(self) -> float | None:
         return self.config.lock_grace / 4 if self.me is not None else None
@@ -357,19 +355,17 @@ class PgTransport(PgClientSide, PgView, Transport):
         return self.claim_all([entry])[0]
 
     def claim_all(self, entries: list[str]) -> list[Claimed | Refused | Quarantined | None]:
-        """One statement for the lot (requests that arrive together).  A row
-        another worker is claiming is waited for, not skipped (and rows are
-        locked in id order, so two claims never deadlock): once this returns,
-        what it did not get is visibly running elsewhere -- the order rule
-        of ``lease`` relies on it."""
+        """One statement for the lot (requests that arrive together), in
+        ``claim_batch``: workers take turns, so another worker's claim is
+        waited for, never skipped -- once this returns, what it did not get
+        is visibly running elsewhere (the order rule of ``lease`` relies on
+        it) -- while a row some web role holds locked (its own cancel or
+        collect, in a transaction left open) is skipped: it stays queued for
+        a later round and holds up no one else."""
         for entry in entries:
             self._seen.pop(entry, None)
         rows = self.pools.run(lambda c: c.execute(
-            f"UPDATE {self.s}.requests r SET state = 'running', claimed_by = %s, claimed_at ="
-            f" clock_timestamp(), attempt = r.attempt + 1 FROM (SELECT id FROM {self.s}.requests"
-            " WHERE id = ANY(%s) AND state = 'queued' ORDER BY id FOR UPDATE) c WHERE"
-            " r.id = c.id RETURNING r.attempt,"
-            f" {', '.join('r.' + c for c in REQUEST_COLUMNS.split(', '))}",
+            f"SELECT attempt, {REQUEST_COLUMNS} FROM {self.s}.claim_batch(%s, %s)",
             (self.me, entries)).fetchall(), retry=False)
         # what is missing was withdrawn, or taken by another worker
         found = {row[1]: row for row in rows}
@@ -554,18 +550,6 @@ class PgTransport(PgClientSide, PgView, Transport):
 
     def discard_recorded(self, rid: str) -> None:
         pass
-
-    def _dead_workers_sql(self) -> str:
-        """Running rows of other workers that are not alive, fenced, gone, or
-        whose heartbeat is stale (``pgview.requeue`` uses it too: only
-        ``%(me)s`` as a parameter)."""
-        s, alive = self.s, self.names.lock_held("r.claimed_by")
-        return (f"SELECT r.id, r.claimed_by, r.attempt, r.run IS NOT NULL, w.host, w.work_dir,"
-                f" w.pid, w.lost_at, clock_timestamp(), {alive}, w.backend_pid FROM {s}.requests"
-                f" r LEFT JOIN {s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running'"
-                " AND r.claimed_by IS DISTINCT FROM %(me)s AND (w.id IS NULL OR w.fenced_at IS"
-                f" NOT NULL OR w.heartbeat < {self._stale_sql()} OR NOT {alive})"
-                " ORDER BY r.claimed_at")
 
     def orphans(self) -> list[Orphan]:
         """Requests of workers that are gone -- or frozen: alive by their

@@ -3,7 +3,7 @@ wait on the role's reply channel and the read of the reply -- each through
 one of the schema's definer functions (a web role holds no privilege on any
 table: ``pgschema``).
 
-Mixed into ``pg.PgTransport``.  Trusts: the database's identity (the
+Built on ``pgqueue.PgQueue``, as ``pgview`` and ``pg`` are.  Trusts: the database's identity (the
 functions take the caller from ``session_user``; only the worker role
 writes a reply) and a notification only as a hint to look.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Json
@@ -29,9 +29,7 @@ from ..errors import BadRequest, SpoolSetupError, Timeout, TransportUnavailable
 from ..formats import parse_iso
 from .base import Waiter
 from .pgconn import RECONNECT_S, shared_reply_listener
-
-if TYPE_CHECKING:
-    from .pg import PgTransport
+from .pgqueue import PgQueue
 
 RESOLVE_MAX_S = 30.0      # how long a submit with no deadline rides out a lost answer
 LOCK_WAIT_MAX_S = 5.0     # how long a submit waits for a lock on the table, at most
@@ -46,10 +44,10 @@ class _Unknown(Exception):
     """The connection broke after the submit was sent: it may have committed."""
 
 
-class PgClientSide:
-    """Mixed into ``PgTransport``."""
+class PgClientSide(PgQueue):
+    """What a client does (``PgTransport`` adds the worker's side)."""
 
-    def publish(self: PgTransport, request: dict[str, Any]) -> str:
+    def publish(self, request: dict[str, Any]) -> str:
         rid = request["id"]
         wanted = request.get("reply", True)
         if not isinstance(wanted, bool):
@@ -93,7 +91,7 @@ class PgClientSide:
                       f" ({first}) and did not answer again within {RESOLVE_MAX_S:g} s:"
                       f" it may be queued (wait for it, or cancel it)")
 
-    def _submit(self: PgTransport, conn: psycopg.Connection, query: str, params: tuple,
+    def _submit(self, conn: psycopg.Connection, query: str, params: tuple,
                 rid: str) -> str:
         try:
             return conn.execute(query, params).fetchone()[0]
@@ -119,7 +117,7 @@ class PgClientSide:
                 raise _Unknown(message_of(exc)) from None
             raise
 
-    def withdraw(self: PgTransport, rid: str, answer: dict[str, Any] | None = None) -> bool:
+    def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
         if answer is None and not self._reads_all():
             # the caller's own request, while queued (a definer function)
             return bool(self.pools.run(lambda c: c.execute(
@@ -138,31 +136,31 @@ class PgClientSide:
         params = (Json(answer), rid, rid)
         return self.pools.run(lambda c: c.execute(query, params).rowcount) > 0
 
-    def pending_batches(self: PgTransport) -> set[str]:
+    def pending_batches(self) -> set[str]:
         # every submitter's, through the owner's definer function: a web
         # role sees only its own rows, and learns only the names here
         rows = self.pools.run(lambda c: c.execute(
             f"SELECT b FROM {self.s}.pending_batches() b").fetchall())
         return {row[0] for row in rows}
 
-    def queue_length(self: PgTransport) -> int:
+    def queue_length(self) -> int:
         return int(self.pools.run(lambda c: c.execute(
             f"SELECT {self.s}.queue_length()").fetchone()[0]))
 
-    def submitter_name(self: PgTransport) -> str:
+    def submitter_name(self) -> str:
         # the trigger records session_user; asked once per transport
         if getattr(self, "_session_user", None) is None:
             self._session_user = self.pools.run(
                 lambda c: c.execute("SELECT session_user").fetchone()[0])
         return self._session_user
 
-    def expect(self: PgTransport, rid: str) -> Waiter:
+    def expect(self, rid: str) -> Waiter:
         return shared_reply_listener(self.dsn, self._reply_channel).expect(rid)
 
-    def _reply_channel(self: PgTransport, conn: psycopg.Connection) -> str:
+    def _reply_channel(self, conn: psycopg.Connection) -> str:
         return self.names.reply_channel     # its name: the database's (pgconn.listen)
 
-    def collect(self: PgTransport, rid: str, remove: bool = True,
+    def collect(self, rid: str, remove: bool = True,
                 submitter: str | None = None, op: str | None = None
                 ) -> dict[str, Any] | None:
         # the definer function reads the caller's own row only (submitter and
@@ -205,7 +203,7 @@ class PgClientSide:
             self._remove_again(None)
         return reply
 
-    def _remove_again(self: PgTransport, rid: str | None) -> None:
+    def _remove_again(self, rid: str | None) -> None:
         """A reply this process read whose removal may not have committed:
         removed now (autocommit; finding nothing is fine), or with a later
         collect of this process (and by the janitor after reply_ttl)."""
@@ -222,7 +220,7 @@ class PgClientSide:
             with _unremoved_lock:
                 _unremoved.setdefault((self.dsn, self.s), set()).update(left)
 
-    def _collect_any(self: PgTransport, rid: str, remove: bool) -> dict[str, Any] | None:
+    def _collect_any(self, rid: str, remove: bool) -> dict[str, Any] | None:
         states = "('answered', 'failed')"
         if remove:
             # read and removed at once (the worker role's own table); a failed
@@ -238,7 +236,7 @@ class PgClientSide:
             " reply IS NOT NULL", (rid,)).fetchone())
         return None if row is None else _checked(row[0], rid)
 
-    def progress_of(self: PgTransport, rid: str) -> dict[str, Any] | None:
+    def progress_of(self, rid: str) -> dict[str, Any] | None:
         if self._reads_all():
             query = (f"SELECT run->'progress' FROM {self.s}.requests WHERE id = %s AND"
                      " state = 'running'")

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 
 from ..errors import SpoolSetupError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # the request columns a submitter may write (column privilege and the trigger)
 CLIENT_COLUMNS = ("id", "version", "op", "args", "priority", "deadline", "client_submitted",
@@ -127,6 +127,12 @@ class Names:
 # -- the row format: a request row <-> the request document dispatch reads --
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11+
+# every column of ``requests`` but its ids, as the view ``my_requests`` shows them
+_VIEW_COLUMNS = ", ".join("r." + c for c in (
+    "submitter", "version", "op", "args", "priority", "deadline", "client_submitted",
+    "client", "submitted", "state", "targets", "claimed_by", "claimed_at", "attempt", "run",
+    "reply", "reason", "finished", "answer_wanted", "batch"))
+
 REQUEST_COLUMNS = ("id, submitter, version, op, args::text, priority, deadline,"
                    " client_submitted, client::text, submitted, answer_wanted")
 
@@ -341,8 +347,29 @@ def _version_4_security(n: Names) -> list[str]:
     ]
 
 
+def _version_5_review(n: Names) -> list[str]:
+    """Issue 20's attacker review.  ``leases`` keyed by a digest of the
+    target: a path longer than an index entry (2704 bytes) was refused by
+    the primary key, and its request was put back and retried for ever.
+    ``claim_turn``: one row that only the worker role may lock; claims take
+    it first, one worker at a time, so that a claim may skip the rows some
+    web role holds locked (its own cancel or collect in an open
+    transaction) instead of waiting on them -- what is skipped is then never
+    a row another worker is claiming, whose order ``lease`` relies on."""
+    s = sql_name(n.schema)
+    return [
+        f"""ALTER TABLE {s}.leases ADD COLUMN target_key text
+            GENERATED ALWAYS AS (pg_catalog.md5(target)) STORED""",
+        f"""ALTER TABLE {s}.leases DROP CONSTRAINT leases_pkey""",
+        f"""ALTER TABLE {s}.leases ADD PRIMARY KEY (target_key)""",
+        f"""CREATE TABLE {s}.claim_turn (one boolean PRIMARY KEY DEFAULT true CHECK (one))""",
+        f"""INSERT INTO {s}.claim_turn VALUES (true)""",
+    ]
+
+
 # version -> the statements that reach it
-MIGRATIONS = {1: _version_1, 2: _version_2, 3: _version_3, 4: _version_4_security}
+MIGRATIONS = {1: _version_1, 2: _version_2, 3: _version_3, 4: _version_4_security,
+              5: _version_5_review}
 
 
 def _functions(n: Names) -> list[str]:
@@ -389,12 +416,31 @@ def _functions(n: Names) -> list[str]:
         f"DROP FUNCTION IF EXISTS {s}.reply_channel(name)",
         # the id a second submitter's request is stored under when its own is
         # taken (by another role: ids are unique per submitter), within the
-        # pattern and length of an id; the row keeps the client's in client_id
+        # pattern and length of an id; the row keeps the client's in client_id.
+        # Keyed by a secret: a role that could work it out could take it
+        # first, and the second submitter's request would be refused
         # (no SET: inlined into its callers, whose search_path is pinned)
         f"""CREATE OR REPLACE FUNCTION {s}.derived_id(who name, id text) RETURNS text
-            LANGUAGE sql IMMUTABLE AS $$
-            SELECT pg_catalog.left(id, 119) || '.'
-                || pg_catalog.left(pg_catalog.md5(who || '/' || id), 8) $$""",
+            LANGUAGE sql STABLE AS $$
+            SELECT pg_catalog.left(id, 119) || '.' || pg_catalog.left(pg_catalog.md5(
+                x.value || '/' || who || '/' || id), 8)
+                FROM {s}.secrets x WHERE x.key = 'derive' $$""",
+        # the worker's claim (as the worker role): the turn first, so that the
+        # rows it skips (SKIP LOCKED) are only ever rows a web role holds --
+        # another worker's claim is waited for, and is committed (running,
+        # seen by lease) by the time this one reads the table (a statement of
+        # its own: a fresh snapshot)
+        f"""CREATE OR REPLACE FUNCTION {s}.claim_batch(p_me int, p_ids text[])
+                RETURNS SETOF {s}.requests
+            LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+            BEGIN
+                PERFORM 1 FROM {s}.claim_turn FOR UPDATE;
+                RETURN QUERY UPDATE {s}.requests r SET state = 'running', claimed_by = p_me,
+                        claimed_at = clock_timestamp(), attempt = r.attempt + 1
+                    FROM (SELECT q.id FROM {s}.requests q WHERE q.id = ANY(p_ids)
+                          AND q.state = 'queued' ORDER BY q.id FOR UPDATE SKIP LOCKED) c
+                    WHERE r.id = c.id RETURNING r.*;
+            END $$""",
         # the 'finished' event of a request that wanted no reply, which the
         # worker's DELETE sends (its row is gone: the event says the outcome,
         # in a few bounded words).  It NOTIFYs the events channel itself and
@@ -605,8 +651,11 @@ def _functions(n: Names) -> list[str]:
         # a web role's own rows, for 'spoolops status/ls/show' (the owner reads
         # them: the role itself has no privilege on the table)
         f"DROP VIEW IF EXISTS {s}.my_requests",
+        # under the ids their client chose: a row stored under a derived id
+        # (another role holds the client's) must not tell its submitter so
         f"""CREATE VIEW {s}.my_requests WITH (security_barrier) AS
-            SELECT * FROM {s}.requests WHERE submitter = session_user""",
+            SELECT coalesce(r.client_id, r.id) AS id, {_VIEW_COLUMNS}
+            FROM {s}.requests r WHERE r.submitter = session_user""",
         # identity and state are the server's: whatever the client sent
         f"""CREATE OR REPLACE FUNCTION {s}.request_inserting() RETURNS trigger
             LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -710,7 +759,10 @@ def _security(n: Names) -> list[str]:
         f"GRANT SELECT ON {s}.secrets TO {wrk}",
         f"GRANT SELECT, INSERT, DELETE ON {s}.retired TO {wrk}",
         (f"GRANT EXECUTE ON FUNCTION {s}.listen(text), {s}.pending_batches(),"
-         f" {s}.queue_length(), {s}.finished_event(text, text, json, text) TO {wrk}"),
+         f" {s}.queue_length(), {s}.finished_event(text, text, json, text),"
+         f" {s}.claim_batch(int, text[]) TO {wrk}"),
+        f"REVOKE ALL ON {s}.claim_turn FROM {wrk}",
+        f"GRANT SELECT, UPDATE ON {s}.claim_turn TO {wrk}",
     ]
     policies = {
         # (no privilege backs these now: kept as a second wall)
@@ -822,9 +874,9 @@ def _keep_settings(cur, names: Names, max_request_bytes: int | None,
     prefix = names.channel[:CHANNEL_PREFIX_MAX]
     made = cur.execute(
         f"INSERT INTO {s}.secrets (key, value) VALUES ('new', %s), ('events', %s),"
-        " ('reply', %s) ON CONFLICT (key) DO NOTHING RETURNING key",
+        " ('reply', %s), ('derive', %s) ON CONFLICT (key) DO NOTHING RETURNING key",
         (f"{prefix}_n_{secrets.token_hex(12)}", f"{prefix}_e_{secrets.token_hex(12)}",
-         secrets.token_hex(16))).fetchall()
+         secrets.token_hex(16), secrets.token_hex(16))).fetchall()
     if made:
         changes.append(f"channel names made private ({len(made)} secret(s) in"
                        f" {names.schema}.secrets)")

@@ -19,7 +19,7 @@ import json
 import select
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
@@ -27,21 +27,20 @@ from ..errors import SpoolSetupError, TransportUnavailable
 from ..formats import parse_iso, utc_iso
 from .base import Ages, Entry, Finding, Removal, StateCount
 from .pgconn import connect, listen
+from .pgqueue import PgQueue
 from .pgschema import REQUEST_COLUMNS, envelope
 
 RETIRED_KEEP_S = 3600.0   # how long a removed no-reply request's id answers a repeated submit
 
-if TYPE_CHECKING:
-    from .pg import PgTransport
 
-_STATE_OF = {"queued": "queued", "running": "running", "failed": "failed",
-             "replies": "answered"}
+# the state words operators use (``STATES``) -> the table's ``state``
+ROW_STATES = {"queued": "queued", "running": "running", "failed": "failed",
+              "replies": "answered"}
 # the time each state is counted from
 _SINCE = {"queued": "submitted", "running": "claimed_at", "failed": "finished",
           "answered": "finished"}
 
 
-_reads_all: dict[tuple[str, str, str], bool] = {}
 
 
 def _ts(moment: datetime | None) -> float | None:
@@ -59,27 +58,10 @@ def _duration(started: str | None, finished: str | None) -> float | None:
         return None
 
 
-class PgView:
-    """Mixed into ``PgTransport``."""
+class PgView(PgQueue):
+    """What operators' tools read and do (``PgTransport`` adds the worker's side)."""
 
-    def _reads_all(self: PgTransport) -> bool:
-        """Whether this role reads every request (the worker role, a
-        superuser) or, a web role, its own through ``my_requests`` and the
-        definer functions (asked once per process and DSN)."""
-        key = (self.dsn, self.names.schema, self.names.worker_role)
-        known = _reads_all.get(key)
-        if known is None:
-            row = self.pools.run(lambda c: c.execute(
-                "SELECT pg_has_role(session_user, %s, 'USAGE') OR r.rolsuper OR"
-                " r.rolbypassrls FROM pg_roles r WHERE r.rolname = session_user",
-                (self.names.worker_role,)).fetchone())
-            known = _reads_all[key] = bool(row and row[0])
-        return known
-
-    def _rows(self: PgTransport) -> str:
-        return f"{self.s}.requests" if self._reads_all() else f"{self.s}.my_requests"
-
-    def counts(self: PgTransport, now: float) -> dict[str, StateCount]:
+    def counts(self, now: float) -> dict[str, StateCount]:
         where = f"{self.names.schema}.requests"
         try:
             rows = self.pools.run(lambda c: c.execute(
@@ -88,21 +70,21 @@ class PgView:
                 " GROUP BY state").fetchall())
         except psycopg.errors.InsufficientPrivilege:
             return {state: StateCount(None, where=where, problem="unreadable")
-                    for state in _STATE_OF}
+                    for state in ROW_STATES}
         found = {state: (count, oldest) for state, count, oldest in rows}
         out = {}
-        for word, state in _STATE_OF.items():
+        for word, state in ROW_STATES.items():
             count, oldest = found.get(state, (0, None))
             age = None if oldest is None else round(max(0.0, now - oldest.timestamp()), 3)
             out[word] = StateCount(count, age, where=f"{where} ({state})")
         return out
 
-    def entries(self: PgTransport, state: str) -> list[Entry]:
-        column = _SINCE[_STATE_OF[state]]
+    def entries(self, state: str) -> list[Entry]:
+        column = _SINCE[ROW_STATES[state]]
         rows = self.pools.run(lambda c: c.execute(
             f"SELECT id, {column}, op, submitter, priority, args->>'filename', targets,"
             f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self._rows()}"
-            f" WHERE state = %s ORDER BY {column}, id", (_STATE_OF[state],)).fetchall())
+            f" WHERE state = %s ORDER BY {column}, id", (ROW_STATES[state],)).fetchall())
         out = []
         for rid, since, op, user, priority, filename, targets, pid, reason, ok, error in rows:
             fields: dict[str, Any] = {"op": op, "user": user, "priority": priority,
@@ -117,7 +99,7 @@ class PgView:
             out.append(Entry(state, rid, rid, _ts(since) or 0.0, fields))
         return out
 
-    def find(self: PgTransport, prefix: str) -> list[str]:
+    def find(self, prefix: str) -> list[str]:
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = self.pools.run(lambda c: c.execute(
             f"SELECT id FROM {self._rows()} WHERE id LIKE %s ORDER BY id LIMIT 100",
@@ -125,7 +107,7 @@ class PgView:
         found = [r[0] for r in rows]
         return [prefix] if prefix in found else found
 
-    def describe(self: PgTransport, rid: str) -> dict[str, Any] | None:
+    def describe(self, rid: str) -> dict[str, Any] | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state, submitter, submitted, claimed_at, finished, run, reply, reason,"
             f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self._rows()}"
@@ -148,7 +130,7 @@ class PgView:
             info["reason"] = reason
         return info
 
-    def follow(self: PgTransport, should_stop: Callable[[], bool], poll_s: float = 0.5
+    def follow(self, should_stop: Callable[[], bool], poll_s: float = 0.5
                ) -> Iterator[dict[str, Any]]:
         """Events as they come: ids (and a few bounded words) on the channel,
         the rest read from the table -- under the caller's own rights: the
@@ -177,11 +159,12 @@ class PgView:
         finally:
             conn.close()
 
-    def _event_of(self: PgTransport, payload: str, kind: str) -> dict[str, Any] | None:
+    def _event_of(self, payload: str, kind: str) -> dict[str, Any] | None:
         """An event of the channel, with what the table says of its request."""
         if kind == "reply":
             event: Any = {"event": "finished", "id": payload}
-            where = "coalesce(client_id, id) = %s"
+            # (my_requests shows rows under their client's ids already)
+            where = "coalesce(client_id, id) = %s" if self._reads_all() else "id = %s"
         else:
             try:
                 event = json.loads(payload)
@@ -224,7 +207,7 @@ class PgView:
 
     # -- care -----------------------------------------------------------------------
 
-    def requeue(self: PgTransport, rid: str) -> str:
+    def requeue(self, rid: str) -> str:
         """Back in line (its place kept: ``submitted`` is unchanged) from failed,
         or from running when its worker is gone."""
         def work(conn: psycopg.Connection) -> str | None:
@@ -248,7 +231,7 @@ class PgView:
             raise SpoolSetupError(f"{rid} is neither failed nor the orphan of a dead worker")
         return origin
 
-    def reap(self: PgTransport, now: float, ages: Ages, worker_alive: bool, dry_run: bool
+    def reap(self, now: float, ages: Ages, worker_alive: bool, dry_run: bool
              ) -> tuple[list[Removal], list[Finding]]:
         removals: list[Removal] = []
         findings: list[Finding] = []
@@ -259,10 +242,13 @@ class PgView:
                     ("answered", ages.reply_ttl, "uncollected reply older than reply_ttl"),
                     ("failed", ages.failed_ttl, "failed request older than failed_ttl")):
                 cutoff = _at(now - ttl)
-                verb = "SELECT id, finished FROM" if dry_run else "DELETE FROM"
+                old = f"{self.s}.requests WHERE state = %s AND finished < %s"
+                # rows a web role holds (a collect in a transaction left open)
+                # are skipped, never waited for: they go next time
                 rows = conn.execute(
-                    f"{verb} {self.s}.requests WHERE state = %s AND finished < %s"
-                    + ("" if dry_run else " RETURNING id, finished"), (state, cutoff)
+                    f"SELECT id, finished FROM {old}" if dry_run else
+                    f"DELETE FROM {self.s}.requests WHERE id IN (SELECT id FROM {old}"
+                    " FOR UPDATE SKIP LOCKED) RETURNING id, finished", (state, cutoff)
                 ).fetchall()
                 removals.extend(Removal("remove", f"{table} id={rid}", why,
                                         round(now - finished.timestamp(), 3), done=not dry_run)
@@ -322,19 +308,19 @@ class PgView:
         self.pools.run(work, retry=False)
         return removals, findings
 
-    def _live_workers(self: PgTransport) -> list[tuple]:
+    def _live_workers(self) -> list[tuple]:
         return self.pools.run(lambda c: c.execute(
             f"SELECT w.id, w.pid, w.host, w.stats FROM {self.s}.workers w WHERE"
             f" {self.names.lock_held('w.id')} ORDER BY w.stats_at DESC NULLS LAST").fetchall())
 
-    def worker_alive(self: PgTransport) -> tuple[bool | None, int | None]:
+    def worker_alive(self) -> tuple[bool | None, int | None]:
         try:
             live = self._live_workers()
         except (psycopg.errors.InsufficientPrivilege, TransportUnavailable):
             return None, None
         return (True, live[0][1]) if live else (False, None)
 
-    def load_stats(self: PgTransport, fresh: bool = False) -> dict[str, Any] | None:
+    def load_stats(self, fresh: bool = False) -> dict[str, Any] | None:
         try:
             live = self._live_workers()
         except (psycopg.errors.InsufficientPrivilege, TransportUnavailable):

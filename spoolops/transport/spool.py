@@ -50,6 +50,7 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
+from ..config import Config
 from ..errors import SpoolSetupError
 from ..formats import encode_json, utc_iso, valid_id
 from ..fsutil import (
@@ -72,6 +73,7 @@ from .spoolnames import (
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     STAGED_REPLY_SUFFIX,
+    STATE_FOLDERS,
     id_from_name,
     reason_file_name,
 )
@@ -116,6 +118,23 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         # with no run record that is not among them was put there by
         # 'spoolops requeue', and the next scan adopts it
         self._mine: set[str] = set()
+
+    submit_group_folders = True
+    place_heading = "dir"
+
+    @classmethod
+    def from_config(cls, config: Config) -> SpoolTransport:
+        return cls(config.root, config.durable, config.max_request_bytes, config.worker_user)
+
+    @classmethod
+    def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
+        return f"spool ready at {config.root} (worker {worker_user}, group {group})"
+
+    def title(self) -> str:
+        return f"spool {self.root}"
+
+    def place_of(self, state: str) -> str:
+        return STATE_FOLDERS[state] + "/"
 
     def __repr__(self) -> str:
         return f"SpoolTransport({str(self.root)!r})"

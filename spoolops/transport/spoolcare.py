@@ -121,7 +121,7 @@ class SpoolCare:
                                       " is done") from None
             _remove_quietly(self.failed / reason_file_name(name))
             self._retire_stale_reply(name)
-            return "failed"
+            return "failed/"
         if not os.path.lexists(self.active / name):
             raise SpoolSetupError(f"{rid} is neither in failed/ nor in active/")
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -136,7 +136,7 @@ class SpoolCare:
                                       " worker publishes it when it starts") from None
             _remove_quietly(self.active / (rid + RUN_SUFFIX))
             self._retire_stale_reply(name)
-            return "active"
+            return "active/"
         finally:
             os.close(fd)
 
