@@ -326,8 +326,10 @@ def test_full_disk_reply_waits_for_space(full_disk_env):
     assert env.workers[0].poll() is None
     filler.unlink()
     assert client.wait(first, timeout=60).result["tag"] == "first"
-    late = re.search(rf"event=reply_published_late id={first} retries=(\d+)", log.read_text())
-    assert late and int(late.group(1)) >= 1, "no retry failed while the disk was full"
+    # (logged just after the rename the client saw)
+    late = wait_for(lambda: re.search(rf"event=reply_published_late id={first} retries=(\d+)",
+                                      log.read_text()), what="the late publish's log line")
+    assert int(late.group(1)) >= 1, "no retry failed while the disk was full"
     assert client.call("echo", {"after": 1}, timeout=60) == {"after": 1}
     assert os.listdir(sp.active) == [] and os.listdir(sp.tmp) == []
     assert read_lock_pid(sp.lock_path) == env.workers[0].pid

@@ -367,6 +367,11 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
               deliver: bool = True, batch: Batch | None = None) -> None:
         if not deliver:
             self._retire(rid, started)
+        elif self._answered_already(rid):
+            # a retry after a failure past the publishing rename (an fsync's
+            # error): the answer is out, maybe collected -- never a second one
+            log.warning("event=reply_dropped id=%s note=%r", rid, "its request left active/"
+                        " and no staged reply waits: it was answered already")
         else:
             self._stage_reply(rid, reply)
             self._publish_staged(rid, started)
@@ -379,6 +384,14 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
                 self.hold_mark(batch.marker)
             else:
                 self.release_mark(batch.marker)
+
+    def _answered_already(self, rid: str) -> bool:
+        """Neither the claimed request nor a staged reply is there: whatever
+        answered it (this worker, before a failure it is retrying past)
+        published its one reply.  (Recovery's answer to a request that is
+        gone comes with the staged reply it replaces.)"""
+        return not os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}") and \
+            not os.path.lexists(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}")
 
     def release_batch(self, rid: str, batch: Batch) -> None:
         self.release_mark(batch.marker)

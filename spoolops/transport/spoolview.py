@@ -198,14 +198,13 @@ class SpoolView:
             for name in names:
                 if not name.startswith(prefix):
                     continue
-                for suffix in _SUFFIXES:
-                    if name.endswith(suffix):
-                        name = name[: -len(suffix)]
-                        break
-                else:
-                    if directory != self.failed:
-                        continue
-                found.add(name)
+                # ID.json.reason, ID.json.run: every suffix goes, to the id
+                stripped = name
+                while (suffix := next((x for x in _SUFFIXES if stripped.endswith(x)), None)):
+                    stripped = stripped[: -len(suffix)]
+                if stripped == name and directory != self.failed:
+                    continue
+                found.add(stripped)
         # an exact match wins over longer ids sharing the prefix
         return [prefix] if prefix in found else sorted(found)
 
