@@ -27,8 +27,8 @@ from typing import Any
 from .config import Config, load_config, replace_config
 from .errors import Timeout, TransportUnavailable, error_for
 from .formats import PROTOCOL_VERSION, new_request_id, utc_iso
-from .transport import Transport, open_transport
-from .transport.base import Waiter
+from .transport import open_transport
+from .transport.base import ClientSide, Waiter
 
 BACKSTOP_POLL_S = 2.0  # a wake-up is a hint: look anyway this often
 PROGRESS_POLL_S = 0.5  # how often call(on_progress=...) looks at the progress
@@ -87,7 +87,7 @@ class Client:
         if root is not None:
             config = replace_config(config, root=Path(os.path.abspath(root)))
         self.config = config
-        self.transport: Transport = open_transport(config)
+        self.transport: ClientSide = open_transport(config)   # only the client's side
         self._host = socket.gethostname()
         self._me: str | None = None
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import filelock
 
-from . import faults, memos
+from . import faults, memos, workhome
 from .config import ALL_USERS, Config
 from .errors import (
     BadRequest,
@@ -99,7 +99,7 @@ def target_lock_path(work_dir: Path, target: str) -> Path:
     """The lock file other archive processes take (with ``filelock``) to keep
     out of a target while spoolops edits it: ``work/locks/<sha256>.lock``."""
     digest = hashlib.sha256(os.fsencode(target)).hexdigest()[:32]
-    return Path(work_dir) / "locks" / f"{digest}.lock"
+    return workhome.target_lock_path(work_dir, digest)
 
 
 class Dispatcher:
@@ -310,7 +310,7 @@ class Dispatcher:
         if not targets:
             return nullcontext()   # echo and the like: nothing to lock, nothing to build
         stack = ExitStack()
-        (self.work_dir / "locks").mkdir(mode=0o700, exist_ok=True)
+        (self.work_dir / workhome.TARGET_LOCKS_DIR).mkdir(mode=0o700, exist_ok=True)
         try:
             for target in sorted(set(targets)):  # one global order: no deadlock
                 lock = filelock.FileLock(target_lock_path(self.work_dir, target),

@@ -33,8 +33,9 @@ from typing import Any
 
 from .formats import encode_json, utc_iso
 from .fsutil import UnsafeEntry, read_untrusted, write_atomic
+from .workhome import HOOKS_DIR
 
-LEDGER_DIR = "hooks"
+LEDGER_DIR = HOOKS_DIR
 # seconds before the 1st, 2nd, ... retry; then the last one, for ever
 BACKOFF_S = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 FAILED_AFTER = 5       # tries that failed before a call counts as "failed"

@@ -36,7 +36,7 @@ from .dispatch import Dispatcher
 from .errors import WorkerRunning
 from .ops import Registry, default_registry
 from .transport import Transport, open_transport
-from .transport.base import Ages, Finding, Removal
+from .transport.base import Ages, Finding, Removal, StagedAnswers
 
 LOCK_TTL = 86400.0          # a target lock file unused for a day is dead
 STUCK_KINDS = ("stuck", "orphan", "running_long")
@@ -141,7 +141,7 @@ def _plan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
         else:
             why = f"in active/ with no worker (op {op_name or '?'}): recovered ({what})"
         report.findings.append(Finding("orphan", orphan.where, why))
-    if dry_run:
+    if dry_run and isinstance(transport, StagedAnswers):
         for rid, _reply in transport.unpublished():
             report.actions.append(Removal("publish", rid, "a finished reply the dead worker"
                                           " had not published"))

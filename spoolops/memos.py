@@ -22,8 +22,9 @@ from typing import Any
 
 from .formats import encode_json, valid_id
 from .fsutil import write_atomic
+from .workhome import MEMOS_DIR
 
-MEMO_DIR = "memos"
+MEMO_DIR = MEMOS_DIR
 
 
 class Memo:

@@ -42,7 +42,7 @@ from .errors import Interrupted, OpError
 from .ops import Registry
 from .tempfiles import cleanup_temps
 from .transport import Transport
-from .transport.base import Orphan
+from .transport.base import Orphan, StagedAnswers
 from .users import user_name
 
 log = logging.getLogger("spoolops.recovery")
@@ -99,6 +99,14 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
         log.error("event=temp_not_removed path=%s error=%r", path, error)
         done.failed("remove", path, "temporary file of an operation cut off by a crash",
                     error)
+    if isinstance(transport, StagedAnswers):
+        _finish_staged(transport, dispatcher, done)
+    recover_orphans(transport, registry, dispatcher, done)
+    return done
+
+
+def _finish_staged(transport: StagedAnswers, dispatcher: Dispatcher, done: Recovery) -> None:
+    """Step 3, for a transport whose answer is two steps (the spool)."""
     for path in transport.drop_leftovers():
         done.did(None, "remove", path, "staging leftover of a dead worker")
     for rid, reply in transport.unpublished():
@@ -111,8 +119,6 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
             log.error("event=recover_publish_failed id=%s error=%r", rid, str(exc))
             done.failed("publish", rid, "a finished reply the dead worker had not"
                         " published", str(exc))
-    recover_orphans(transport, registry, dispatcher, done)
-    return done
 
 
 def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispatcher,
@@ -142,6 +148,8 @@ def recover_strays(transport: Transport, registry: Registry, dispatcher: Dispatc
 
 def _finish_reply(transport: Transport, dispatcher: Dispatcher, rid: str,
                   reply: dict | None, done: Recovery) -> None:
+    # (``transport`` is a ``StagedAnswers`` one: its staged reply of ``rid``)
+    assert isinstance(transport, StagedAnswers)
     where = transport.where(rid)
     if reply is None:
         if where is not None:
@@ -225,6 +233,9 @@ def _recover_orphan(transport: Transport, registry: Registry, dispatcher: Dispat
         return
     assert rid is not None
     if action == CLEAR:
+        # (only where an answer can be published before its request is
+        # retired: a two-step transport)
+        assert isinstance(transport, StagedAnswers)
         transport.clear(rid)
         log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
         done.did("cleared", "clear", orphan.where, "an orphan whose reply was already"

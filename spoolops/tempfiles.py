@@ -18,9 +18,10 @@ import stat
 from pathlib import Path
 
 from .fsutil import fsync_dir, write_new_file
+from .workhome import TEMPS_DIR
 
 TEMP_MARK = ".spoolops-tmp"
-RECORD_DIR = "temps"
+RECORD_DIR = TEMPS_DIR
 
 
 def temp_name(target_name: str, token: str) -> str:

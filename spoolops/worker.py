@@ -183,8 +183,7 @@ class Worker:
         finally:
             self.notifier.stopping()
             self._shutdown()
-            self.transport.unwatch()
-            lock.release()
+            lock.release()            # (and with it, the watch)
             log.info("event=worker_stop pid=%d served=%d", os.getpid(), self.stats.served)
 
     def _waiting(self) -> bool:

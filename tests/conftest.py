@@ -172,6 +172,18 @@ def running(spool_env: SpoolEnv):
     return spool_env
 
 
+def stage_reply(spool: SpoolTransport, rid: str, reply: dict) -> None:
+    """A reply the worker finished but did not publish (``work/ID.reply``,
+    whole, as the worker's staging leaves it): what recovery finds after a
+    crash between the two steps."""
+    from spoolops.formats import encode_json
+    from spoolops.transport.spoolnames import STAGED_REPLY_SUFFIX
+    staged = spool.work / f"{rid}{STAGED_REPLY_SUFFIX}"
+    partial = staged.with_name(staged.name + ".tmp")
+    partial.write_bytes(encode_json(reply))
+    os.replace(partial, staged)
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from conftest import TRANSPORTS, SpoolEnv, make_env, queue_for, wait_for
 
-from spoolops.transport.spoollock import worker_alive
+from spoolops.transport.worklock import worker_alive
 
 fitsfiles = pytest.importorskip("fitsfiles")
 

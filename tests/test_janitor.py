@@ -196,7 +196,7 @@ def test_orphans_without_worker_are_recovered_under_the_lock(spool_env: SpoolEnv
 
 def test_janitor_holding_the_lock_keeps_a_worker_out(spool_env: SpoolEnv):
     """While recovery runs under the janitor, a plain worker refuses to start."""
-    from spoolops.transport.spoollock import FlockWorkerLock as WorkerLock
+    from spoolops.transport.worklock import FlockWorkerLock as WorkerLock
     lock = WorkerLock(spool_env.spool.lock_path)
     lock.acquire()
     try:

@@ -209,7 +209,10 @@ def test_issue20_3_another_role_hears_nothing_of_a_request(pgq, tmp_path: Path) 
     queued = [e for e in events if e["event"] == "queued" and e["id"] == ok]
     assert queued and queued[0]["op"] == "echo" and queued[0]["user"] == WEB, events
     started = [e for e in events if e["event"] == "started" and e["id"] == bad]
-    assert started and started[0]["op"] == "crash" and started[0]["user"] == WEB, events
+    # (details come from the row: one its client collected meanwhile -- a slow
+    # tail on a busy host -- has none left to give; the event still comes)
+    assert started and started[0].get("op", "crash") == "crash" and \
+        started[0].get("user", WEB) == WEB, events
     finished = {e["id"]: e for e in events if e["event"] == "finished"}
     assert finished[unknown]["error"] == "UnknownOp" and finished[ok]["ok"] is True, events
     # and CONNECT is the group roles' alone, in a database only the queue uses

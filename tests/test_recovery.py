@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, is_root, make_env, wait_for
+from conftest import SpoolEnv, is_root, make_env, stage_reply, wait_for
 
-from spoolops.transport.spoollock import read_lock_pid, worker_alive
+from spoolops.transport.worklock import read_lock_pid, worker_alive
 
 
 def _no_second_reply(client, spool) -> None:
@@ -109,8 +109,7 @@ def test_orphans_after_sigkill(spool_env: SpoolEnv):
         os.rename(sp.new / f"{waiting}.json", sp.active / f"{waiting}.json")
     # recover without serving: the janitor runs the same recovery under the lock
     # (as a command, so that it sees the site ops, as the worker does)
-    from test_janitor import janitor_cli
-    proc = janitor_cli(spool_env, "--json")
+    proc = spool_env.spoolops("janitor", "--json")
     assert proc.returncode == 1, proc.stderr
     recovered = json.loads(proc.stdout)["recovered"]
     assert recovered["requeued"] == 2 and recovered["interrupted"] == 1
@@ -144,7 +143,7 @@ def test_staged_reply_is_published_and_answered_orphan_cleared(spool_env: SpoolE
         (sp.active / f"{rid}.json.run").write_text("{}")
         reply = disp.reply(Request(id=rid, op="echo", args={}, user="root",
                                    queued_at=time.time()), result={"x": rid})
-        sp.record_reply(rid, reply)                      # finished, not published
+        stage_reply(sp, rid, reply)                      # finished, not published
     sp.publish_recorded("answered")
     (sp.active / "answered.json").write_bytes(b"{}")     # as if the unlink was lost
     spool_env.start_worker()
@@ -197,8 +196,8 @@ def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
     request = Request(id="done", op="echo", args={}, user="root", queued_at=0.0)
     (sp.active / "done.json").write_bytes(encode_json({"version": 1, "id": "done",
                                                        "op": "echo", "args": {}}))
-    sp.record_reply("done", disp.reply(request, result={"n": 1}))
-    sp.record_reply("done", disp.reply(request, result={"n": 2}))
+    stage_reply(sp, "done", disp.reply(request, result={"n": 1}))
+    stage_reply(sp, "done", disp.reply(request, result={"n": 2}))
     assert dict(sp.unpublished())["done"]["result"] == {"n": 2}
     proc = spool_env.spoolops("requeue", "done")
     assert proc.returncode == 1 and "finished" in proc.stdout + proc.stderr
@@ -409,7 +408,7 @@ def test_recovery_killed_between_interrupted_reply_and_quarantine(spool_env: Spo
     registry = default_registry()
     dispatcher = Dispatcher(registry, spool_env.config, sp.work)
     request = dispatcher.parse(claimed.data, rid, claimed.user, claimed.queued_ns / 1e9)
-    sp.record_reply(rid, dispatcher.reply(request, error=Interrupted("cut off")))
+    stage_reply(sp, rid, dispatcher.reply(request, error=Interrupted("cut off")))
     recover(sp, registry, dispatcher)
     assert os.listdir(sp.active) == [] and os.listdir(sp.new) == []
     assert (sp.failed / (rid + ".json")).exists()

@@ -469,7 +469,7 @@ def test_init_never_changes_what_a_folder_swapped_during_init_points_at(
 
 
 def test_lock_pid_must_be_a_positive_integer_above_one(tmp_path: Path) -> None:
-    from spoolops.transport.spoollock import read_lock_pid
+    from spoolops.transport.worklock import read_lock_pid
     lock = tmp_path / "worker.lock"
     for text in ("-1\n", "0\n", "1\n", "+42\n", "4_2\n", "42 43\n", "0x2a\n", " \n", "",
                  "99999999999999999999\n", "٤٢\n"):

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..status import STATES, spool_status
 from ..transport import open_transport
-from ..transport.base import STATE_WORDS
+from ..transport.base import STATE_WORDS, OperatorSide
 from .common import Exit, age_text, operator_config_of, progress_text
 from .text import printable as p
 
@@ -49,7 +49,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = operator_config_of(args)
-    transport = open_transport(config)
+    transport: OperatorSide = open_transport(config)
     status = spool_status(config, refresh=True, transport=transport)
     if args.prometheus:
         from ..metrics import render_metrics
@@ -92,7 +92,7 @@ def add_show_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    transport = open_transport(operator_config_of(args))
+    transport: OperatorSide = open_transport(operator_config_of(args))
     ids = transport.find(args.id)
     if not ids:
         print(f"spoolops show: no request matches {args.id!r}", file=sys.stderr)
@@ -152,7 +152,7 @@ def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    transport = open_transport(operator_config_of(args))
+    transport: OperatorSide = open_transport(operator_config_of(args))
     folders = [args.state] if args.state else list(STATE_WORDS)
     now = time.time()
     if not args.json:
@@ -204,7 +204,7 @@ def tail_line(event: dict[str, Any]) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    transport = open_transport(operator_config_of(args))
+    transport: OperatorSide = open_transport(operator_config_of(args))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     seen = 0

@@ -26,8 +26,9 @@ import stat
 from pathlib import Path
 
 from .. import faults as fault
+from ..workhome import JOURNALS_DIR
 
-JOURNAL_DIR = "journals"
+JOURNAL_DIR = JOURNALS_DIR
 _SUFFIX = ".journal"
 _TMP_SUFFIX = ".journal-tmp"
 log = logging.getLogger("spoolops.fits")

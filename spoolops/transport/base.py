@@ -173,88 +173,14 @@ class WorkerLock(ABC):
     def release(self) -> None: ...
 
 
-class Transport(ABC):
-    """One spool (or queue) as seen through its life-cycle steps."""
-
-    durable: bool
-    # the worker's private folder on its own host: target locks, journals,
-    # records of temporary files (``OpContext.work_dir``)
-    work_dir: Path
-    # several workers (hosts) may serve it at once: each recovers the orphans
-    # of dead ones while it runs, and targets are leased across them
-    shared: bool = False
-    # a scan returns at most this many entries (the best first); None: all
-    scan_limit: int | None = None
-
-    # -- how it speaks to operators (no caller switches on the transport) ----------
-    # web users reach it through folders of the submit group (the spool):
-    # doctor checks the group's members and the host's inotify limits;
-    # otherwise through the transport's own identities (``diagnose``)
-    submit_group_folders: ClassVar[bool] = False
-    # the keywords ``create`` takes (``spoolops init``'s options for it)
-    create_options: ClassVar[frozenset[str]] = frozenset()
-    # the heading of the column that says where each state lives
-    place_heading: ClassVar[str] = "where"
-
-    @classmethod
-    @abstractmethod
-    def from_config(cls, config: Config) -> Transport:
-        """The transport ``config`` describes."""
-
-    @classmethod
-    def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
-        """What ``spoolops init`` says once the transport is set up."""
-        return f"ready (worker {worker_user}, group {group})"
-
-    def title(self) -> str:
-        """How ``spoolops status`` names this queue."""
-        return "queue"
-
-    def place_of(self, state: str) -> str:
-        """Where a state word (``STATES``) lives, as an operator would look."""
-        return state
-
-    # -- set-up -------------------------------------------------------------------
+class ClientSide(ABC):
+    """What a client needs of a transport: queue a request, withdraw it
+    while it waits, wait for and read its reply (``Client`` holds only
+    this side)."""
 
     @abstractmethod
     def check_exists(self) -> None:
         """Raise ``SpoolSetupError`` (naming the fix) if there is no spool."""
-
-    @abstractmethod
-    def worker_uid(self) -> int:
-        """The account the worker runs as: the only author of trusted replies."""
-
-    @abstractmethod
-    def check_worker(self) -> list[str]:
-        """Before serving: raise ``SpoolSetupError`` if this process could not
-        serve (requests or replies would be unreadable); warnings otherwise."""
-
-    @abstractmethod
-    def submit_gid(self) -> int:
-        """The group whose members may submit."""
-
-    @abstractmethod
-    def layout(self) -> list[tuple[str, Path, tuple[int, ...]]]:
-        """(label, folder, allowed modes) of what ``create`` makes, for
-        ``spoolops doctor`` to check."""
-
-    @abstractmethod
-    def create(self, uid: int, gid: int, **options: Any) -> list[str]:
-        """Create or repair the spool for worker ``uid`` and submit group
-        ``gid`` (``spoolops init``; ``options`` are the transport's own);
-        one line per change."""
-
-    @abstractmethod
-    def may_answer(self) -> bool:
-        """Whether this process writes replies that clients trust (it runs
-        as the worker's identity)."""
-
-    def diagnose(self) -> list[tuple[str, bool, str, str]]:
-        """(check, ok, message, fix) the transport can tell about itself for
-        ``spoolops doctor``, beyond folders and accounts."""
-        return []
-
-    # -- the client ---------------------------------------------------------------
 
     @abstractmethod
     def publish(self, request: dict[str, Any]) -> str:
@@ -299,7 +225,35 @@ class Transport(ABC):
         """Who this process submits as, the way a reply names its submitter
         (``submitted_by``): the client accepts only its own replies."""
 
-    # -- the worker: intake ---------------------------------------------------------
+
+class WorkerSide(ABC):
+    """What the worker needs: the lock, the intake, claims and leases, the
+    run record, the one reply, quarantine, recovery of what a dead worker
+    left, liveness and counters."""
+
+    durable: bool
+    # the worker's private folder on its own host: target locks, journals,
+    # records of temporary files (``OpContext.work_dir``)
+    work_dir: Path
+    # several workers (hosts) may serve it at once: each recovers the orphans
+    # of dead ones while it runs, and targets are leased across them
+    shared: bool = False
+    # a scan returns at most this many entries (the best first); None: all
+    scan_limit: int | None = None
+
+    @abstractmethod
+    def worker_uid(self) -> int:
+        """The account the worker runs as: the only author of trusted replies."""
+
+    @abstractmethod
+    def check_worker(self) -> list[str]:
+        """Before serving: raise ``SpoolSetupError`` if this process could not
+        serve (requests or replies would be unreadable); warnings otherwise."""
+
+    @abstractmethod
+    def may_answer(self) -> bool:
+        """Whether this process writes replies that clients trust (it runs
+        as the worker's identity)."""
 
     @abstractmethod
     def lock_worker(self, wait: bool, should_stop: Callable[[], bool]) -> WorkerLock:
@@ -309,11 +263,8 @@ class Transport(ABC):
     @abstractmethod
     def watch(self) -> int:
         """Start watching for new requests; a descriptor that is readable when
-        some may have arrived (a hint: ``scan`` is the truth)."""
-
-    @abstractmethod
-    def unwatch(self) -> None:
-        """Stop watching."""
+        some may have arrived (a hint: ``scan`` is the truth).  It lasts as
+        long as the worker lock: releasing that stops the watch."""
 
     @abstractmethod
     def arrivals(self) -> list[str] | None:
@@ -351,8 +302,6 @@ class Transport(ABC):
         (or ``put_back``, ``fail``) releases them."""
         return True
 
-    # -- the worker: running and answering -------------------------------------------
-
     @abstractmethod
     def start(self, rid: str, record: dict[str, Any], durable: bool) -> None:
         """Record that ``rid`` starts (who runs it, since when)."""
@@ -386,24 +335,12 @@ class Transport(ABC):
         """Answer a claimed request and keep it aside with ``reason`` (an
         ``Interrupted`` orphan: requeue it by hand once checked)."""
 
-    # -- recovery (under the worker lock) ---------------------------------------------
-
-    @abstractmethod
-    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
-        """Replies recorded but not published: (id, reply), the reply None if
-        it was cut off while being written."""
 
     @abstractmethod
     def where(self, rid: str) -> str | None:
         """queued, running or failed: where the request itself is, if anywhere."""
 
-    @abstractmethod
-    def publish_recorded(self, rid: str) -> None:
-        """Retire ``rid`` and publish the reply recorded for it."""
 
-    @abstractmethod
-    def discard_recorded(self, rid: str) -> None:
-        """Drop a reply cut off while being written."""
 
     @abstractmethod
     def orphans(self) -> list[Orphan]:
@@ -413,14 +350,7 @@ class Transport(ABC):
     def read_claimed(self, entry: str) -> Claimed | None:
         """The bytes of a claimed (orphaned) request; None if unreadable."""
 
-    @abstractmethod
-    def clear(self, rid: str) -> None:
-        """Retire an orphan whose reply was already published."""
 
-    @abstractmethod
-    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
-        """Remove what a dead worker was writing (its own scratch files);
-        what was (or, dry, would be) removed."""
 
     @abstractmethod
     def recovery_pending(self) -> bool:
@@ -445,7 +375,89 @@ class Transport(ABC):
         (another took its requests over) and must stop at once."""
         return True
 
-    # -- operators ---------------------------------------------------------------
+    @abstractmethod
+    def save_stats(self, snapshot: dict[str, Any]) -> bool:
+        """Keep the worker's counters where ``load_stats`` finds them."""
+
+
+class StagedAnswers(ABC):
+    """A transport whose answer takes more than one step that a crash can
+    cut between (the spool: the reply staged in ``work/``, then renamed
+    into ``replies/``).  Recovery finishes or drops what a dead worker left
+    half-done (``recovery.recover``); a transport whose every step is one
+    transaction (PostgreSQL) has no such state and is not one of these."""
+
+    @abstractmethod
+    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Replies recorded but not published: (id, reply), the reply None if
+        it was cut off while being written."""
+    @abstractmethod
+    def publish_recorded(self, rid: str) -> None:
+        """Retire ``rid`` and publish the reply recorded for it."""
+    @abstractmethod
+    def discard_recorded(self, rid: str) -> None:
+        """Drop a reply cut off while being written."""
+    @abstractmethod
+    def clear(self, rid: str) -> None:
+        """Retire an orphan whose reply was already published."""
+    @abstractmethod
+    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
+        """Remove what a dead worker was writing (its own scratch files);
+        what was (or, dry, would be) removed."""
+
+
+class OperatorSide(ABC):
+    """What operators' tools need (``spoolops init``, ``doctor``, ``status``,
+    ``ls``, ``show``, ``tail``, ``requeue``, ``cancel``, the janitor): how
+    the transport names itself and its places, what it checks, its views,
+    its care."""
+
+    # web users reach it through folders of the submit group (the spool):
+    # doctor checks the group's members and the host's inotify limits;
+    # otherwise through the transport's own identities (``diagnose``)
+    submit_group_folders: ClassVar[bool] = False
+    # the keywords ``create`` takes (``spoolops init``'s options for it)
+    create_options: ClassVar[frozenset[str]] = frozenset()
+    # the heading of the column that says where each state lives
+    place_heading: ClassVar[str] = "where"
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Config) -> Transport:
+        """The transport ``config`` describes."""
+
+    @classmethod
+    def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
+        """What ``spoolops init`` says once the transport is set up."""
+        return f"ready (worker {worker_user}, group {group})"
+
+    def title(self) -> str:
+        """How ``spoolops status`` names this queue."""
+        return "queue"
+
+    def place_of(self, state: str) -> str:
+        """Where a state word (``STATES``) lives, as an operator would look."""
+        return state
+
+    @abstractmethod
+    def submit_gid(self) -> int:
+        """The group whose members may submit."""
+
+    @abstractmethod
+    def layout(self) -> list[tuple[str, Path, tuple[int, ...]]]:
+        """(label, folder, allowed modes) of what ``create`` makes, for
+        ``spoolops doctor`` to check."""
+
+    @abstractmethod
+    def create(self, uid: int, gid: int, **options: Any) -> list[str]:
+        """Create or repair the spool for worker ``uid`` and submit group
+        ``gid`` (``spoolops init``; ``options`` are the transport's own);
+        one line per change."""
+
+    def diagnose(self) -> list[tuple[str, bool, str, str]]:
+        """(check, ok, message, fix) the transport can tell about itself for
+        ``spoolops doctor``, beyond folders and accounts."""
+        return []
 
     @abstractmethod
     def requeue(self, rid: str) -> str:
@@ -469,14 +481,8 @@ class Transport(ABC):
         return None
 
     @abstractmethod
-    def save_stats(self, snapshot: dict[str, Any]) -> bool:
-        """Keep the worker's counters where ``load_stats`` finds them."""
-
-    @abstractmethod
     def load_stats(self, fresh: bool = False) -> dict[str, Any] | None:
         """The worker's counters; ``fresh``: asked of the running worker now."""
-
-    # -- reads for status, show, ls, tail ---------------------------------------------
 
     @abstractmethod
     def counts(self, now: float) -> dict[str, StateCount]:
@@ -497,3 +503,7 @@ class Transport(ABC):
     @abstractmethod
     def follow(self, should_stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         """Events as they happen: queued, started, finished, failed, removed."""
+
+
+class Transport(ClientSide, WorkerSide, OperatorSide):
+    """One spool (or queue): the three sides a transport implements."""

@@ -51,6 +51,7 @@ from psycopg.types.json import Json, Jsonb
 from ..config import Config
 from ..errors import SpoolSetupError, TransportUnavailable
 from ..fsutil import ensure_tree
+from ..workhome import leftovers_pending, lock_path
 from . import pgschema
 from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from .pgclient import PgClientSide, message_of
@@ -58,8 +59,7 @@ from .pgconn import IntakeListener, WorkerFenced, connect
 from .pgqueue import PgQueue
 from .pgschema import REQUEST_COLUMNS, envelope, time_ns
 from .pgview import ROW_STATES, PgView
-from .spoollock import FlockWorkerLock
-from .spoolnames import LOCK_NAME
+from .worklock import FlockWorkerLock
 
 log = logging.getLogger("spoolops.transport")
 
@@ -260,7 +260,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     def lock_worker(self, wait: bool, should_stop: Callable[[], bool]) -> WorkerLock:
         # one worker per host folder (its journals and target locks are here)
-        host_lock = FlockWorkerLock(self.work_dir / LOCK_NAME)
+        host_lock = FlockWorkerLock(lock_path(self.work_dir))
         host_lock.acquire(wait, should_stop)
         try:
             self.me = self.pools.run(self._register, retry=False)
@@ -323,8 +323,6 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         assert self.listener is not None, "lock_worker first"
         return self.listener.fileno()
 
-    def unwatch(self) -> None:
-        pass   # the listener is the lock's: released with it
 
     def arrivals(self) -> list[str] | None:
         assert self.listener is not None
@@ -537,19 +535,13 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     # -- recovery --------------------------------------------------------------------
 
-    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
-        return []   # a reply and its state change commit together
 
     def where(self, rid: str) -> str | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state FROM {self.s}.requests WHERE id = %s", (rid,)).fetchone())
         return row[0] if row and row[0] in ("queued", "running", "failed") else None
 
-    def publish_recorded(self, rid: str) -> None:
-        pass
 
-    def discard_recorded(self, rid: str) -> None:
-        pass
 
     def orphans(self) -> list[Orphan]:
         """Requests of workers that are gone -- or frozen: alive by their
@@ -641,14 +633,11 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         ).fetchone())
         return None if row is None else self._claimed(row)
 
-    def clear(self, rid: str) -> None:
-        pass   # an answered request is never running: nothing to clear
 
-    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
-        return []
 
     def recovery_pending(self) -> bool:
-        return bool(self.orphans())
+        # this host's home too: a dead worker's journals and temporary files
+        return leftovers_pending(self.work_dir) or bool(self.orphans())
 
     def workers(self) -> list[dict[str, Any]] | None:
         """Who holds what, for ``doctor`` and ``status``: each registered

@@ -63,13 +63,21 @@ from ..fsutil import (
     write_new_file,
 )
 from ..users import user_name
-from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from ..workhome import lock_path
+from .base import (
+    Batch,
+    Claimed,
+    Orphan,
+    Quarantined,
+    Refused,
+    StagedAnswers,
+    Transport,
+    WorkerLock,
+)
 from .spoolcare import SpoolCare
 from .spoolclient import SpoolClientSide
-from .spoollock import FlockWorkerLock
 from .spoolnames import (
     DIR_MODES,
-    LOCK_NAME,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     STAGED_REPLY_SUFFIX,
@@ -78,6 +86,7 @@ from .spoolnames import (
     reason_file_name,
 )
 from .spoolview import SpoolView
+from .worklock import FlockWorkerLock
 
 log = logging.getLogger("spoolops.transport")
 
@@ -86,7 +95,20 @@ WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 _UNKNOWN = object()
 
 
-class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
+class _WatchingLock(FlockWorkerLock):
+    """The worker lock, whose release also stops the watch of ``new/``
+    (the intake lasts as long as the worker's place, as over PostgreSQL)."""
+
+    def __init__(self, path: Path, unwatch: Callable[[], None]) -> None:
+        super().__init__(path)
+        self._unwatch = unwatch
+
+    def release(self) -> None:
+        self._unwatch()
+        super().release()
+
+
+class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAnswers):
     """One spool tree.  Client and worker both use it; each uses its half."""
 
     def __init__(self, root: str | os.PathLike, durable: bool = True,
@@ -101,7 +123,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         self.failed = self.root / "failed"
         self.replies = self.root / "replies"
         self.work = self.work_dir = self.root / "work"
-        self.lock_path = self.work / LOCK_NAME
+        self.lock_path = lock_path(self.work)
         # plain strings for the per-request path work (pathlib costs microseconds)
         self.pending = self.root / "pending"
         self._new, self._active, self._work, self._replies, self._tmp = (
@@ -189,7 +211,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
     # -- the worker: intake ---------------------------------------------------------
 
     def lock_worker(self, wait: bool, should_stop: Callable[[], bool]) -> WorkerLock:
-        lock = FlockWorkerLock(self.lock_path)
+        lock = _WatchingLock(self.lock_path, self._unwatch)
         lock.acquire(wait=wait, should_stop=should_stop)
         return lock
 
@@ -199,7 +221,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
         self._inotify.add_watch(self.new, WATCH_FLAGS)
         return self._inotify.fileno()
 
-    def unwatch(self) -> None:
+    def _unwatch(self) -> None:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
@@ -621,10 +643,6 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport):
 
     def discard_recorded(self, rid: str) -> None:
         _remove_quietly(self.work / (rid + STAGED_REPLY_SUFFIX))
-
-    def record_reply(self, rid: str, reply: dict[str, Any]) -> None:
-        """Record a reply beside (or over) one cut off (recovery)."""
-        self._stage_reply(rid, reply, in_place=False)
 
     def orphans(self) -> list[Orphan]:
         return [Orphan(name, id_from_name(name), os.path.lexists(self.active / (

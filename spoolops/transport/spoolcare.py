@@ -45,24 +45,29 @@ from ..fsutil import (
     write_atomic,
 )
 from ..hookledger import HookLedger
+from ..workhome import (
+    MADE_BY_INIT,
+    OWN_FILES,
+    STATS_NAME,
+    TARGET_LOCKS_DIR,
+    leftovers_pending,
+    stats_path,
+)
 from .base import Ages, Finding, Removal
-from .spoollock import signal_worker, worker_alive
 from .spoolnames import (
     DIR_MODES,
     HELD_SUFFIX,
-    LOCK_NAME,
-    LOCKS_DIR,
     REASON_SUFFIX,
     REQUEST_SUFFIX,
     ROOT_MODE,
     RUN_SUFFIX,
     STAGED_REPLY_SUFFIX,
-    STATS_NAME,
     reason_file_name,
 )
+from .worklock import signal_worker, worker_alive
 
 log = logging.getLogger("spoolops.janitor")
-KEEP_IN_WORK = {LOCK_NAME, STATS_NAME}
+KEEP_IN_WORK = OWN_FILES
 MAX_STATS_BYTES = 1 << 20      # counters per op and outcome: kilobytes in practice
 
 
@@ -98,7 +103,7 @@ class SpoolCare:
         if options:
             raise SpoolSetupError(f"the spool takes no {', '.join(sorted(options))}")
         changes: list[str] = []
-        folders = [*DIR_MODES.items(), (f"work/{LOCKS_DIR}", DIR_MODES["work"])]
+        folders = [*DIR_MODES.items(), *((f"work/{name}", DIR_MODES["work"]) for name in MADE_BY_INIT)]
         ensure_tree(self.root, ROOT_MODE, folders, uid, gid, changes)
         return changes
 
@@ -273,7 +278,7 @@ class SpoolCare:
         shows nobody holds (unlinked while we hold that flock: whoever opened
         one before us gets it after we close and finds it unlinked -- filelock
         then retries on a new file)."""
-        folder = self.work / LOCKS_DIR
+        folder = self.work / TARGET_LOCKS_DIR
         for name, st in _entries(folder):
             age = sweep.age(st)
             if not name.endswith(".lock") or not stat.S_ISREG(st.st_mode) or age <= lock_ttl:
@@ -300,7 +305,7 @@ class SpoolCare:
 
     def save_stats(self, snapshot: dict[str, Any]) -> bool:
         try:
-            write_atomic(self.work / (STATS_NAME + ".tmp"), self.work / STATS_NAME,
+            write_atomic(self.work / (STATS_NAME + ".tmp"), stats_path(self.work),
                          encode_json(snapshot), durable=False, mode=0o644, own_staging=True)
         except OSError:
             return False  # statistics are a courtesy (disk full must not stop the worker)
@@ -315,7 +320,7 @@ class SpoolCare:
         for recovery would die of a SIGUSR1), and only if it runs as the
         worker user (``signal_worker``): both files are the worker account's
         to write, and root must not signal whatever pid they name."""
-        path = self.work / STATS_NAME
+        path = stats_path(self.work)
         saved = _read_json(path)
         if not fresh or saved is None:
             return saved
@@ -342,13 +347,8 @@ class SpoolCare:
     def recovery_pending(self) -> bool:
         """Leftovers of a dead worker only recovery may touch: staged replies,
         journals, temp records, staging files, orphans."""
-        for sub in ("journals", "temps"):
-            try:
-                with os.scandir(self.work / sub) as it:
-                    if any(it):
-                        return True
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+        if leftovers_pending(self.work):
+            return True
         return any(n.endswith((".tmp", STAGED_REPLY_SUFFIX)) for n, _ in _entries(self.work)) \
             or any(not n.endswith(RUN_SUFFIX) for n, _ in _entries(self.active))
 

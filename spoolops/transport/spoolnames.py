@@ -38,9 +38,8 @@ RUN_SUFFIX = ".json.run"
 REASON_SUFFIX = ".reason"
 STAGED_REPLY_SUFFIX = ".reply"
 WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its way out
-LOCK_NAME = "worker.lock"
-STATS_NAME = "stats.json"
-LOCKS_DIR = "locks"               # work/locks/: the per-target locks
+# (work/'s own names -- the lock, the counters, target locks -- are the
+# worker's home's: ``spoolops.workhome``)
 
 
 _MARKER_RE = re.compile(r"^[0-9a-f]{16}(~[A-Za-z0-9_-]{1,200})?$")

@@ -1,6 +1,6 @@
 """The worker lock: ``work/worker.lock``, held with ``flock`` for a worker's life.
 
-One worker per spool: a second exits with ``WorkerRunning`` (or, as a
+One worker per home (``workhome``), on either transport: a second exits with ``WorkerRunning`` (or, as a
 standby, polls until the lock is free, so that signals stay prompt and it
 takes over within a fraction of a second).  The holder writes its pid into
 the file; ``worker_alive`` tells whether anyone holds it (a shared,
