@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spoolops.admin import init_tree, resolve_accounts
 from spoolops.config import load_config
-from spoolops.transport.spoollock import worker_alive
+from spoolops.transport.worklock import worker_alive
 
 from .common import child_env
 
