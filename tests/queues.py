@@ -169,7 +169,8 @@ def make_queue(kind: str, cluster, base: Path, **kw: Any) -> SpoolQueue | PgQueu
     return make_pg_queue(cluster, base, **kw)
 
 
-def connect_as(env: PgQueue, role: str):
-    """An autocommit connection to ``env``'s database as ``role``."""
+def connect_as(env: PgQueue, role: str, **kw: Any):
+    """An autocommit connection to ``env``'s database as ``role`` (as any
+    program of its would open one: the role's own settings apply)."""
     import psycopg
-    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True)
+    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True, **kw)

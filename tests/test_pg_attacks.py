@@ -24,26 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from queues import WEB, WEB2, WORKER_ROLE, make_pg_queue
+from queues import WEB, WEB2, WORKER_ROLE, connect_as
 
 from spoolops.errors import BadRequest, Timeout, TransportUnavailable
 
 psycopg = pytest.importorskip("psycopg")
-
-
-@pytest.fixture
-def pgq(pg_cluster, tmp_path: Path):
-    env = make_pg_queue(pg_cluster, tmp_path / "q")
-    yield env
-    env.close()
-
-
-def connect_as(env, role: str, **kw):
-    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True, **kw)
 
 
 def submit_sql(conn, rid: str, op: str = "echo", args: dict | None = None,

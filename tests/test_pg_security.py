@@ -48,26 +48,13 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from queues import WEB, WEB2, WORKER_ROLE, make_pg_queue
+from queues import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_queue
 
 from spoolops import BadRequest
 from spoolops.config import load_config
 from spoolops.errors import Timeout, TransportUnavailable
 
 psycopg = pytest.importorskip("psycopg")
-
-
-@pytest.fixture
-def pgq(pg_cluster, tmp_path: Path):
-    env = make_pg_queue(pg_cluster, tmp_path / "q")
-    yield env
-    env.close()
-
-
-def connect_as(env, role: str, **kw):
-    """A session of ``role`` as any program of its would open one (its own
-    default search path)."""
-    return psycopg.connect(env.cluster.dsn(env.dbname, role), autocommit=True, **kw)
 
 
 def admin_dsn(env) -> str:
