@@ -177,7 +177,7 @@ def stage_reply(spool: SpoolTransport, rid: str, reply: dict) -> None:
     whole, as the worker's staging leaves it): what recovery finds after a
     crash between the two steps."""
     from spoolops.formats import encode_json
-    from spoolops.transport.spoolnames import STAGED_REPLY_SUFFIX
+    from spoolops.transport.spool.names import STAGED_REPLY_SUFFIX
     staged = spool.work / f"{rid}{STAGED_REPLY_SUFFIX}"
     partial = staged.with_name(staged.name + ".tmp")
     partial.write_bytes(encode_json(reply))

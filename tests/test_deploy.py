@@ -30,7 +30,7 @@ from conftest import SpoolEnv, is_root, unavailable
 from spoolops.cli import doctor as doctor_cli
 from spoolops.config import Config
 from spoolops.doctor import check_tree, mount_of, run_checks
-from spoolops.transport.spoolnames import DIR_MODES
+from spoolops.transport.spool.names import DIR_MODES
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 UNITS = ["spoolops-worker.service", "spoolops-janitor.service", "spoolops-janitor.timer"]

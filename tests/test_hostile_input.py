@@ -31,7 +31,7 @@ from typing import Any
 from conftest import SpoolEnv, is_root, wait_for
 
 from spoolops.formats import utc_iso
-from spoolops.transport.spoolnames import reason_file_name
+from spoolops.transport.spool.names import reason_file_name
 
 
 def envelope(rid: str, op: str = "echo", args: Any = None, **extra: Any) -> dict[str, Any]:

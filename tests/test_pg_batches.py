@@ -46,7 +46,7 @@ from queues import WEB, WEB2, WORKER_ROLE, connect_as
 from spoolops.formats import utc_iso
 from spoolops.janitor import run_janitor
 from spoolops.transport.base import Batch, Claimed
-from spoolops.transport.pgschema import SCHEMA_VERSION
+from spoolops.transport.pg.schema import SCHEMA_VERSION
 
 psycopg = pytest.importorskip("psycopg")
 

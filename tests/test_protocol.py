@@ -14,7 +14,7 @@ from conftest import SpoolEnv
 
 from spoolops.formats import ID_RE, encode_json, new_request_id
 from spoolops.fsutil import UnsafeEntry, read_untrusted, write_atomic
-from spoolops.transport.spoolnames import id_from_name
+from spoolops.transport.spool.names import id_from_name
 
 
 def test_request_ids_match_pattern_and_sort_by_time() -> None:

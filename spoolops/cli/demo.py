@@ -98,7 +98,7 @@ def run_demo(directory: str | None = None, keep: bool = False,
         return _demo(base, config_path, client_path, directory, keep)
     finally:
         if cluster is not None:
-            from ..transport.pgconn import shutdown
+            from ..transport.pg.conn import shutdown
             shutdown()
             cluster.destroy()
 

@@ -35,7 +35,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from ..errors import SpoolSetupError
+from ...errors import SpoolSetupError
 
 SCHEMA_VERSION = 5
 
@@ -59,7 +59,7 @@ CHANNEL_PREFIX_MAX = 24   # of a channel name: the prefix, then "_x_" and 32 hex
 
 class DbChannel(str):
     """A channel whose real name only the database says (the string is a
-    label for logs): ``pgconn.listen`` LISTENs through ``<schema>.listen(kind)``,
+    label for logs): ``pg.conn.listen`` LISTENs through ``<schema>.listen(kind)``,
     which checks that the caller may.  Any role may LISTEN on any channel it
     can name, so these names carry a random part no web role can read."""
 
@@ -90,13 +90,13 @@ class Names:
 
     @property
     def new_channel(self) -> DbChannel:
-        """New requests' ids (the worker role's): LISTEN with ``pgconn.listen``."""
+        """New requests' ids (the worker role's): LISTEN with ``pg.conn.listen``."""
         return DbChannel(f"{self.channel}_new", "new", sql_name(self.schema))
 
     @property
     def events_channel(self) -> DbChannel:
         """Events, ids and a few bounded words (the worker role's, and
-        superusers'): LISTEN with ``pgconn.listen``."""
+        superusers'): LISTEN with ``pg.conn.listen``."""
         return DbChannel(f"{self.channel}_events", "events", sql_name(self.schema))
 
     @property
@@ -579,7 +579,7 @@ def _functions(n: Names) -> list[str]:
         # collect: the caller's reply (answered, or failed: kept).  p_remove:
         # an answered row is deleted -- the client calls this inside its own
         # transaction and commits once it holds the reply, so that a collect
-        # whose answer is lost removes nothing (pgclient)
+        # whose answer is lost removes nothing (pg.client)
         f"DROP FUNCTION IF EXISTS {s}.collect(text, boolean)",
         f"""CREATE FUNCTION {s}.collect(p_id text, p_remove boolean DEFAULT true)
                 RETURNS json

@@ -5,7 +5,7 @@ process reaches it.
 configuration, the schema's names, the connection pools, the worker's id
 while it serves -- and the few questions they all ask: does this role read
 every row or only its own; which running rows are a dead or hung worker's.
-The client side (``pgclient``), the operators' side (``pgview``) and the
+The client side (``pg.client``), the operators' side (``pg.view``) and the
 worker (``pg``) build on it, and none of them imports another.
 
 Trusts: the configuration it is given.
@@ -17,10 +17,10 @@ import os
 import socket
 from pathlib import Path
 
-from ..config import Config
-from ..errors import SpoolSetupError
-from .pgconn import shared_pools
-from .pgschema import Names, sql_name
+from ...config import Config
+from ...errors import SpoolSetupError
+from .conn import shared_pools
+from .schema import Names, sql_name
 
 # (process-wide: the role's answer does not change while it runs)
 _reads_all: dict[tuple, bool] = {}
@@ -71,7 +71,7 @@ class PgQueue:
 
     def _dead_workers_sql(self) -> str:
         """Running rows of other workers that are not alive, fenced, gone, or
-        whose heartbeat is stale (``pgview.requeue`` uses it too: only
+        whose heartbeat is stale (``pg.view.requeue`` uses it too: only
         ``%(me)s`` as a parameter)."""
         s, alive = self.s, self.names.lock_held("r.claimed_by")
         return (f"SELECT r.id, r.claimed_by, r.attempt, r.run IS NOT NULL, w.host, w.work_dir,"

@@ -23,12 +23,12 @@ from typing import Any
 
 import psycopg
 
-from ..errors import SpoolSetupError, TransportUnavailable
-from ..formats import parse_iso, utc_iso
-from .base import Ages, Entry, Finding, Removal, StateCount
-from .pgconn import connect, listen
-from .pgqueue import PgQueue
-from .pgschema import REQUEST_COLUMNS, envelope
+from ...errors import SpoolSetupError, TransportUnavailable
+from ...formats import parse_iso, utc_iso
+from ..base import Ages, Entry, Finding, Removal, StateCount
+from .conn import connect, listen
+from .queue import PgQueue
+from .schema import REQUEST_COLUMNS, envelope
 
 RETIRED_KEEP_S = 3600.0   # how long a removed no-reply request's id answers a repeated submit
 

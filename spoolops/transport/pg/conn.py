@@ -15,7 +15,7 @@ runs queries while it waits (psycopg holds the connection's lock in
   lock dies with the worker's process or connection and the worker notices
   at once.  The key is random and new on every connection, and the worker
   registers it with its backend's pid (``on_locked``): liveness is that pid
-  holding that key (``pgschema.Names.lock_held``), which no other role's
+  holding that key (``pg.schema.Names.lock_held``), which no other role's
   session can fake -- taking a key (any role may take any key, and every
   key is visible in ``pg_locks``) proves nothing.  A connection lost for
   longer than half of ``lock_grace`` ends the worker (fail-stop: other
@@ -48,8 +48,8 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import SpoolSetupError, TransportUnavailable
-from .base import Waiter
+from ...errors import SpoolSetupError, TransportUnavailable
+from ..base import Waiter
 
 log = logging.getLogger("spoolops.transport")
 
@@ -244,7 +244,7 @@ def shutdown() -> None:
 
 
 def listen(conn: psycopg.Connection, channel: str) -> None:
-    """LISTEN on ``channel``; on a ``pgschema.DbChannel``, whose real name
+    """LISTEN on ``channel``; on a ``pg.schema.DbChannel``, whose real name
     only the database says, through the schema's ``listen`` function."""
     listen_sql = getattr(channel, "listen_sql", None)
     if listen_sql is not None:

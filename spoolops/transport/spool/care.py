@@ -35,17 +35,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpoolSetupError
-from ..formats import encode_json
-from ..fsutil import (
+from ...errors import SpoolSetupError
+from ...formats import encode_json
+from ...fsutil import (
     UnsafeEntry,
     ensure_tree,
     read_untrusted,
     rename_noreplace,
     write_atomic,
 )
-from ..hookledger import HookLedger
-from ..workhome import (
+from ...hookledger import HookLedger
+from ...workhome import (
     MADE_BY_INIT,
     OWN_FILES,
     STATS_NAME,
@@ -53,8 +53,9 @@ from ..workhome import (
     leftovers_pending,
     stats_path,
 )
-from .base import Ages, Finding, Removal
-from .spoolnames import (
+from ..base import Ages, Finding, Removal
+from ..worklock import signal_worker, worker_alive
+from .names import (
     DIR_MODES,
     HELD_SUFFIX,
     REASON_SUFFIX,
@@ -64,7 +65,6 @@ from .spoolnames import (
     STAGED_REPLY_SUFFIX,
     reason_file_name,
 )
-from .worklock import signal_worker, worker_alive
 
 log = logging.getLogger("spoolops.janitor")
 KEEP_IN_WORK = OWN_FILES

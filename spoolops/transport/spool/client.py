@@ -4,7 +4,7 @@
 nothing found in ``replies/`` (group-writable): a reply counts only if it is
 a plain file owned by the worker user whose ``id`` matches.  A mixin of
 ``SpoolTransport`` (its folders and names); the waiting itself is
-``spoolwatch``'s (one inotify instance per process).
+``spool.watch``'s (one inotify instance per process).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, SpoolSetupError
-from ..formats import batch_name, encode_json, valid_id
-from ..fsutil import (
+from ...errors import BadRequest, SpoolSetupError
+from ...formats import batch_name, encode_json, valid_id
+from ...fsutil import (
     UnsafeEntry,
     create_file,
     discard_new_file,
@@ -27,9 +27,9 @@ from ..fsutil import (
     read_untrusted,
     write_all,
 )
-from ..users import user_name
-from .base import Waiter
-from .spoolnames import (
+from ...users import user_name
+from ..base import Waiter
+from .names import (
     HELD_SUFFIX,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
@@ -38,7 +38,7 @@ from .spoolnames import (
     marker_name,
     valid_marker,
 )
-from .spoolwatch import shared_watcher
+from .watch import shared_watcher
 
 log = logging.getLogger("spoolops.transport")
 MAX_REPLY_BYTES = 16 * 1024 * 1024

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from ..fsutil import pending_events
-from .base import Waiter
+from ...fsutil import pending_events
+from ..base import Waiter
 
 
 class SpoolWaiter(Waiter):

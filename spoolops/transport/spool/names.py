@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 
-from ..formats import valid_id
+from ...formats import valid_id
 
 # name -> mode (owner: worker user, group: submit group)
 DIR_MODES: dict[str, int] = {

@@ -29,8 +29,8 @@ Trusts: ``work/`` and ``active/`` (only the worker writes them), nothing
 found in ``tmp/``, ``new/`` or ``replies/`` (group-writable), which is read
 as ``fsutil.read_untrusted`` reads (Postfix's safe_open).  The folder and
 file names below appear nowhere else in spoolops; reads for the operator's
-views live in ``spoolview``, maintenance in ``spoolcare``, the client's
-shared inotify instance in ``spoolwatch``.
+views live in ``spool.view``, maintenance in ``spool.care``, the client's
+shared inotify instance in ``spool.watch``.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
-from ..config import Config
-from ..errors import SpoolSetupError
-from ..formats import encode_json, utc_iso, valid_id
-from ..fsutil import (
+from ...config import Config
+from ...errors import SpoolSetupError
+from ...formats import encode_json, utc_iso, valid_id
+from ...fsutil import (
     UnsafeEntry,
     fsync_dir,
     pending_events,
@@ -62,9 +62,9 @@ from ..fsutil import (
     write_atomic,
     write_new_file,
 )
-from ..users import user_name
-from ..workhome import lock_path
-from .base import (
+from ...users import user_name
+from ...workhome import lock_path
+from ..base import (
     Batch,
     Claimed,
     Orphan,
@@ -74,9 +74,10 @@ from .base import (
     Transport,
     WorkerLock,
 )
-from .spoolcare import SpoolCare
-from .spoolclient import SpoolClientSide
-from .spoolnames import (
+from ..worklock import FlockWorkerLock
+from .care import SpoolCare
+from .client import SpoolClientSide
+from .names import (
     DIR_MODES,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
@@ -85,8 +86,7 @@ from .spoolnames import (
     id_from_name,
     reason_file_name,
 )
-from .spoolview import SpoolView
-from .worklock import FlockWorkerLock
+from .view import SpoolView
 
 log = logging.getLogger("spoolops.transport")
 

@@ -1,9 +1,9 @@
 """The PostgreSQL queue as a client sees it: submitting, cancelling, the
 wait on the role's reply channel and the read of the reply -- each through
 one of the schema's definer functions (a web role holds no privilege on any
-table: ``pgschema``).
+table: ``pg.schema``).
 
-Built on ``pgqueue.PgQueue``, as ``pgview`` and ``pg`` are.  Trusts: the database's identity (the
+Built on ``queue.PgQueue``, as ``view`` and ``worker`` are.  Trusts: the database's identity (the
 functions take the caller from ``session_user``; only the worker role
 writes a reply) and a notification only as a hint to look.
 
@@ -25,11 +25,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Json
 
-from ..errors import BadRequest, SpoolSetupError, Timeout, TransportUnavailable
-from ..formats import parse_iso
-from .base import Waiter
-from .pgconn import RECONNECT_S, shared_reply_listener
-from .pgqueue import PgQueue
+from ...errors import BadRequest, SpoolSetupError, Timeout, TransportUnavailable
+from ...formats import parse_iso
+from ..base import Waiter
+from .conn import RECONNECT_S, shared_reply_listener
+from .queue import PgQueue
 
 RESOLVE_MAX_S = 30.0      # how long a submit with no deadline rides out a lost answer
 LOCK_WAIT_MAX_S = 5.0     # how long a submit waits for a lock on the table, at most
@@ -158,7 +158,7 @@ class PgClientSide(PgQueue):
         return shared_reply_listener(self.dsn, self._reply_channel).expect(rid)
 
     def _reply_channel(self, conn: psycopg.Connection) -> str:
-        return self.names.reply_channel     # its name: the database's (pgconn.listen)
+        return self.names.reply_channel     # its name: the database's (pg.conn.listen)
 
     def collect(self, rid: str, remove: bool = True,
                 submitter: str | None = None, op: str | None = None

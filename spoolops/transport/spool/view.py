@@ -24,11 +24,11 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
-from ..formats import parse_iso, utc_iso
-from ..fsutil import UnsafeEntry, read_untrusted
-from ..users import user_name
-from .base import Entry, StateCount
-from .spoolnames import (
+from ...formats import parse_iso, utc_iso
+from ...fsutil import UnsafeEntry, read_untrusted
+from ...users import user_name
+from ..base import Entry, StateCount
+from .names import (
     REASON_SUFFIX,
     REQUEST_SUFFIX,
     RUN_SUFFIX,

@@ -19,8 +19,8 @@ the answer (hooks to retry) is a row of ``batch_holds``, inserted by the
 same statement.
 
 Workers register in ``workers`` with the pid of their listening backend
-and a random advisory key it holds (``pgconn.IntakeListener``; the test is
-``pgschema.Names.lock_held``), and their main loop writes ``heartbeat``
+and a random advisory key it holds (``pg.conn.IntakeListener``; the test is
+``schema.Names.lock_held``), and their main loop writes ``heartbeat``
 every ``lock_grace / 4``.  A running row whose worker is not alive, or
 whose heartbeat is stale (a worker frozen or hung: its lock stays held), is
 an orphan -- at once for this host's own dead worker (this worker holds the
@@ -31,7 +31,7 @@ worker holds without knowing it (a claim whose answer was lost, a failed
 ``put_back``) are its ``strays``, recovered by itself.
 
 Trusts: the database's identity (``session_user``) and its row-level
-security (``pgschema``); a notification only as a hint; other workers (the
+security (``pg.schema``); a notification only as a hint; other workers (the
 worker role) to report their own liveness honestly.
 """
 
@@ -48,18 +48,18 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Json, Jsonb
 
-from ..config import Config
-from ..errors import SpoolSetupError, TransportUnavailable
-from ..fsutil import ensure_tree
-from ..workhome import leftovers_pending, lock_path
-from . import pgschema
-from .base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
-from .pgclient import PgClientSide, message_of
-from .pgconn import IntakeListener, WorkerFenced, connect
-from .pgqueue import PgQueue
-from .pgschema import REQUEST_COLUMNS, envelope, time_ns
-from .pgview import ROW_STATES, PgView
-from .worklock import FlockWorkerLock
+from ...config import Config
+from ...errors import SpoolSetupError, TransportUnavailable
+from ...fsutil import ensure_tree
+from ...workhome import leftovers_pending, lock_path
+from ..base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from ..worklock import FlockWorkerLock
+from . import schema
+from .client import PgClientSide, message_of
+from .conn import IntakeListener, WorkerFenced, connect
+from .queue import PgQueue
+from .schema import REQUEST_COLUMNS, envelope, time_ns
+from .view import ROW_STATES, PgView
 
 log = logging.getLogger("spoolops.transport")
 
@@ -128,14 +128,14 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     def check_exists(self) -> None:
         try:
-            version = self.pools.run(lambda c: pgschema.installed_version(c, self.names))
+            version = self.pools.run(lambda c: schema.installed_version(c, self.names))
         except psycopg.errors.InsufficientPrivilege:
             raise SpoolSetupError(f"this role may not use schema {self.names.schema}: it"
                                   f" must be a member of {self.names.submit_role} or"
                                   f" {self.names.worker_role}") from None
-        if version != pgschema.SCHEMA_VERSION:
+        if version != schema.SCHEMA_VERSION:
             raise SpoolSetupError(
-                f"no queue (schema {self.names.schema}, version {pgschema.SCHEMA_VERSION})"
+                f"no queue (schema {self.names.schema}, version {schema.SCHEMA_VERSION})"
                 f" in this database (found {version}): run 'spoolops init --transport"
                 " postgresql' as the database administrator")
 
@@ -176,7 +176,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
             server = conn.execute("SHOW server_version").fetchone()[0]
             out = [("database", True, (f"connected (PostgreSQL {server}, database"
                     f" {conn.info.dbname})"), "")]
-            out += pgschema.check(conn, self.names)
+            out += schema.check(conn, self.names)
         finally:
             conn.close()
         # (the registrations' columns are this version's)
@@ -244,7 +244,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
             return changes
         admin = connect(options.get("admin_dsn") or self.dsn)
         try:
-            changes += pgschema.install(admin, self.names,
+            changes += schema.install(admin, self.names,
                                         tuple(options.get("web_logins") or ()),
                                         tuple(options.get("worker_logins") or ()),
                                         max_request_bytes=self.max_request_bytes)
@@ -329,10 +329,10 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         return self.listener.take()
 
     def scan(self) -> list[str]:
-        # bodies up to pgschema.SCAN_BYTES in all: the rest are read by peek,
+        # bodies up to schema.SCAN_BYTES in all: the rest are read by peek,
         # one at a time (a backlog of large requests never sits here at once)
         rows = self.pools.run(lambda c: c.execute(
-            pgschema.scan_sql(self.s), (pgschema.SCAN_BYTES, SCAN_LIMIT)).fetchall())
+            schema.scan_sql(self.s), (schema.SCAN_BYTES, SCAN_LIMIT)).fetchall())
         self._seen = {row[0]: self._claimed(row[2:]) for row in rows if row[1]}
         return [row[0] for row in rows]
 
