@@ -29,6 +29,19 @@ def user_name(uid: int) -> str:
     return name
 
 
+def worker_uid_of(name: str) -> int:
+    """The uid of the worker user a configuration names (``[spool]
+    worker_user``): the one place a transport turns the name into the
+    account whose replies clients trust.  ``SpoolSetupError`` if there is
+    no such account here."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        from .errors import SpoolSetupError
+        raise SpoolSetupError(f"[spool] worker_user {name!r} is not a user on this"
+                              " machine") from None
+
+
 def group_name(gid: int) -> str:
     """The name of group ``gid`` (the number if it has none)."""
     try:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +50,7 @@ from psycopg.types.json import Json, Jsonb
 from ...config import Config
 from ...errors import SpoolSetupError, TransportUnavailable
 from ...fsutil import ensure_tree
+from ...users import worker_uid_of
 from ...workhome import leftovers_pending, lock_path
 from ..base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from ..worklock import FlockWorkerLock
@@ -141,11 +141,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     def worker_uid(self) -> int:
         if self.config.worker_user:
-            try:
-                return pwd.getpwnam(self.config.worker_user).pw_uid
-            except KeyError:
-                raise SpoolSetupError(f"worker user {self.config.worker_user!r} does not"
-                                      " exist on this host") from None
+            return worker_uid_of(self.config.worker_user)
         return os.getuid()
 
     def submit_gid(self) -> int:

@@ -39,7 +39,6 @@ import errno
 import json
 import logging
 import os
-import pwd
 import secrets
 import socket
 import stat
@@ -62,7 +61,7 @@ from ...fsutil import (
     write_atomic,
     write_new_file,
 )
-from ...users import user_name
+from ...users import user_name, worker_uid_of
 from ...workhome import lock_path
 from ..base import (
     Batch,
@@ -174,11 +173,7 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAns
         """``[spool] worker_user``, else the owner of ``active/``."""
         if self._worker_uid is None:
             if self.worker_user:
-                try:
-                    self._worker_uid = pwd.getpwnam(self.worker_user).pw_uid
-                except KeyError:
-                    raise SpoolSetupError(f"[spool] worker_user {self.worker_user!r} is not"
-                                          " a user on this machine") from None
+                self._worker_uid = worker_uid_of(self.worker_user)
             else:
                 try:
                     self._worker_uid = os.stat(self.active).st_uid
