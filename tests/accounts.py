@@ -429,3 +429,31 @@ def fits_file(dep: Deployment, name: str) -> Path:
     os.chown(path, uid(WORKER), gid(WORKER))
     os.chmod(path, 0o644)
     return path
+
+
+# -- root's commands, as a test runs them ------------------------------------------------
+
+ROOT_AS_LIMIT = 1 << 30      # bytes of address space for root's commands (and flood readers)
+
+
+def capped() -> tuple[str, ...]:
+    """The prefix that caps a command's memory: a hostile file must not
+    exhaust the host through root's command."""
+    if shutil.which("prlimit") is None:
+        from conftest import unavailable
+        unavailable("prlimit (util-linux) is needed to cap root's commands' memory")
+    return ("prlimit", f"--as={ROOT_AS_LIMIT}", "--")
+
+
+def spoolops_as_root(dep: Deployment, *args: str, timeout: float
+                     ) -> subprocess.CompletedProcess:
+    """``spoolops ARGS`` run by root, memory capped, in a session of its own
+    (a stray signal to "my process group" hits nothing else); fails the test
+    if it does not exit within ``timeout``."""
+    import pytest
+    try:
+        return subprocess.run([*capped(), dep.accounts.python, "-m", "spoolops", *args],
+                              check=False, env=dep.env(None), cwd="/", capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"'spoolops {' '.join(args)}' as root hung (no exit within {timeout} s)")

@@ -20,6 +20,7 @@ the hole was mended), kept as its exact reproduction.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,19 +37,20 @@ from accounts import (
     WEB,
     WORKER,
     Deployment,
+    capped,
     errno_of,
     fits_file,
     gid,
     running_file,
+    spoolops_as_root,
     submit,
     uid,
     wait_reply,
 )
-from conftest import unavailable, wait_for
+from conftest import wait_for
 
 pytestmark = pytest.mark.accounts
 
-AS_LIMIT = 1 << 30            # bytes of address space for root's commands and flood readers
 DEADLINE_S = 30.0             # a command that takes longer hangs
 TOKEN = "ROOT-ONLY-SECRET-18c4"
 OLD = 2 * 3600                # older than the default tmp_ttl (1h)
@@ -56,22 +58,8 @@ OLD = 2 * 3600                # older than the default tmp_ttl (1h)
 
 # -- helpers ----------------------------------------------------------------------------
 
-def capped() -> tuple[str, ...]:
-    if shutil.which("prlimit") is None:
-        unavailable("prlimit (util-linux) is needed to cap the commands' memory")
-    return ("prlimit", f"--as={AS_LIMIT}", "--")
-
-
-def as_root(dep: Deployment, *args: str, timeout: float = DEADLINE_S
-            ) -> subprocess.CompletedProcess:
-    """``spoolops ARGS`` run by root, memory capped, in a session of its own;
-    fails the test if it does not exit within ``timeout``."""
-    try:
-        return subprocess.run([*capped(), dep.accounts.python, "-m", "spoolops", *args],
-                              check=False, env=dep.env(None), cwd="/", capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"'spoolops {' '.join(args)}' as root hung (no exit within {timeout} s)")
+# root's commands fail the test when they take longer than DEADLINE_S
+as_root = functools.partial(spoolops_as_root, timeout=DEADLINE_S)
 
 
 def clean_exit(done: subprocess.CompletedProcess, *codes: int) -> str:

@@ -62,6 +62,18 @@ def state_of(env, rid: str) -> str | None:
 
 # -- 1. liveness a web role cannot fake ----------------------------------------------
 
+def _holding_on_a(env, tmp_path: Path):
+    """A second host's configuration, worker A, and a request of target H
+    running on A until ``release`` appears: (other, a, client, release, id)."""
+    other = second_host(env)
+    a = env.start_worker()
+    client = env.client()
+    release = tmp_path / "release"
+    rid = client.submit("hold", {"release": str(release), "target": "H", "timeout": 120})
+    wait_for(lambda: env.running_targets() == ["H"], what="the request running on A")
+    return other, a, client, release, rid
+
+
 def test_squatted_advisory_keys_neither_fake_a_worker_nor_keep_one_out(pg_cluster,
                                                                         tmp_path) -> None:
     """A web role takes every advisory key it can see or guess -- the dead
@@ -71,12 +83,7 @@ def test_squatted_advisory_keys_neither_fake_a_worker_nor_keep_one_out(pg_cluste
     worker holds what."""
     env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="2s")
     try:
-        other = second_host(env)
-        a = env.start_worker()
-        client = env.client()
-        release = tmp_path / "release"
-        rid = client.submit("hold", {"release": str(release), "target": "H", "timeout": 120})
-        wait_for(lambda: env.running_targets() == ["H"], what="the request running on A")
+        other, a, client, release, rid = _holding_on_a(env, tmp_path)
         squatter = connect_as(env, WEB)
         seen = squatter.execute("SELECT classid::bigint, objid::bigint, objsubid FROM"
                                 " pg_locks WHERE locktype = 'advisory'").fetchall()
@@ -355,12 +362,7 @@ def test_a_frozen_worker_is_fenced_and_its_request_answered_by_another(pg_cluste
     Thawed, A learns it was fenced and stops (status 75) without answering."""
     env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="2s")
     try:
-        other = second_host(env)
-        a = env.start_worker()
-        client = env.client()
-        release = tmp_path / "release"
-        rid = client.submit("hold", {"release": str(release), "target": "H", "timeout": 120})
-        wait_for(lambda: env.running_targets() == ["H"], what="the request running on A")
+        other, a, client, release, rid = _holding_on_a(env, tmp_path)
         b = env.start_worker(SPOOLOPS_CONFIG=str(other))
         os.kill(a.pid, signal.SIGSTOP)
         frozen = time.monotonic()

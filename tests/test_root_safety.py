@@ -29,9 +29,9 @@ suite); a command that misses its deadline fails the test.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -39,34 +39,17 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import GROUP, WEB, WORKER, Deployment
+from accounts import GROUP, WEB, WORKER, Deployment, capped, spoolops_as_root
 from conftest import Lines, unavailable, wait_for
 
 pytestmark = pytest.mark.accounts
 
-AS_LIMIT = 1 << 30           # bytes of address space for root's commands
 DEADLINE_S = 20.0            # a command that takes longer hangs
 TOKEN = "ROOT-ONLY-SECRET-7c1e"
 
 
-def capped() -> tuple[str, ...]:
-    """The command prefix that caps a process's address space."""
-    if shutil.which("prlimit") is None:
-        unavailable("prlimit (util-linux) is needed to cap root's commands' memory")
-    return ("prlimit", f"--as={AS_LIMIT}", "--")
-
-
-def as_root(dep: Deployment, *args: str, timeout: float = DEADLINE_S
-            ) -> subprocess.CompletedProcess:
-    """``spoolops ARGS`` run by root, memory capped, in a session of its own
-    (a stray signal to "my process group" hits nothing else); fails the test
-    if it does not exit within ``timeout``."""
-    try:
-        return subprocess.run([*capped(), dep.accounts.python, "-m", "spoolops", *args],
-                              check=False, env=dep.env(None), cwd="/", capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"'spoolops {' '.join(args)}' as root hung (no exit within {timeout} s)")
+# root's commands fail the test when they take longer than DEADLINE_S
+as_root = functools.partial(spoolops_as_root, timeout=DEADLINE_S)
 
 
 def assert_clean(done: subprocess.CompletedProcess, *codes: int) -> None:
