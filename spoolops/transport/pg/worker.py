@@ -54,7 +54,7 @@ from ...users import worker_uid_of
 from ...workhome import leftovers_pending, lock_path
 from ..base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
 from ..worklock import FlockWorkerLock
-from . import schema
+from . import install, schema
 from .client import PgClientSide, message_of
 from .conn import IntakeListener, WorkerFenced, connect
 from .queue import PgQueue
@@ -128,7 +128,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     def check_exists(self) -> None:
         try:
-            version = self.pools.run(lambda c: schema.installed_version(c, self.names))
+            version = self.pools.run(lambda c: install.installed_version(c, self.names))
         except psycopg.errors.InsufficientPrivilege:
             raise SpoolSetupError(f"this role may not use schema {self.names.schema}: it"
                                   f" must be a member of {self.names.submit_role} or"
@@ -172,7 +172,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
             server = conn.execute("SHOW server_version").fetchone()[0]
             out = [("database", True, (f"connected (PostgreSQL {server}, database"
                     f" {conn.info.dbname})"), "")]
-            out += schema.check(conn, self.names)
+            out += install.check(conn, self.names)
         finally:
             conn.close()
         # (the registrations' columns are this version's)
@@ -240,7 +240,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
             return changes
         admin = connect(options.get("admin_dsn") or self.dsn)
         try:
-            changes += schema.install(admin, self.names,
+            changes += install.install(admin, self.names,
                                         tuple(options.get("web_logins") or ()),
                                         tuple(options.get("worker_logins") or ()),
                                         max_request_bytes=self.max_request_bytes)
