@@ -11,6 +11,8 @@ import grp
 import pwd
 import time
 
+from .errors import SpoolSetupError
+
 USER_CACHE_S = 60.0  # a renamed account is seen within a minute
 _USER_CACHE: dict[int, tuple[float, str]] = {}
 
@@ -37,7 +39,6 @@ def worker_uid_of(name: str) -> int:
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
-        from .errors import SpoolSetupError
         raise SpoolSetupError(f"[spool] worker_user {name!r} is not a user on this"
                               " machine") from None
 

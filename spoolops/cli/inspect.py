@@ -25,6 +25,7 @@ from ..transport import open_transport
 from ..transport.base import STATE_WORDS, OperatorSide
 from .common import Exit, age_text, operator_config_of, progress_text
 from .text import printable as p
+from .text import printable_lines
 
 # Every field printed in text is passed through ``p`` (``text.printable``):
 # ids, op names, users, targets, hosts, errors and reasons are written by web
@@ -141,7 +142,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             # JSON is printed as json.dumps writes it (every control and
             # non-ASCII character escaped); a body that is no JSON line by line
             print(json.dumps(body, indent=2) if not isinstance(body, str) else
-                  "\n".join(p(line) for line in body.split("\n")))
+                  printable_lines(body))
     return Exit.OK
 
 

@@ -118,7 +118,7 @@ class PgClientSide(PgQueue):
             raise
 
     def withdraw(self, rid: str, answer: dict[str, Any] | None = None) -> bool:
-        if answer is None and not self._reads_all():
+        if answer is None and not self.reads_all():
             # the caller's own request, while queued (a definer function)
             return bool(self.pools.run(lambda c: c.execute(
                 f"SELECT {self.s}.cancel(%s)", (rid,)).fetchone()[0]))
@@ -166,7 +166,7 @@ class PgClientSide(PgQueue):
         # the definer function reads the caller's own row only (submitter and
         # op are checked on the spool, where they can differ); the worker
         # role (recovery, an operator) reads any
-        if self._reads_all():
+        if self.reads_all():
             return self._collect_any(rid, remove)
         if not remove:
             row = self.pools.run(lambda c: c.execute(
@@ -237,7 +237,7 @@ class PgClientSide(PgQueue):
         return None if row is None else _checked(row[0], rid)
 
     def progress_of(self, rid: str) -> dict[str, Any] | None:
-        if self._reads_all():
+        if self.reads_all():
             query = (f"SELECT run->'progress' FROM {self.s}.requests WHERE id = %s AND"
                      " state = 'running'")
         else:

@@ -6,7 +6,7 @@ configuration, the schema's names, the connection pools, the worker's id
 while it serves -- and the few questions they all ask: does this role read
 every row or only its own; which running rows are a dead or hung worker's.
 The client side (``pg.client``), the operators' side (``pg.view``) and the
-worker (``pg``) build on it, and none of them imports another.
+worker (``pg.worker``) build on it, and none of them imports another.
 
 Trusts: the configuration it is given.
 """
@@ -23,7 +23,7 @@ from .conn import shared_pools
 from .schema import Names, sql_name
 
 # (process-wide: the role's answer does not change while it runs)
-_reads_all: dict[tuple, bool] = {}
+_READS_ALL: dict[tuple, bool] = {}
 
 
 class PgQueue:
@@ -47,29 +47,29 @@ class PgQueue:
         self.pools = shared_pools(self.dsn, max(8, config.concurrency + 4), options)
         self.me: int | None = None            # this worker's id, while it serves
 
-    def _reads_all(self) -> bool:
+    def reads_all(self) -> bool:
         """Whether this role reads every request (the worker role, a
         superuser) or, a web role, its own through ``my_requests`` and the
         definer functions (asked once per process and DSN)."""
         key = (self.dsn, self.names.schema, self.names.worker_role)
-        known = _reads_all.get(key)
+        known = _READS_ALL.get(key)
         if known is None:
             row = self.pools.run(lambda c: c.execute(
                 "SELECT pg_has_role(session_user, %s, 'USAGE') OR r.rolsuper OR"
                 " r.rolbypassrls FROM pg_roles r WHERE r.rolname = session_user",
                 (self.names.worker_role,)).fetchone())
-            known = _reads_all[key] = bool(row and row[0])
+            known = _READS_ALL[key] = bool(row and row[0])
         return known
 
-    def _rows(self) -> str:
-        return f"{self.s}.requests" if self._reads_all() else f"{self.s}.my_requests"
+    def rows_source(self) -> str:
+        return f"{self.s}.requests" if self.reads_all() else f"{self.s}.my_requests"
 
-    def _stale_sql(self) -> str:
+    def stale_sql(self) -> str:
         """SQL: the moment before which a heartbeat is stale (half of
         ``lock_grace``: the worker writes one every quarter)."""
         return f"clock_timestamp() - interval '{self.config.lock_grace / 2:.3f} seconds'"
 
-    def _dead_workers_sql(self) -> str:
+    def dead_workers_sql(self) -> str:
         """Running rows of other workers that are not alive, fenced, gone, or
         whose heartbeat is stale (``pg.view.requeue`` uses it too: only
         ``%(me)s`` as a parameter)."""
@@ -78,6 +78,5 @@ class PgQueue:
                 f" w.pid, w.lost_at, clock_timestamp(), {alive}, w.backend_pid FROM {s}.requests"
                 f" r LEFT JOIN {s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running'"
                 " AND r.claimed_by IS DISTINCT FROM %(me)s AND (w.id IS NULL OR w.fenced_at IS"
-                f" NOT NULL OR w.heartbeat < {self._stale_sql()} OR NOT {alive})"
+                f" NOT NULL OR w.heartbeat < {self.stale_sql()} OR NOT {alive})"
                 " ORDER BY r.claimed_at")
-

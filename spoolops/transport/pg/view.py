@@ -66,7 +66,7 @@ class PgView(PgQueue):
         try:
             rows = self.pools.run(lambda c: c.execute(
                 f"SELECT state, count(*), min(CASE state WHEN 'queued' THEN submitted WHEN"
-                f" 'running' THEN claimed_at ELSE finished END) FROM {self._rows()}"
+                f" 'running' THEN claimed_at ELSE finished END) FROM {self.rows_source()}"
                 " GROUP BY state").fetchall())
         except psycopg.errors.InsufficientPrivilege:
             return {state: StateCount(None, where=where, problem="unreadable")
@@ -83,7 +83,7 @@ class PgView(PgQueue):
         column = _SINCE[ROW_STATES[state]]
         rows = self.pools.run(lambda c: c.execute(
             f"SELECT id, {column}, op, submitter, priority, args->>'filename', targets,"
-            f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self._rows()}"
+            f" run->'pid', reason, reply->>'ok', reply->'error'->>'type' FROM {self.rows_source()}"
             f" WHERE state = %s ORDER BY {column}, id", (ROW_STATES[state],)).fetchall())
         out = []
         for rid, since, op, user, priority, filename, targets, pid, reason, ok, error in rows:
@@ -102,7 +102,7 @@ class PgView(PgQueue):
     def find(self, prefix: str) -> list[str]:
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = self.pools.run(lambda c: c.execute(
-            f"SELECT id FROM {self._rows()} WHERE id LIKE %s ORDER BY id LIMIT 100",
+            f"SELECT id FROM {self.rows_source()} WHERE id LIKE %s ORDER BY id LIMIT 100",
             (pattern,)).fetchall())
         found = [r[0] for r in rows]
         return [prefix] if prefix in found else found
@@ -110,7 +110,7 @@ class PgView(PgQueue):
     def describe(self, rid: str) -> dict[str, Any] | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state, submitter, submitted, claimed_at, finished, run, reply, reason,"
-            f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self._rows()}"
+            f" claimed_by, attempt, targets, {REQUEST_COLUMNS} FROM {self.rows_source()}"
             " WHERE id = %s", (rid,)).fetchone())
         if row is None:
             return None
@@ -136,7 +136,7 @@ class PgView(PgQueue):
         the rest read from the table -- under the caller's own rights: the
         worker role follows every request's events, a web role the replies
         to its own."""
-        channel = self.names.events_channel if self._reads_all() else self.names.reply_channel
+        channel = self.names.events_channel if self.reads_all() else self.names.reply_channel
         conn = connect(self.dsn)
         try:
             listen(conn, channel)
@@ -164,7 +164,7 @@ class PgView(PgQueue):
         if kind == "reply":
             event: Any = {"event": "finished", "id": payload}
             # (my_requests shows rows under their client's ids already)
-            where = "coalesce(client_id, id) = %s" if self._reads_all() else "id = %s"
+            where = "coalesce(client_id, id) = %s" if self.reads_all() else "id = %s"
         else:
             try:
                 event = json.loads(payload)
@@ -178,7 +178,7 @@ class PgView(PgQueue):
                 f"SELECT op, submitter, priority, array_to_string(targets, ','), run->'pid',"
                 " run->>'host', reply->>'ok', reply->'error'->>'type',"
                 " left(reply->'error'->>'message', 1000), reply->>'started_at',"
-                f" reply->>'finished_at', reason, state FROM {self._rows()} WHERE {where}",
+                f" reply->>'finished_at', reason, state FROM {self.rows_source()} WHERE {where}",
                 (event["id"],)).fetchone())
         except (psycopg.Error, TransportUnavailable):
             row = None
@@ -218,7 +218,7 @@ class PgView(PgQueue):
             if cur.rowcount:
                 return "failed"
             dead = {r[0] for r in conn.execute(
-                self._dead_workers_sql(), {"me": self.me}).fetchall()}
+                self.dead_workers_sql(), {"me": self.me}).fetchall()}
             if rid in dead:
                 conn.execute(
                     f"UPDATE {self.s}.requests SET state = 'queued', run = NULL, claimed_by ="

@@ -289,7 +289,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         over meanwhile, or its registration is gone."""
         row = conn.execute(
             f"UPDATE {self.s}.workers SET backend_pid = pg_catalog.pg_backend_pid(), lock_key"
-            f" = %s, lost_at = CASE WHEN heartbeat >= {self._stale_sql()} THEN NULL ELSE"
+            f" = %s, lost_at = CASE WHEN heartbeat >= {self.stale_sql()} THEN NULL ELSE"
             " lost_at END WHERE id = %s RETURNING fenced_at IS NOT NULL",
             (key, self.me)).fetchone()
         if row is None or row[0]:
@@ -550,7 +550,7 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         params = {"me": self.me}
 
         def work(conn: psycopg.Connection) -> list[tuple]:
-            rows = conn.execute(self._dead_workers_sql(), params).fetchall()
+            rows = conn.execute(self.dead_workers_sql(), params).fetchall()
             lost = sorted({r[1] for r in rows if r[7] is None and r[4] is not None})
             if lost:
                 conn.execute(f"UPDATE {self.s}.workers SET lost_at = clock_timestamp() WHERE"
