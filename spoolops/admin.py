@@ -17,7 +17,7 @@ worker, so that root's privileges never serve a rigged file.
 
 Trusts: the configuration and the caller's privileges -- not the tree,
 which the worker account owns: owners and modes are changed through folder
-descriptors (``fsutil.ensure_tree``), never through a symbolic link, never
+descriptors (``files.ensure_tree``), never through a symbolic link, never
 by name after a check.
 """
 
@@ -33,8 +33,8 @@ from typing import Any
 from .config import Config
 from .dispatch import Dispatcher, Request
 from .errors import Cancelled, SpoolError, SpoolSetupError
+from .files import ensure_dir
 from .formats import parse_iso, valid_id
-from .fsutil import ensure_dir
 from .ops import Registry
 from .transport import open_transport
 from .users import user_name

@@ -30,7 +30,7 @@ from typing import Any
 
 import filelock
 
-from . import faults, memos, workhome
+from . import faults, workhome
 from .config import ALL_USERS, Config
 from .errors import (
     BadRequest,
@@ -49,8 +49,9 @@ from .formats import (
     valid_id,
 )
 from .hookledger import HookCall, HookLedger
-from .memos import Memo
 from .ops import OpContext, Operation, Registry
+from .workhome import memos
+from .workhome.memos import Memo
 
 log = logging.getLogger("spoolops.dispatch")
 

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import UnsafeEntry, read_untrusted, write_atomic
 from .formats import encode_json, utc_iso
-from .fsutil import UnsafeEntry, read_untrusted, write_atomic
 from .workhome import HOOKS_DIR
 
 LEDGER_DIR = HOOKS_DIR

@@ -6,7 +6,7 @@ Runs once, under the worker lock, before any request is claimed:
    in-place header rewrite cut off by a crash, before any request can touch
    the file);
 2. recorded temporary files of operations are removed
-   (``tempfiles.cleanup_temps``), and the dead worker's own scratch files;
+   (``workhome.temps.cleanup_temps``), and the dead worker's own scratch files;
 3. replies recorded but not published (the op finished) are published --
    exactly one reply, never two; one cut off while being written is dropped
    when its request still exists (step 4 answers it), and answered
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from .dispatch import Dispatcher, Request
 from .errors import Interrupted, OpError
 from .ops import Registry
-from .tempfiles import cleanup_temps
 from .transport import Transport
 from .transport.base import Orphan, StagedAnswers
 from .users import user_name
+from .workhome.temps import cleanup_temps
 
 log = logging.getLogger("spoolops.recovery")
 

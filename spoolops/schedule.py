@@ -1,7 +1,7 @@
 """Execution order: priority, then age, then id; one request per target at a time.
 
 Pure bookkeeping, no I/O: the transport tells it what is queued and what
-finished; it answers what to start next.  ``Queue`` holds requests still in
+finished; it answers what to start next.  ``Backlog`` holds requests still in
 ``new/`` (unclaimed); ``TargetGate`` holds the targets in use.
 
 A queued request's key is ``(-priority, mtime_ns, id)``.  Keys are only
@@ -35,7 +35,7 @@ class Pending:
     seen: float = 0.0              # monotonic time the worker first saw it
 
 
-class Queue:
+class Backlog:
     """Requests in ``new/``, by name, with their keys once known."""
 
     def __init__(self) -> None:

@@ -43,15 +43,15 @@ from typing import Any
 
 from . import recovery
 from .config import Config
+from .counters import Stats
 from .dispatch import Dispatcher, Job, Request
 from .errors import BadRequest, OpError, OpFailed
+from .files import write_atomic
 from .formats import batch_name, utc_iso
-from .fsutil import write_atomic
-from .metrics import render_metrics
 from .ops import Registry, default_registry
-from .schedule import Queue, TargetGate, request_key
+from .prometheus import render_metrics
+from .schedule import Backlog, TargetGate, request_key
 from .sdnotify import Notifier
-from .stats import Stats
 from .transport import Transport, open_transport
 from .transport.base import STATES, Batch, Claimed, Quarantined, Refused
 
@@ -84,7 +84,7 @@ class Worker:
                                      hook_kept=self._hooks_changed)
         self.once = once
         self.standby = standby
-        self.queue = Queue()
+        self.backlog = Backlog()
         self.gate = TargetGate()
         self.stats = Stats(self.transport.save_stats)
         self.running = 0
@@ -176,7 +176,7 @@ class Worker:
             self.stats.started()
             self._rescan()
             # the line operators and tests wait for: from here on requests are served
-            log.info("event=worker_ready pid=%d queued=%d", os.getpid(), len(self.queue))
+            log.info("event=worker_ready pid=%d queued=%d", os.getpid(), len(self.backlog))
             self.notifier.ready(f"serving (pid {os.getpid()})")
             self._loop(arrivals)
             return 0
@@ -287,7 +287,7 @@ class Worker:
                     self._reconcile_wanted = True
                 else:
                     for name in names:
-                        self.queue.add(name)
+                        self.backlog.add(name)
             if time.monotonic() >= next_rescan or self._rescan_wanted:
                 self._rescan_wanted = False
                 self._rescan()
@@ -313,9 +313,9 @@ class Worker:
         """What the worker knows without looking at the spool: queued and
         running requests and how long the oldest of each has waited."""
         now = time.monotonic()
-        seen = self.queue.oldest_seen()
+        seen = self.backlog.oldest_seen()
         since = min(self.running_since.values(), default=None)
-        return {"queued": {"count": len(self.queue),
+        return {"queued": {"count": len(self.backlog),
                            "oldest_age_s": None if seen is None else round(now - seen, 3)},
                 "running": {"count": self.running,
                             "oldest_age_s": None if since is None else round(now - since, 3)}}
@@ -337,7 +337,7 @@ class Worker:
             log.warning("event=metrics_failed path=%s error=%r", self.config.metrics_file, exc)
 
     def _idle(self) -> bool:
-        return not self.queue and self.running == 0 and not self.unpublished
+        return not self.backlog and self.running == 0 and not self.unpublished
 
     def _shutdown(self) -> None:
         if self._pool is not None:
@@ -364,7 +364,7 @@ class Worker:
             return
         limit = self.transport.scan_limit
         self._scan_partial = limit is not None and len(names) >= limit
-        self.queue.sync(names)
+        self.backlog.sync(names)
 
     def _reconcile(self) -> None:
         """A shared transport: put back in line (or answer) what the queue
@@ -395,7 +395,7 @@ class Worker:
 
     def _prekey(self) -> None:
         """Read queued requests early to learn their priority and targets."""
-        for name in self.queue.unkeyed():
+        for name in self.backlog.unkeyed():
             try:
                 seen = self.transport.peek(name)
             except OSError as exc:
@@ -404,7 +404,7 @@ class Worker:
                 log.error("event=prekey_failed name=%s error=%r", name, str(exc))
                 return
             if seen is None:              # the request itself is gone (cancelled)
-                self.queue.discard(name)
+                self.backlog.discard(name)
                 continue
             priority, targets = 0, None
             try:
@@ -416,7 +416,7 @@ class Worker:
                 pass                      # answered when claimed (NotFound, BadRequest, ...)
             except Exception:
                 log.exception("event=prekey_failed name=%s", name)
-            self.queue.set_key(name, request_key(priority, seen.queued_ns, seen.rid), targets)
+            self.backlog.set_key(name, request_key(priority, seen.queued_ns, seen.rid), targets)
 
     def _schedule(self) -> None:
         """Start what may start.  While a target is busy, queued requests are
@@ -427,13 +427,13 @@ class Worker:
         key and target known, until the target is free."""
         while True:
             free = self.config.concurrency - self.running
-            if self._scan_partial and len(self.queue) < (self.transport.scan_limit or 0) // 2:
+            if self._scan_partial and len(self.backlog) < (self.transport.scan_limit or 0) // 2:
                 self._rescan()      # the backlog beyond the last partial scan
-            if free <= 0 or not self.queue:
+            if free <= 0 or not self.backlog:
                 return
-            if len(self.queue) > free or self.gate.busy or self.gate.elsewhere:
+            if len(self.backlog) > free or self.gate.busy or self.gate.elsewhere:
                 self._prekey()
-            batch = [job for job in self._claim_all(self.queue.take(free, self.gate))
+            batch = [job for job in self._claim_all(self.backlog.take(free, self.gate))
                      if job is not None]
             if not batch:
                 return
@@ -470,8 +470,8 @@ class Worker:
             log.error("event=unclaim_failed id=%s error=%r", job.request.id, exc)
             self._reconcile_wanted = True
             return
-        self.queue.add(job.extra["entry"])
-        self.queue.set_key(job.extra["entry"], _job_key(job), job.targets)
+        self.backlog.add(job.extra["entry"])
+        self.backlog.set_key(job.extra["entry"], _job_key(job), job.targets)
 
     def _claim_all(self, names: list[str]) -> list[Job | None]:
         """Claim entries, validate them: jobs to run, or None for each one
@@ -547,7 +547,7 @@ class Worker:
     def _start(self, job: Job, alone: bool) -> None:
         self.running += 1
         self.running_since[job.request.id] = time.monotonic()
-        if _instant(job) and (not self.config.durable or (alone and not self.queue)):
+        if _instant(job) and (not self.config.durable or (alone and not self.backlog)):
             # declared instant (echo): a thread hand-off would cost more than
             # the job.  Durable replies of several waiting requests go to the
             # pool instead, where their fsyncs share one journal commit.

@@ -243,7 +243,7 @@ def test_error_messages_print_escaped(monkeypatch, capsys) -> None:
 # -- Prometheus -------------------------------------------------------------------------------
 
 def test_prometheus_labels_are_escaped_and_counters_must_be_numbers() -> None:
-    from spoolops.metrics import render_metrics
+    from spoolops.prometheus import render_metrics
     empty = {"count": 0, "oldest_age_s": None}
     status = {"queued": empty, "running": empty, "failed": empty, "replies": empty,
               "worker": {"alive": True}}

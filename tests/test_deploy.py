@@ -217,7 +217,7 @@ def test_janitor_reports_a_clean_up_it_cannot_do(spool_env: SpoolEnv, tmp_path: 
     janitor as not removed; the run goes on, with no traceback."""
     if not is_root():
         unavailable("a read-only bind mount needs root")
-    from spoolops.tempfiles import TEMP_MARK, register_temp
+    from spoolops.workhome.temps import TEMP_MARK, register_temp
     storage = spool_env.config.storage_root
     temp = storage / f".x.fits.1234{TEMP_MARK}"
     temp.write_bytes(b"partial")

@@ -22,7 +22,7 @@ import pytest
 from spoolops import faults as fault
 from spoolops.fits import edit, parse_values, recover_journals
 from spoolops.fits.journal import JOURNAL_DIR
-from spoolops.tempfiles import TEMP_MARK, cleanup_temps
+from spoolops.workhome.temps import TEMP_MARK, cleanup_temps
 
 # long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten
 pytestmark = pytest.mark.timeout(3600 if os.environ.get("SPOOLOPS_SOAK") else 900)

@@ -31,7 +31,7 @@ import spoolops.config
 from spoolops.config import Config
 from spoolops.ops import OpContext
 from spoolops.ops.ingest import CHUNK, INGEST_UPLOAD
-from spoolops.tempfiles import TEMP_MARK, cleanup_temps
+from spoolops.workhome.temps import TEMP_MARK, cleanup_temps
 
 # long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten
 pytestmark = pytest.mark.timeout(3600 if os.environ.get("SPOOLOPS_SOAK") else 900)

@@ -23,7 +23,7 @@ from spoolops.config import Config
 from spoolops.errors import BadRequest, Conflict, NotFound, OpFailed
 from spoolops.ops import OpContext, builtin_operations
 from spoolops.ops.ingest import INGEST_UPLOAD, dir_mode_for
-from spoolops.tempfiles import TEMP_MARK
+from spoolops.workhome.temps import TEMP_MARK
 
 FITS_DATA = Path(astropy.io.fits.__file__).parent / "tests" / "data"
 IS_ROOT = os.geteuid() == 0

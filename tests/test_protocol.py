@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SpoolEnv
 
+from spoolops.files import UnsafeEntry, read_untrusted, write_atomic
 from spoolops.formats import ID_RE, encode_json, new_request_id
-from spoolops.fsutil import UnsafeEntry, read_untrusted, write_atomic
 from spoolops.transport.spool.names import id_from_name
 
 

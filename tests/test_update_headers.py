@@ -19,7 +19,7 @@ from spoolops.fits import parse_values, recover_journals
 from spoolops.fits.journal import JOURNAL_DIR, write_journal
 from spoolops.ops import OpContext
 from spoolops.ops.headers import UPDATE_HEADERS
-from spoolops.tempfiles import TEMP_MARK, cleanup_temps
+from spoolops.workhome.temps import TEMP_MARK, cleanup_temps
 
 KINDS = ["", "gz", "bz2"]
 

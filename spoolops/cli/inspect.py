@@ -1,6 +1,6 @@
 """``status``, ``show``, ``ls`` and ``tail``: the spool telling its own story.
 
-Printing only; the facts come from ``status.py``, ``metrics.py`` and the
+Printing only; the facts come from ``status.py``, ``prometheus.py`` and the
 transport's reads.  Output is for a person on a terminal unless ``--json``
 (or ``--prometheus``) asks for a machine format.
 
@@ -53,7 +53,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     transport: OperatorSide = open_transport(config)
     status = spool_status(config, refresh=True, transport=transport)
     if args.prometheus:
-        from ..metrics import render_metrics
+        from ..prometheus import render_metrics
         stats = transport.load_stats() if status["worker"]["alive"] else None
         sys.stdout.write(render_metrics(status, stats))
     elif args.json:

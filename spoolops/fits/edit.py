@@ -15,7 +15,7 @@ Three ways to write, chosen per file:
   stream ends exactly after the edited header (a file spoolops wrote), only
   that stream is recompressed and the other compressed bytes are copied.
 
-A temporary file is registered with ``spoolops.tempfiles`` before it exists,
+A temporary file is registered with ``spoolops.workhome.temps`` before it exists,
 fsynced, given the original's owner, group and mode, and renamed over it.
 Data bytes are copied, never decoded, so they cannot change.  DATASUM is kept
 (the data are unchanged, and recomputing it would hide a corruption it should
@@ -35,7 +35,7 @@ from typing import Any
 from .. import confine
 from .. import faults as fault
 from ..errors import BadRequest, Conflict, OpFailed
-from ..tempfiles import forget_temp, register_temp, temp_name
+from ..workhome.temps import forget_temp, register_temp, temp_name
 from . import cards, checksum, compress, journal
 from .layout import Hdu, scan
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import ALL_USERS, Config
 from ..errors import SpoolError
-from ..memos import Memo
+from ..workhome.memos import Memo
 from .args import object_args
 
 log = logging.getLogger("spoolops.ops")

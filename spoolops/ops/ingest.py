@@ -39,7 +39,7 @@ storage_root are created with ``file_mode`` plus ``x`` wherever ``r`` is set
 
 A crash at any moment leaves either nothing published (staged file intact)
 or the complete file published; the temporary file is recorded with
-``spoolops.tempfiles`` so the worker's start-up cleanup removes it.
+``spoolops.workhome.temps`` so the worker's start-up cleanup removes it.
 Fault points for crash tests: see ``spoolops.faults``.
 """
 
@@ -58,7 +58,7 @@ from typing import Any
 from .. import confine, faults
 from ..config import Config
 from ..errors import BadRequest, Conflict, NotFound, OpError, OpFailed
-from ..tempfiles import forget_temp, register_temp, temp_name
+from ..workhome.temps import forget_temp, register_temp, temp_name
 from . import SITE_DEFAULT, OpContext, Operation
 from . import args as check
 

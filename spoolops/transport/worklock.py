@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkerRunning
-from ..fsutil import UnsafeEntry, read_untrusted
+from ..files import UnsafeEntry, read_untrusted
 from .base import WorkerLock
 
 log = logging.getLogger("spoolops.worker")

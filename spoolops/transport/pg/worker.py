@@ -49,7 +49,7 @@ from psycopg.types.json import Json, Jsonb
 
 from ...config import Config
 from ...errors import SpoolSetupError, TransportUnavailable
-from ...fsutil import ensure_tree
+from ...files import ensure_tree
 from ...users import worker_uid_of
 from ...workhome import leftovers_pending, lock_path
 from ..base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock

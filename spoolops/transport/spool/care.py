@@ -3,7 +3,7 @@ stale, and the worker's counters.
 
 ``create`` gives every folder the owner, group and mode of the design
 (setgid everywhere, so that files take the submit group) through folder
-descriptors (``fsutil.ensure_tree``): a folder the worker account swapped
+descriptors (``files.ensure_tree``): a folder the worker account swapped
 for a symbolic link is refused, and nothing is ever changed through one.
 ``requeue`` moves a failed (or, with no worker, an orphaned) request back
 into ``new/``.  ``reap`` is the janitor's share: every removal is decided by
@@ -17,7 +17,7 @@ privileges; ``work/`` for what it writes there as the worker (requeue,
 reap, save_stats) -- but not what it reads for others: ``create`` and
 ``load_stats`` also run for root, and the worker account may have rigged
 ``work/`` (links, FIFOs, a stats file naming any pid), so the counters and
-the lock are read as ``fsutil.read_untrusted`` reads, and a signal goes
+the lock are read as ``files.read_untrusted`` reads, and a signal goes
 only to a process of the worker user.
 """
 
@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import SpoolSetupError
-from ...formats import encode_json
-from ...fsutil import (
+from ...files import (
     UnsafeEntry,
     ensure_tree,
     read_untrusted,
     rename_noreplace,
     write_atomic,
 )
+from ...formats import encode_json
 from ...hookledger import HookLedger
 from ...workhome import (
     MADE_BY_INIT,

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BadRequest, SpoolSetupError
-from ...formats import batch_name, encode_json, valid_id
-from ...fsutil import (
+from ...files import (
     UnsafeEntry,
     create_file,
     discard_new_file,
@@ -27,6 +26,7 @@ from ...fsutil import (
     read_untrusted,
     write_all,
 )
+from ...formats import batch_name, encode_json, valid_id
 from ...users import user_name
 from ..base import Waiter
 from .names import (

@@ -5,7 +5,7 @@ through the transport interface -- often by root, who switches to the
 worker user first (``cli.common.operator_config_of``).  Trusts nothing it
 reads: members write ``new/`` and ``replies/`` (and what they rename into
 ``new/`` the worker moves to ``failed/`` under its own name), so every file
-is read as ``fsutil.read_untrusted`` reads (never through a link, never a
+is read as ``files.read_untrusted`` reads (never through a link, never a
 FIFO or device, at most ``MAX_VIEW_BYTES``) and parsed only to describe it;
 what is not a plain file, or is too large, is shown as such, unread.  Files
 may also vanish or be junk.  Folders this reader may not list (``new/`` and
@@ -24,8 +24,8 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
+from ...files import UnsafeEntry, read_untrusted
 from ...formats import parse_iso, utc_iso
-from ...fsutil import UnsafeEntry, read_untrusted
 from ...users import user_name
 from ..base import Entry, StateCount
 from .names import (

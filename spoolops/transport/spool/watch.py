@@ -19,7 +19,7 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from ...fsutil import pending_events
+from ...files import pending_events
 from ..base import Waiter
 
 

@@ -27,7 +27,7 @@ staged reply that does not parse, so a cut-off write is just "cut off".
 
 Trusts: ``work/`` and ``active/`` (only the worker writes them), nothing
 found in ``tmp/``, ``new/`` or ``replies/`` (group-writable), which is read
-as ``fsutil.read_untrusted`` reads (Postfix's safe_open).  The folder and
+as ``files.read_untrusted`` reads (Postfix's safe_open).  The folder and
 file names below appear nowhere else in spoolops; reads for the operator's
 views live in ``spool.view``, maintenance in ``spool.care``, the client's
 shared inotify instance in ``spool.watch``.
@@ -51,8 +51,7 @@ from inotify_simple import INotify, flags
 
 from ...config import Config
 from ...errors import SpoolSetupError
-from ...formats import encode_json, utc_iso, valid_id
-from ...fsutil import (
+from ...files import (
     UnsafeEntry,
     fsync_dir,
     pending_events,
@@ -61,6 +60,7 @@ from ...fsutil import (
     write_atomic,
     write_new_file,
 )
+from ...formats import encode_json, utc_iso, valid_id
 from ...users import user_name, worker_uid_of
 from ...workhome import lock_path
 from ..base import (

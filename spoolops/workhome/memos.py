@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .formats import encode_json, valid_id
-from .fsutil import write_atomic
-from .workhome import MEMOS_DIR
+from ..files import write_atomic
+from ..formats import encode_json, valid_id
+from . import MEMOS_DIR
 
 MEMO_DIR = MEMOS_DIR
 

@@ -17,8 +17,8 @@ import os
 import stat
 from pathlib import Path
 
-from .fsutil import fsync_dir, write_new_file
-from .workhome import TEMPS_DIR
+from ..files import fsync_dir, write_new_file
+from . import TEMPS_DIR
 
 TEMP_MARK = ".spoolops-tmp"
 RECORD_DIR = TEMPS_DIR

@@ -11,7 +11,7 @@ are made; what lives there, and who writes it:
 ``stats.json``       the worker's counters (the transport's ``save_stats``)
 ``locks/``           one lock file per target, named by a digest (dispatch)
 ``memos/``           a request's notes for its own re-run (``memos``)
-``temps/``           records of operations' temporary files (``tempfiles``)
+``temps/``           records of operations' temporary files (``workhome.temps``)
 ``journals/``        header rewrites in flight (``fits.journal``)
 ``hooks/``           follow-up hook calls kept for a retry (``hookledger``)
 ``*.tmp``, ...       a transport's own staging (the spool's staged replies)
