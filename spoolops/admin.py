@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .dispatch import Dispatcher, Request
+from .dispatch import make_reply
 from .errors import Cancelled, SpoolError, SpoolSetupError
 from .files import ensure_dir
 from .formats import parse_iso, valid_id
-from .ops import Registry
 from .transport import open_transport
 from .users import user_name
 
@@ -139,11 +138,9 @@ def cancel_request(config: Config, rid: str) -> bool:
     if transport.may_answer():
         info = transport.describe(rid) or {}
         since = info.get("since")
-        request = Request(id=rid, op="", args=None, user=info.get("owner") or "unknown",
-                          queued_at=parse_iso(since) if since else time.time())
-        answer = Dispatcher(Registry(), config, transport.work_dir).reply(
-            request, op=None, error=Cancelled(
-                f"withdrawn by {_invoker()} with 'spoolops cancel'"))
+        answer = make_reply(rid, op=None, user=info.get("owner") or "unknown",
+                            queued_at=parse_iso(since) if since else time.time(),
+                            error=Cancelled(f"withdrawn by {_invoker()} with 'spoolops cancel'"))
     return transport.withdraw(rid, answer)
 
 

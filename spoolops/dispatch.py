@@ -2,9 +2,10 @@
 
 Parses and validates the request envelope, looks up the operation, checks
 access and the deadline, takes the cross-process locks on the op's targets,
-runs it, and shapes the reply dict of the design.  It imports no transport:
-the worker hands it the bytes and the submitter the transport vouches for,
-and hands its reply back to the transport.
+runs it, and shapes the reply dict of the design (``make_reply``: also for
+whoever answers without running anything, an operator's cancel).  It imports
+no transport: the worker hands it the bytes and the submitter the transport
+vouches for, and hands its reply back to the transport.
 
 Trusts: the registry's code and the configuration.  Distrusts: the request
 bytes and every field in them; the submitter's identity comes from the
@@ -24,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,18 @@ class Job:
     args: dict[str, Any]
     targets: tuple[str, ...] = ()
     started_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # what it notes for its own re-run (``execute``): dropped once answered
+    memo: Memo | None = None
+    # the worker's, from the claim: the transport's name for the queued
+    # request, and its place in line to the nanosecond (a float round trip
+    # can move a time by ~100 ns and swap two requests)
+    entry: str | None = None
+    queued_ns: int | None = None
+    # the worker's, from the run: the reply and how long the op took; or,
+    # never started (the queue out of reach), it goes back in line
+    reply: dict[str, Any] | None = None
+    duration: float = 0.0
+    requeue: bool = False
 
 
 def target_lock_path(work_dir: Path, target: str) -> Path:
@@ -113,7 +125,7 @@ class Dispatcher:
         self.config = config
         self.work_dir = Path(work_dir)
         self.clock = clock
-        self.worker_info = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.worker_info = this_worker()
         self.hook_ledger = HookLedger(self.work_dir, config.durable, cached=True)
         self.hook_kept = hook_kept        # told when a failed hook call is kept
 
@@ -203,7 +215,7 @@ class Dispatcher:
                 raise Expired(f"deadline {utc_iso(request.deadline)} passed before the"
                               " worker started the request")
             ctx = self.context(request, progress)
-            job.extra["memo"] = ctx.memo
+            job.memo = ctx.memo
             with self._target_locks(job.targets):
                 result = job.operation.run(ctx, job.args)
                 if result is None:
@@ -298,9 +310,8 @@ class Dispatcher:
 
     def answered(self, job: Job) -> None:
         """The reply to ``job`` is published: drop what it noted for a re-run."""
-        memo = job.extra.get("memo")
-        if memo is not None and memo.kept:
-            memo.forget()
+        if job.memo is not None and job.memo.kept:
+            job.memo.forget()
 
     def prune_notes(self, pending: Callable[[str], bool]) -> None:
         """At start, after recovery: drop the notes of requests that will not
@@ -329,27 +340,47 @@ class Dispatcher:
               result: dict[str, Any] | None = None, error: OpError | None = None,
               started_at: float | None = None, op: str | None = None,
               user: str | None = None, queued_at: float | None = None) -> dict[str, Any]:
-        """A reply dict as docs/design.rst shapes it."""
-        now = self.clock()
+        """A reply dict as docs/design.rst shapes it (``make_reply``), to
+        ``request`` or else to ``rid``."""
         if request is not None:
             rid, user, queued_at = request.id, request.user, request.queued_at
             op = op if op is not None else (request.op or None)
-        if not valid_id(rid):
-            raise ValueError(f"no valid id to reply to: {rid!r}")
-        finished_at = utc_iso(now)
-        return {
-            "version": PROTOCOL_VERSION,
-            "id": rid,
-            "op": op,
-            "ok": error is None,
-            "result": result if error is None else None,
-            "error": None if error is None else {"type": error.type, "message": error.message},
-            "submitted_by": user,
-            "queued_at": utc_iso(queued_at) if queued_at is not None else None,
-            "started_at": finished_at if started_at is None else utc_iso(started_at),
-            "finished_at": finished_at,
-            "worker": dict(self.worker_info),
-        }
+        return make_reply(rid, op=op, user=user, queued_at=queued_at, result=result,
+                          error=error, started_at=started_at, now=self.clock(),
+                          worker=self.worker_info)
+
+
+def this_worker() -> dict[str, Any]:
+    """The ``worker`` of a reply this process writes: its host and pid."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def make_reply(rid: str | None, *, op: str | None, user: str | None,
+               queued_at: float | None, result: dict[str, Any] | None = None,
+               error: OpError | None = None, started_at: float | None = None,
+               now: float | None = None, worker: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """A reply dict as docs/design.rst shapes it, for whoever answers
+    without running anything (an operator's cancel): ``now`` is the finish
+    time (the clock's if None), ``worker`` this process (``this_worker``) if
+    None.  ``ValueError`` if ``rid`` is no id."""
+    now = time.time() if now is None else now
+    if not valid_id(rid):
+        raise ValueError(f"no valid id to reply to: {rid!r}")
+    finished_at = utc_iso(now)
+    return {
+        "version": PROTOCOL_VERSION,
+        "id": rid,
+        "op": op,
+        "ok": error is None,
+        "result": result if error is None else None,
+        "error": None if error is None else {"type": error.type, "message": error.message},
+        "submitted_by": user,
+        "queued_at": utc_iso(queued_at) if queued_at is not None else None,
+        "started_at": finished_at if started_at is None else utc_iso(started_at),
+        "finished_at": finished_at,
+        "worker": dict(this_worker() if worker is None else worker),
+    }
 
 
 def _describe(exc: BaseException) -> str:

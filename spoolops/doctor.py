@@ -6,8 +6,9 @@ folder has the owner, group and mode of docs/design.rst (setgid included) and th
 they all sit on one filesystem (every move in the spool is a rename); that
 the spool, ``storage_root`` and ``upload_staging_dir`` are on local
 filesystems (inotify does not see changes made by other hosts on NFS/CIFS);
-that ``storage_root`` is not writable by the group or others; and that the
-kernel's inotify limits are sane.
+that ``storage_root`` is not writable by the group or others; and what the
+transport checks of itself (the spool: the kernel's inotify limits;
+PostgreSQL: schema, roles, row-level security, workers).
 
 Library only: returns ``Finding`` objects, never prints.  Trusts the
 configuration file it is given; reads /proc and the user/group databases;
@@ -37,8 +38,6 @@ NETWORK_FS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "ceph", "glusterfs",
     "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.ceph", "lustre", "gpfs", "9p",
     "beegfs", "ocfs2", "gfs2", "davfs", "fuse.rclone", "virtiofs"})
-MIN_INOTIFY = {"max_user_instances": 128, "max_queued_events": 16384,
-               "max_user_watches": 8192}
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,15 @@ def run_checks(config_path: str | os.PathLike | None = None,
     except SpoolSetupError as exc:
         return findings + [Finding("transport", False, str(exc), "install what it names")]
     # web users reach the queue through the submit group's folders (their
-    # members, inotify's limits), or through the transport's own identities
-    # (the database's roles, grants, row-level security: ``diagnose``)
+    # members), or through the transport's own identities; what else it
+    # knows to check it says itself (``diagnose``: inotify's limits; the
+    # database's roles, grants, row-level security)
     findings += check_accounts(config, groups=folders)
     findings += check_tree(config)
     if folders:
         findings += check_groups(config)
     findings += check_filesystems(config)
-    findings += check_inotify() if folders else check_transport(config)
+    findings += check_transport(config)
     findings += check_hooks(config)
     return findings
 
@@ -113,15 +113,16 @@ def _hook_findings(config: Config) -> list[Finding]:
 
 
 def check_transport(config: Config) -> list[Finding]:
-    """What the transport knows to check about itself (the database's schema,
-    roles and row-level security)."""
+    """What the transport knows to check about itself (the spool: the host's
+    inotify limits; PostgreSQL: the database's schema, roles and row-level
+    security), asked as the worker user."""
     if os.geteuid() == 0 and config.worker_user:
         return _as_worker_user(config)
     try:
         transport = open_transport(config)
         return [Finding(*item) for item in transport.diagnose()]
     except (SpoolSetupError, OSError) as exc:
-        return [Finding("queue", False, str(exc), "see README, 'Deploying over PostgreSQL'")]
+        return [Finding("queue", False, str(exc), "see README, 'Deployment'")]
 
 
 def _as_worker_user(config: Config) -> list[Finding]:
@@ -129,7 +130,7 @@ def _as_worker_user(config: Config) -> list[Finding]:
     child process, since switching users cannot be undone."""
     return _in_worker_child(config, lambda: [list(item) for item in
                                              open_transport(config).diagnose()],
-                            ["queue", "see README, 'Deploying over PostgreSQL'"])
+                            ["queue", "see README, 'Deployment'"])
 
 
 def _in_worker_child(config: Config, check: Callable[[], list[list[Any]]],
@@ -410,23 +411,4 @@ def check_filesystems(config: Config) -> list[Finding]:
                                "put the spool on ext4 or xfs (or accept the risk)"))
         else:
             out.append(Finding(f"{label} filesystem", True, f"{path} on {fstype} ({point})"))
-    return out
-
-
-def check_inotify(proc: Path = Path("/proc/sys/fs/inotify")) -> list[Finding]:
-    out = []
-    for name, minimum in MIN_INOTIFY.items():
-        try:
-            value = int((proc / name).read_text().strip())
-        except (OSError, ValueError):
-            out.append(Finding(f"inotify {name}", False, f"cannot read {proc / name}",
-                               "is this Linux with inotify?"))
-            continue
-        if value < minimum:
-            out.append(Finding(f"inotify {name}", False, f"fs.inotify.{name} = {value},"
-                               f" below {minimum}",
-                               f"sysctl -w fs.inotify.{name}={minimum} (and in"
-                               " /etc/sysctl.d/)"))
-        else:
-            out.append(Finding(f"inotify {name}", True, f"{value}"))
     return out

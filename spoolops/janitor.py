@@ -36,7 +36,7 @@ from .dispatch import Dispatcher
 from .errors import WorkerRunning
 from .ops import Registry, default_registry
 from .transport import Transport, open_transport
-from .transport.base import Ages, Finding, Removal, StagedAnswers
+from .transport.base import Ages, Finding, Step
 
 LOCK_TTL = 86400.0          # a target lock file unused for a day is dead
 STUCK_KINDS = ("stuck", "orphan", "running_long")
@@ -47,7 +47,7 @@ class JanitorReport:
     root: str
     dry_run: bool
     worker: dict[str, Any]
-    actions: list[Removal] = field(default_factory=list)
+    actions: list[Step] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     recovered: dict[str, int] | None = None
 
@@ -79,7 +79,8 @@ def run_janitor(config: Config, dry_run: bool = False, now: Callable[[], float] 
         _recover(transport, config, report, registry)
     ages = Ages(config.tmp_ttl, config.reply_ttl, config.failed_ttl, config.stuck_after,
                 lock_ttl)
-    # with no worker, recovery (or, dry, its plan) has dealt with work/ and active/
+    # with no worker, recovery (or, dry, its plan) has dealt with the worker's
+    # home and the running requests
     removals, findings = transport.reap(now(), ages, report.worker["alive"] is not False,
                                         dry_run)
     report.actions += removals
@@ -111,9 +112,7 @@ def _recover(transport: Transport, config: Config, report: JanitorReport,
                 transport.recovery_pending():
             done = recovery.recover(transport, registry, dispatcher)
             report.recovered = done.counts
-            report.actions += [Removal(step.action, step.path, step.why, None,
-                                       done=step.error is None, error=step.error)
-                               for step in done.steps]
+            report.actions += done.steps
     finally:
         lock.release()
 
@@ -123,29 +122,31 @@ def _plan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
     """Report each orphan with what recovery does (or, dry, would do) to it.
     False when an orphan's op is unknown here: the worker may know ops this
     janitor does not, and interrupting them could be wrong."""
+    settled: list[Step] = []
+    if dry_run:
+        # what settling would do first (an orphan it clears is none of the plan's)
+        settled = transport.settle(recovery.lost_reply(dispatcher), dry_run=True)
+    cleared = {step.path for step in settled if step.action == "clear"}
     plans = []
     unknown: set[str] = set()
     for orphan in transport.orphans():
+        if orphan.where in cleared:
+            continue
         what, op_name, _ = recovery.plan_orphan(transport, registry, dispatcher, orphan)
         if op_name is not None and op_name not in registry:
             unknown.add(op_name)
         plans.append((orphan, what, op_name))
+    running = transport.place_of("running")
     for orphan, what, op_name in plans:
+        where = f"claimed by a worker that is gone ({running}, op {op_name or '?'})"
         if unknown:
-            why = (f"in active/ with no worker (op {op_name or '?'}): left for the worker's"
-                   f" own recovery, because this janitor does not know"
-                   f" {', '.join(sorted(unknown))}")
+            why = (f"{where}: left for the worker's own recovery, because this janitor does"
+                   f" not know {', '.join(sorted(unknown))}")
         elif dry_run:
-            why = f"in active/ with no worker (op {op_name or '?'}): recovery would {what} it"
-            report.actions.append(Removal(what, orphan.where, "worker recovery of an orphan"))
+            why = f"{where}: recovery would {what} it"
+            report.actions.append(Step(what, orphan.where, "worker recovery of an orphan"))
         else:
-            why = f"in active/ with no worker (op {op_name or '?'}): recovered ({what})"
+            why = f"{where}: recovered ({what})"
         report.findings.append(Finding("orphan", orphan.where, why))
-    if dry_run and isinstance(transport, StagedAnswers):
-        for rid, _reply in transport.unpublished():
-            report.actions.append(Removal("publish", rid, "a finished reply the dead worker"
-                                          " had not published"))
-        report.actions += [Removal("remove", path, "staging leftover of a dead worker"
-                                   " (removed by recovery)")
-                           for path in transport.drop_leftovers(dry_run=True)]
+    report.actions += settled
     return not unknown

@@ -7,19 +7,19 @@ Runs once, under the worker lock, before any request is claimed:
    the file);
 2. recorded temporary files of operations are removed
    (``workhome.temps.cleanup_temps``), and the dead worker's own scratch files;
-3. replies recorded but not published (the op finished) are published --
-   exactly one reply, never two; one cut off while being written is dropped
-   when its request still exists (step 4 answers it), and answered
-   ``Interrupted`` when it does not;
-4. each orphan (a request a dead worker had claimed): if its reply is
-   already published -- one the client would trust, not merely something
-   by that name -- it is only cleared; if it never started or its op is
-   idempotent it goes back in line (its place kept); otherwise it gets an
-   ``Interrupted`` reply and is kept aside with a reason.
+3. the transport settles what the dead worker left half-done in its own
+   keeping (``Transport.settle``: the spool publishes a finished reply it
+   had not published -- exactly one reply, never two -- drops one cut off
+   while its request can still be answered, and clears an orphan whose
+   reply is out; PostgreSQL fences a worker that is gone); this module only
+   says what to answer a request whose outcome was lost: ``Interrupted``;
+4. each orphan (a request a dead worker had claimed): if it never started
+   or its op is idempotent it goes back in line (its place kept); otherwise
+   it gets an ``Interrupted`` reply and is kept aside with a reason.
 
 A running worker of a shared transport (PostgreSQL) does step 4 now and
 then for the orphans of workers that died or hung elsewhere
-(``recover_orphans``), and for its own strays (``recover_strays``): rows the
+(``recover_orphans``, after ``settle``), and for its own strays (``recover_strays``): rows the
 queue says it holds but it does not know of -- a claim that committed while
 its answer was lost, a ``put_back`` that failed.  They are this host's
 orphans and take the same path (put back in line, their place kept, or
@@ -35,28 +35,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .dispatch import Dispatcher, Request
 from .errors import Interrupted, OpError
 from .ops import Registry
 from .transport import Transport
-from .transport.base import Orphan, StagedAnswers
+from .transport.base import Orphan, SharedQueue, Step
 from .users import user_name
 from .workhome.temps import cleanup_temps
 
 log = logging.getLogger("spoolops.recovery")
 
-REQUEUE, CLEAR, INTERRUPT, QUARANTINE, LEAVE = ("requeue", "clear", "interrupt",
-                                                "quarantine", "leave")
-
-
-@dataclass(frozen=True)
-class Step:
-    action: str
-    path: str
-    why: str
-    error: str | None = None
+REQUEUE, INTERRUPT, QUARANTINE, LEAVE = "requeue", "interrupt", "quarantine", "leave"
+# what each of ``settle``'s actions counts as
+_SETTLED = {"publish": "published", "clear": "cleared"}
 
 
 @dataclass
@@ -70,11 +65,19 @@ class Recovery:
     def did(self, kind: str | None, action: str, what: object, why: str) -> None:
         if kind is not None:
             self.counts[kind] += 1
-        self.steps.append(Step(action, str(what), why))
+        self.steps.append(Step(action, str(what), why, done=True))
 
     def failed(self, action: str, what: object, why: str, error: str) -> None:
         self.counts["errors"] += 1
-        self.steps.append(Step(action, str(what), why, error))
+        self.steps.append(Step(action, str(what), why, error=error))
+
+    def settled(self, steps: list[Step]) -> None:
+        for step in steps:
+            if step.error is not None:
+                self.counts["errors"] += 1
+            elif step.action in _SETTLED:
+                self.counts[_SETTLED[step.action]] += 1
+            self.steps.append(step)
 
 
 def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) -> Recovery:
@@ -99,26 +102,22 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
         log.error("event=temp_not_removed path=%s error=%r", path, error)
         done.failed("remove", path, "temporary file of an operation cut off by a crash",
                     error)
-    if isinstance(transport, StagedAnswers):
-        _finish_staged(transport, dispatcher, done)
-    recover_orphans(transport, registry, dispatcher, done)
+    interrupted = lost_reply(dispatcher)
+    done.settled(transport.settle(interrupted))
+    for orphan in transport.orphans():
+        _recover_orphan(transport, registry, dispatcher, orphan, done)
     return done
 
 
-def _finish_staged(transport: StagedAnswers, dispatcher: Dispatcher, done: Recovery) -> None:
-    """Step 3, for a transport whose answer is two steps (the spool)."""
-    for path in transport.drop_leftovers():
-        done.did(None, "remove", path, "staging leftover of a dead worker")
-    for rid, reply in transport.unpublished():
-        try:
-            _finish_reply(transport, dispatcher, rid, reply, done)
-        except OSError as exc:
-            # one reply that cannot be published now (disk full, a plant it
-            # cannot move) must not keep the worker from serving the rest:
-            # it stays staged, and the next start tries again
-            log.error("event=recover_publish_failed id=%s error=%r", rid, str(exc))
-            done.failed("publish", rid, "a finished reply the dead worker had not"
-                        " published", str(exc))
+def lost_reply(dispatcher: Dispatcher) -> Callable[[str], dict[str, Any]]:
+    """The reply to a request whose outcome was lost with its worker (a reply
+    cut off while being written, its request gone: only a power cut with
+    durable = no leaves one): the client is told the outcome is unknown."""
+    def reply(rid: str) -> dict[str, Any]:
+        return dispatcher.reply(None, rid=rid, error=Interrupted(
+            "the worker stopped while writing this request's reply; whether the operation"
+            " completed is unknown. Check the target before retrying"))
+    return reply
 
 
 def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispatcher,
@@ -128,6 +127,8 @@ def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispat
     for the requests of workers that died elsewhere.  ``quiet``: orphans
     already reported as left to their own host (not logged again)."""
     done = done if done is not None else Recovery()
+    interrupted = lost_reply(dispatcher)
+    done.settled(transport.settle(interrupted))
     for orphan in transport.orphans():
         _recover_orphan(transport, registry, dispatcher, orphan, done, quiet)
     return done
@@ -141,46 +142,18 @@ def recover_strays(transport: Transport, registry: Registry, dispatcher: Dispatc
     knows it never started).  The caller is the worker's main thread, which
     alone claims: nothing is half-claimed."""
     done = Recovery()
+    if not isinstance(transport, SharedQueue):
+        return done         # one worker, its claims never lost (the spool's renames)
     for orphan in transport.strays(known, unstarted):
         _recover_orphan(transport, registry, dispatcher, orphan, done)
     return done
-
-
-def _finish_reply(transport: Transport, dispatcher: Dispatcher, rid: str,
-                  reply: dict | None, done: Recovery) -> None:
-    # (``transport`` is a ``StagedAnswers`` one: its staged reply of ``rid``)
-    assert isinstance(transport, StagedAnswers)
-    where = transport.where(rid)
-    if reply is None:
-        if where is not None:
-            # cut off while being written, its request still there (in line,
-            # running, or put back by 'spoolops requeue'): it is answered from there
-            transport.discard_recorded(rid)
-            log.warning("event=recovered action=dropped_partial_reply id=%s", rid)
-            return
-        # only a power cut with durable = no can leave one without its request:
-        # the outcome is unknown, and the client is told so
-        reply = dispatcher.reply(None, rid=rid, error=Interrupted(
-            "the worker stopped while writing this request's reply; whether the operation"
-            " completed is unknown. Check the target before retrying"))
-        transport.reply(rid, reply)
-    else:
-        op_name = _interruption_op(reply)
-        if op_name is not None and where == "running":
-            # an earlier recovery recorded this Interrupted reply and died
-            # before keeping the request aside: finish that first
-            transport.fail(rid, reply, _interrupted_reason(op_name))
-        else:
-            transport.publish_recorded(rid)
-    log.warning("event=recovered action=published_staged_reply id=%s", rid)
-    done.did("published", "publish", rid, "a finished reply the dead worker had not published")
 
 
 def plan_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
                 orphan: Orphan) -> tuple[str, str | None, Request | None]:
     """What recovery does with an orphan: (action, op name, parsed request).
 
-    ``clear``: its reply was already published; ``requeue``: it never started
+    ``requeue``: it never started
     (no run record), its op is idempotent, or it cannot be parsed (the claim
     will answer it); ``interrupt``: a non-idempotent op that started;
     ``quarantine``: its entry carries no id; ``leave``: another host's
@@ -189,10 +162,6 @@ def plan_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher
     """
     if orphan.rid is None:
         return QUARANTINE, None, None
-    # the reply a client would trust, not merely something by that name: a
-    # planted one must not make an orphan vanish
-    if transport.collect(orphan.rid, remove=False) is not None:
-        return CLEAR, None, None
     op_name, idempotent, request = None, False, None
     claimed = transport.read_claimed(orphan.entry)
     if claimed is not None:
@@ -227,20 +196,11 @@ def _recover_orphan(transport: Transport, registry: Registry, dispatcher: Dispat
         done.did(None, "leave", orphan.where, f"another host's orphan of {op_name!r}")
         return
     if action == QUARANTINE:
-        transport.quarantine(orphan.entry, "Found in active/ at start-up with a name that"
+        transport.quarantine(orphan.entry, "Found claimed by a dead worker, with a name that"
                              " is not <id>.json", claimed=True)
         done.did(None, "quarantine", orphan.where, "claimed, with no request id")
         return
     assert rid is not None
-    if action == CLEAR:
-        # (only where an answer can be published before its request is
-        # retired: a two-step transport)
-        assert isinstance(transport, StagedAnswers)
-        transport.clear(rid)
-        log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
-        done.did("cleared", "clear", orphan.where, "an orphan whose reply was already"
-                 " published")
-        return
     if action == REQUEUE:
         transport.put_back(rid)
         log.warning("event=recovered action=requeued id=%s op=%s", rid, op_name)
@@ -262,14 +222,6 @@ def _interrupted_reason(op_name: str | None) -> str:
     return (f"Interrupted: the worker died while running {op_name!r} (not idempotent), so"
             " it was not re-run; check its target and requeue it with 'spoolops requeue'"
             " if it did not complete")
-
-
-def _interruption_op(reply: dict) -> str | None:
-    """The op name if a recorded reply is an ``Interrupted`` one."""
-    error = reply.get("error")
-    if isinstance(error, dict) and error.get("type") == Interrupted.type:
-        return reply.get("op") or "?"
-    return None
 
 
 def _nobody() -> Request:

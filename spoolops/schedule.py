@@ -1,8 +1,8 @@
 """Execution order: priority, then age, then id; one request per target at a time.
 
 Pure bookkeeping, no I/O: the transport tells it what is queued and what
-finished; it answers what to start next.  ``Backlog`` holds requests still in
-``new/`` (unclaimed); ``TargetGate`` holds the targets in use.
+finished; it answers what to start next.  ``Backlog`` holds requests still
+queued (unclaimed); ``TargetGate`` holds the targets in use.
 
 A queued request's key is ``(-priority, mtime_ns, id)``.  Keys are only
 needed when more requests are queued than there are free slots (otherwise
@@ -36,7 +36,7 @@ class Pending:
 
 
 class Backlog:
-    """Requests in ``new/``, by name, with their keys once known."""
+    """Requests still queued (unclaimed), by name, with their keys once known."""
 
     def __init__(self) -> None:
         self.entries: dict[str, Pending] = {}

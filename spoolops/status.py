@@ -18,7 +18,7 @@ from typing import Any
 from .config import Config
 from .hookledger import FAILED_AFTER, HookLedger
 from .transport import Transport, open_transport
-from .transport.base import STATES
+from .transport.base import STATES, SharedQueue
 
 
 def spool_status(config: Config, clock: Callable[[], float] = time.time,
@@ -43,7 +43,7 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time,
     result["worker"] = {"pid": pid, "alive": bool(alive)}
     try:
         # several workers (PostgreSQL): which is alive and holds what
-        workers = transport.workers()
+        workers = transport.workers() if isinstance(transport, SharedQueue) else None
     except OSError:
         workers = None
     if workers is not None:
@@ -59,7 +59,8 @@ def spool_status(config: Config, clock: Callable[[], float] = time.time,
         problems.append("no worker holds the lock (start 'spoolops worker' or its service)")
         running = result["running"]["count"]
         if running:
-            problems.append(f"{running} orphan(s) in active/ with no worker: they are"
+            problems.append(f"{running} orphan(s) running"
+                            f" ({transport.place_of('running')}) with no worker: they are"
                             " recovered when a worker starts")
     result["hooks"] = hook_counts(transport.work_dir, config.durable)
     if result["hooks"] is not None and result["hooks"]["failed"]:

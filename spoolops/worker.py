@@ -9,14 +9,13 @@ blocks an unrelated fast one.  An op declared ``inline`` and idempotent
 (``echo``: no I/O, instant) runs on the main thread when a thread hand-off
 would cost more than the op.
 
-Liveness: the main loop proves it turns -- ``WATCHDOG=1`` to systemd
-(``sdnotify``; a hung worker is killed and restarted) and, on a shared
-transport, a heartbeat in the queue that other workers judge (a worker that
-learns it was fenced stops at once: its requests are another's).  On a
-shared transport it also reconciles: what the queue says it holds but it
-does not know of (a claim whose answer was lost, a failed put-back) is
-recovered like an orphan, after a lost connection and every
-``ORPHAN_CHECK_S``.
+Around the loop, each in its own module: a pool thread runs a job and
+delivers its reply (``runner``); the loop proves it turns (``liveness``:
+systemd's watchdog, the queue's heartbeat); kept hook calls are retried on
+the pool (``followups``).  On a shared transport the loop also reconciles:
+what the queue says it holds but it does not know of (a claim whose answer
+was lost, a failed put-back) is recovered like an orphan, after a lost
+connection and every ``ORPHAN_CHECK_S``.
 
 Security: runs as the worker user; every request is hostile until dispatch
 has validated it; what cannot be attributed to an id is quarantined with a
@@ -26,7 +25,6 @@ Diagnostics: one ``key=value`` log line per request start and end.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -37,8 +35,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import recovery
@@ -46,14 +42,14 @@ from .config import Config
 from .counters import Stats
 from .dispatch import Dispatcher, Job, Request
 from .errors import BadRequest, OpError, OpFailed
-from .files import write_atomic
-from .formats import batch_name, utc_iso
+from .followups import HookRetries
+from .liveness import Keepalive, gauges, write_metrics
 from .ops import Registry, default_registry
-from .prometheus import render_metrics
+from .runner import Runner, instant
 from .schedule import Backlog, TargetGate, request_key
 from .sdnotify import Notifier
 from .transport import Transport, open_transport
-from .transport.base import STATES, Batch, Claimed, Quarantined, Refused
+from .transport.base import Claimed, Quarantined, Refused, SharedQueue
 
 log = logging.getLogger("spoolops.worker")
 
@@ -63,8 +59,6 @@ ELSEWHERE_RETRY_S = 0.05
 # how often a worker of a shared transport looks for other workers' orphans
 # (and for its own strays)
 ORPHAN_CHECK_S = 2.0
-# the exit status of a worker that must stop now (fenced): systemd restarts it
-EX_TEMPFAIL = 75
 # After a request, look for the next one this long before sleeping in select(),
 # but only while requests have been arriving that quickly (a caller running
 # requests one after another, e.g. a QA tool marking files in turn): a sleeping
@@ -80,8 +74,12 @@ class Worker:
         self.config = config
         self.transport = transport if transport is not None else open_transport(config)
         self.registry = registry if registry is not None else default_registry()
+        # (a kept hook call is news for the retries, made just below)
         self.dispatcher = Dispatcher(self.registry, config, self.transport.work_dir,
-                                     hook_kept=self._hooks_changed)
+                                     hook_kept=lambda: self.hooks.changed())
+        self.hooks = HookRetries(self.dispatcher, self.transport, config.concurrency,
+                                 self._wake)
+        self.runner = Runner(self.transport, self.dispatcher, config.durable)
         self.once = once
         self.standby = standby
         self.backlog = Backlog()
@@ -89,8 +87,6 @@ class Worker:
         self.stats = Stats(self.transport.save_stats)
         self.running = 0
         self.running_since: dict[str, float] = {}    # id -> start, for the metrics
-        self.unpublished: dict[str, _Answer] = {}
-        self._retries: dict[str, int] = {}           # failed publish retries, for the log
         self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
         self._stats_wanted = False
@@ -100,11 +96,6 @@ class Worker:
         self._loop_thread = threading.current_thread()
         self._scan_partial = False     # the last scan stopped at the transport's limit
         self._left_orphans: set[str] = set()   # orphans left to their host, said once
-        # kept hook calls (hookledger): when the next is due, which are running
-        self._hooks_look = True
-        self._hooks_reload = False
-        self._hooks_next: float | None = None
-        self._hooks_running: set[tuple[str, str]] = set()
         # ids claimed and not yet done with (claimed, running, being answered):
         # anything else the queue says this worker holds is a stray
         self._held: set[str] = set()
@@ -113,7 +104,7 @@ class Worker:
         self._unstarted: set[str] = set()
         self._reconcile_wanted = False
         self.notifier = Notifier()
-        self._next_beat: float | None = None
+        self.keepalive = Keepalive(self.notifier, self.transport)
 
     # -- signals: flags only ------------------------------------------------------
 
@@ -125,14 +116,8 @@ class Worker:
         """SIGUSR1 (sent by ``spoolops status`` and ``hooks retry``): save the
         counters now, and look at the kept hook calls again."""
         self._stats_wanted = True
-        self._hooks_reload = True       # 'spoolops hooks retry' changed the calls
-        self._hooks_look = True
+        self.hooks.reload()             # 'spoolops hooks retry' changed the calls
         self._rescan_wanted = True      # 'spoolops requeue' put a request back
-        self._wake()
-
-    def _hooks_changed(self) -> None:
-        """A hook call was kept or retried (any thread): look at the ledger."""
-        self._hooks_look = True
         self._wake()
 
     def _wake(self) -> None:
@@ -191,40 +176,9 @@ class Worker:
         self.notifier.ping()
         return self._stop
 
-    def _keepalive(self) -> None:
-        """Prove the loop turns: systemd's watchdog, the queue's heartbeat."""
-        self.notifier.ping()
-        interval = self.transport.heartbeat_interval
-        if interval is None:
-            return
-        now = time.monotonic()
-        if self._next_beat is not None and now < self._next_beat:
-            return
-        self._next_beat = now + interval
-        try:
-            alive = self.transport.heartbeat()
-        except OSError as exc:
-            log.error("event=heartbeat_failed error=%r", str(exc))
-            return
-        if not alive:
-            # another worker declared this one dead and took its requests
-            # over: whatever it finishes now would run them twice
-            log.critical("event=worker_fenced_self action=exit note=%r", "another worker"
-                         " took this one's requests over (its heartbeat was stale)")
-            logging.shutdown()
-            os._exit(EX_TEMPFAIL)
-
-    def _keepalive_in(self) -> float | None:
-        """Seconds until ``_keepalive`` has something to do."""
-        waits = [w for w in (self.notifier.due_in(),) if w is not None]
-        if self.transport.heartbeat_interval is not None:
-            waits.append(0.0 if self._next_beat is None else
-                         max(0.0, self._next_beat - time.monotonic()))
-        return min(waits, default=None)
-
     def _loop(self, arrivals: int) -> None:
         next_rescan = time.monotonic() + self.config.rescan_interval
-        next_orphans = time.monotonic() + ORPHAN_CHECK_S if self.transport.shared else None
+        next_orphans = time.monotonic() + ORPHAN_CHECK_S if isinstance(self.transport, SharedQueue) else None
         fds = [arrivals, self._wake_r]
         back_to_back = False   # did the last request come within POLL_BEFORE_SLEEP_S?
         while True:
@@ -234,14 +188,14 @@ class Worker:
             if self._stop or (self.once and self._idle()):
                 break
             timeout = max(0.0, next_rescan - time.monotonic())
-            if self.unpublished:
+            if self.runner.unpublished:
                 timeout = min(timeout, PUBLISH_RETRY_S)
             save_in = self.stats.save_due_in()
             if save_in is not None:
                 timeout = min(timeout, save_in)
             if next_orphans is not None:
                 timeout = min(timeout, max(0.0, next_orphans - time.monotonic()))
-            keepalive = self._keepalive_in()
+            keepalive = self.keepalive.due_in()
             if keepalive is not None:
                 timeout = min(timeout, keepalive)
             if self._reconcile_wanted:
@@ -249,15 +203,9 @@ class Worker:
             retry = self.gate.next_retry()
             if retry is not None:
                 timeout = min(timeout, retry)
-            if self._hooks_look:
-                self._hooks_look = False
-                if self._hooks_reload:
-                    self._hooks_reload = False
-                    self.dispatcher.hook_ledger.reload()
-                due_in = self.dispatcher.hook_ledger.next_due_in()
-                self._hooks_next = None if due_in is None else time.monotonic() + due_in
-            if self._hooks_next is not None:
-                timeout = min(timeout, max(0.0, self._hooks_next - time.monotonic()))
+            hooks_due = self.hooks.due_in()
+            if hooks_due is not None:
+                timeout = min(timeout, hooks_due)
             if self._done:  # a pool job finished meanwhile: reap it now
                 timeout = 0.0
             idle_since = time.perf_counter()
@@ -276,7 +224,7 @@ class Worker:
                         pass
                 except BlockingIOError:
                     pass
-            self._keepalive()
+            self.keepalive.beat()
             if arrivals in readable:
                 names = self.transport.arrivals()
                 if names is None:
@@ -298,46 +246,22 @@ class Worker:
                 next_orphans = time.monotonic() + ORPHAN_CHECK_S
             elif self._reconcile_wanted:
                 self._reconcile()
-            if self.unpublished:
-                self._retry_unpublished()
-            if self._hooks_next is not None and time.monotonic() >= self._hooks_next \
-                    and not self._stop:
-                self._retry_hooks()
+            if self.runner.unpublished:
+                self.runner.retry_unpublished()
+            if not self._stop:
+                assert self._pool is not None
+                self.hooks.start_due(self._pool)
             if self._stats_wanted:
                 self._stats_wanted = False
                 self.stats.save(self._gauges())
             if self.stats.maybe_save(self._gauges) and self.config.metrics_file:
-                self._write_metrics()
+                write_metrics(self.config.metrics_file, self._gauges(), self.stats)
 
     def _gauges(self) -> dict[str, Any]:
-        """What the worker knows without looking at the spool: queued and
-        running requests and how long the oldest of each has waited."""
-        now = time.monotonic()
-        seen = self.backlog.oldest_seen()
-        since = min(self.running_since.values(), default=None)
-        return {"queued": {"count": len(self.backlog),
-                           "oldest_age_s": None if seen is None else round(now - seen, 3)},
-                "running": {"count": self.running,
-                            "oldest_age_s": None if since is None else round(now - since, 3)}}
-
-    def _write_metrics(self) -> None:
-        """Rewrite ``[worker] metrics_file`` for node_exporter's textfile collector,
-        from the worker's memory (no sweep of the spool on this thread)."""
-        gauges = self._gauges()
-        # failed requests and uncollected replies are no worker's business:
-        # 'spoolops status --prometheus' (from cron) counts them
-        status = {"worker": {"alive": True},
-                  **{state: gauges.get(state, {"count": None}) for state in STATES}}
-        try:
-            text = render_metrics(status, self.stats.snapshot(gauges))
-            path = Path(self.config.metrics_file)
-            write_atomic(path.with_name(f".{path.name}.tmp"), path, text.encode(),
-                         durable=False, mode=0o644, own_staging=True)
-        except OSError as exc:
-            log.warning("event=metrics_failed path=%s error=%r", self.config.metrics_file, exc)
+        return gauges(self.backlog, self.running, self.running_since.values())
 
     def _idle(self) -> bool:
-        return not self.backlog and self.running == 0 and not self.unpublished
+        return not self.backlog and self.running == 0 and not self.runner.unpublished
 
     def _shutdown(self) -> None:
         if self._pool is not None:
@@ -348,8 +272,8 @@ class Worker:
                                        name="spoolops-shutdown", daemon=True)
             closing.start()
             while closing.is_alive():
-                closing.join(self._keepalive_in())
-                self._keepalive()
+                closing.join(self.keepalive.due_in())
+                self.keepalive.beat()
             self._pool = None
             self._finish_done()
         self.stats.save(self._gauges())
@@ -371,7 +295,7 @@ class Worker:
         says this worker holds but it does not know of -- a claim that
         committed while its answer was lost, a put-back that failed."""
         self._reconcile_wanted = False
-        known = self._held | set(self.unpublished)
+        known = self._held | set(self.runner.unpublished)
         try:
             recovery.recover_strays(self.transport, self.registry, self.dispatcher, known,
                                     self._unstarted)
@@ -451,7 +375,10 @@ class Worker:
             self._finish_done()  # inline jobs are over already: their slots are free
 
     def _lease(self, job: Job) -> bool:
-        """Hold the job's targets against other workers (shared transports)."""
+        """Hold the job's targets against other workers (a ``SharedQueue``;
+        one worker alone holds them by its own gate)."""
+        if not isinstance(self.transport, SharedQueue):
+            return True
         try:
             if self.transport.lease(job.request.id, job.targets):
                 return True
@@ -470,8 +397,9 @@ class Worker:
             log.error("event=unclaim_failed id=%s error=%r", job.request.id, exc)
             self._reconcile_wanted = True
             return
-        self.backlog.add(job.extra["entry"])
-        self.backlog.set_key(job.extra["entry"], _job_key(job), job.targets)
+        assert job.entry is not None
+        self.backlog.add(job.entry)
+        self.backlog.set_key(job.entry, _job_key(job), job.targets)
 
     def _claim_all(self, names: list[str]) -> list[Job | None]:
         """Claim entries, validate them: jobs to run, or None for each one
@@ -522,8 +450,8 @@ class Worker:
             return None
         # the exact nanoseconds: keys made by _prekey use them, and a float
         # round trip can move a time by ~100 ns and swap two requests
-        job.extra["queued_ns"] = claimed.queued_ns
-        job.extra["entry"] = claimed.entry
+        job.queued_ns = claimed.queued_ns
+        job.entry = claimed.entry
         return job
 
     def _answer(self, request: Request, error: OpError, op: str | None = None) -> None:
@@ -537,7 +465,7 @@ class Worker:
 
     def _publish_only(self, request: Request, reply: dict[str, Any]) -> None:
         try:
-            self._deliver(request, reply, started=False)
+            self.runner.deliver(request, reply, started=False)
         finally:
             self._done.append((request.id, reply))
             os.write(self._wake_w, b"d")
@@ -547,7 +475,7 @@ class Worker:
     def _start(self, job: Job, alone: bool) -> None:
         self.running += 1
         self.running_since[job.request.id] = time.monotonic()
-        if _instant(job) and (not self.config.durable or (alone and not self.backlog)):
+        if instant(job) and (not self.config.durable or (alone and not self.backlog)):
             # declared instant (echo): a thread hand-off would cost more than
             # the job.  Durable replies of several waiting requests go to the
             # pool instead, where their fsyncs share one journal commit.
@@ -557,129 +485,12 @@ class Worker:
         self._pool.submit(self._run_job, job)
 
     def _run_job(self, job: Job) -> None:
-        request = job.request
-        # a non-idempotent op must be known to have started, even after a power
-        # cut; an instant one needs no run record (recovery re-runs what has
-        # none), no progress and no start line in the log: its end line says all
-        inline = _instant(job)
         try:
-            started = time.time()
-            record = None if inline else {
-                "id": request.id, "op": request.op, "pid": self.dispatcher.worker_info["pid"],
-                "host": self.dispatcher.worker_info["host"], "user": request.user,
-                "targets": list(job.targets), "started_at": utc_iso(started)}
-            try:
-                if record is not None:
-                    self.transport.start(request.id, record, durable=self.config.durable
-                                         and not job.operation.idempotent)
-            except OSError as exc:
-                if isinstance(exc, ConnectionError) and self.transport.shared:
-                    # the queue is out of reach (a database restarting): not
-                    # started, so it goes back in line once the queue answers
-                    # -- the reconcile finds it held and not running
-                    job.extra["requeue"] = True
-                    log.error("event=not_started id=%s op=%s error=%r action=requeue",
-                              request.id, request.op, str(exc))
-                    return
-                # no run record, no start (disk full): answer now; the reply
-                # itself waits in memory until there is room for it
-                reply = self.dispatcher.reply(request, error=OpFailed(
-                    f"not started: could not record its start ({exc.strerror or exc})"),
-                    started_at=started)
-                job.extra["reply"], job.extra["duration"] = reply, 0.0
-                log.error("event=not_started id=%s op=%s error=%r", request.id, request.op,
-                          exc.strerror or exc)
-                self._deliver(request, reply, started=False)
-                return
-            if not inline:
-                log.info("event=start id=%s op=%s user=%s target=%s", request.id, request.op,
-                         request.user, ",".join(job.targets) or "-")
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("event=args id=%s args=%r", request.id, job.args)
-            progress = None if record is None else _ProgressWriter(self.transport, request.id,
-                                                                   record)
-            reply = self.dispatcher.execute(job, progress)
-            duration = time.time() - started
-            job.extra["reply"] = reply
-            job.extra["duration"] = duration
-            if self._deliver(request, reply, started=not inline):
-                self.dispatcher.answered(job)
-            error = reply["error"]
-            log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
-                     request.id, request.op, request.user, ",".join(job.targets) or "-",
-                     "ok" if reply["ok"] else error["type"], duration,
-                     f" message={error['message']!r}" if error else "")
-        except Exception:
-            log.exception("event=job_crashed id=%s", request.id)
+            self.runner.run(job)
         finally:
             self._done.append(job)
             if threading.current_thread() is not self._loop_thread:
                 os.write(self._wake_w, b"d")
-
-    def _deliver(self, request: Request, reply: dict[str, Any], started: bool) -> bool:
-        """Answer (nobody, for ``"reply": false``), and let the request's
-        batch stop being pending -- unless hooks are still to be retried; on
-        failure (disk full) keep the answer for a retry."""
-        held = "retrying" in (reply.get("hooks") or {}).values()
-        answer = _Answer(reply, started, request.wants_reply, batch_of(request, held))
-        try:
-            self._send(request.id, answer)
-            return True
-        except OSError as exc:
-            log.error("event=reply_failed id=%s error=%r action=retry", request.id,
-                      errno.errorcode.get(exc.errno or 0, str(exc)))
-            self.unpublished[request.id] = answer
-            return False
-
-    def _send(self, rid: str, answer: _Answer) -> None:
-        self.transport.reply(rid, answer.reply, answer.started, deliver=answer.deliver,
-                             batch=answer.batch)
-
-    def _retry_hooks(self) -> None:
-        """Hand the kept hook calls that are due to the pool -- a few at a
-        time, so that requests keep most of the pool while the archive's
-        database is down and thousands of calls wait (the rest are due still,
-        and go when these are done)."""
-        self._hooks_next = None
-        assert self._pool is not None
-        room = max(1, self.config.concurrency // 2) - len(self._hooks_running)
-        for call in self.dispatcher.hook_ledger.due():
-            if room <= 0:
-                break
-            key = (call.id, call.hook)
-            if key not in self._hooks_running:
-                self._hooks_running.add(key)
-                room -= 1
-                self._pool.submit(self._retry_hook, call, key)
-
-    def _retry_hook(self, call: Any, key: tuple[str, str]) -> None:
-        try:
-            if self.dispatcher.retry_hook(call) and \
-                    not self.dispatcher.hook_ledger.pending_for(call.id):
-                # the request's last kept call: its batch is no longer pending
-                batch = batch_of(Request(id=call.id, op=call.op, args=call.args,
-                                         user=call.user, queued_at=0.0, marker=call.marker))
-                if batch is not None:
-                    self.transport.release_batch(call.id, batch)
-        except Exception:
-            log.exception("event=hook_retry_crashed id=%s hook=%s", call.id, call.hook)
-        finally:
-            self._hooks_running.discard(key)
-            self._hooks_changed()
-
-    def _retry_unpublished(self) -> None:
-        for rid, answer in list(self.unpublished.items()):
-            try:
-                self._send(rid, answer)
-            except OSError as exc:
-                self._retries[rid] = self._retries.get(rid, 0) + 1
-                if self._retries[rid] == 1:       # said once; the late publish says the rest
-                    log.warning("event=reply_retry_failed id=%s error=%r action=retry", rid,
-                                errno.errorcode.get(exc.errno or 0, str(exc)))
-                return
-            del self.unpublished[rid]
-            log.info("event=reply_published_late id=%s retries=%d", rid,
-                     self._retries.pop(rid, 0))
 
     def _finish_done(self) -> None:
         while self._done:
@@ -695,67 +506,25 @@ class Worker:
                 continue
             job = item
             self._held.discard(job.request.id)
-            if job.extra.get("requeue"):
+            if job.requeue:
                 self._unstarted.add(job.request.id)
                 self._reconcile_wanted = True
             self.running_since.pop(job.request.id, None)
-            reply = job.extra.get("reply")
+            reply = job.reply
             if reply is not None:
                 self.stats.count(job.request.op, "ok" if reply["ok"] else
-                                 reply["error"]["type"], job.extra.get("duration", 0.0))
+                                 reply["error"]["type"], job.duration)
             self.gate.release(job.targets)
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """An answer on its way to the transport (kept for a retry if it fails)."""
-
-    reply: dict[str, Any]
-    started: bool
-    deliver: bool
-    batch: Batch | None
-
-
-def batch_of(request: Request, held: bool = False) -> Batch | None:
-    """What keeps ``request``'s batch pending (None: nothing does)."""
-    name = batch_name(request.args)
-    if request.marker is None and name is None:
-        return None
-    return Batch(request.marker, name, held)
-
-
-def _instant(job: Job) -> bool:
-    """Declared ``inline`` (no I/O, over in microseconds) and idempotent."""
-    return job.operation.inline and job.operation.idempotent
-
-
 def _job_key(job: Job) -> tuple[int, int, str]:
-    return request_key(job.request.priority, job.extra["queued_ns"], job.request.id)
+    assert job.queued_ns is not None
+    return request_key(job.request.priority, job.queued_ns, job.request.id)
 
 
 def _unparsed(rid: str, user: str, queued_at: float) -> Request:
     """A request known only by its id and sender (its bytes did not parse)."""
     return Request(id=rid, op="", args=None, user=user, queued_at=queued_at)
-
-
-class _ProgressWriter:
-    """Rewrites the run record with bytes done/total, once a second."""
-
-    def __init__(self, transport: Transport, rid: str, record: dict[str, Any]) -> None:
-        self.transport, self.rid, self.record = transport, rid, record
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 1.0 and done < total:
-            return
-        self.last = now
-        record = dict(self.record, progress={"done": int(done), "total": int(total),
-                                             "updated_at": utc_iso()})
-        try:
-            self.transport.progress(self.rid, record)
-        except OSError:
-            pass  # progress is a courtesy; never fail the op for it
 
 
 def _peek_op(data: bytes) -> str | None:

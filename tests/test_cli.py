@@ -7,7 +7,8 @@ import os
 import time
 
 import pytest
-from conftest import SpoolEnv, make_env, wait_for
+from support.env import SpoolEnv, make_spool_env
+from support.waiting import wait_for
 
 from spoolops.cli.main import build_parser, parse_call_args
 from spoolops.config import ConfigError
@@ -99,7 +100,8 @@ def test_status_json_matches_spool(spool_env: SpoolEnv) -> None:
 
 
 def test_status_reports_stuck_queue(tmp_path) -> None:
-    env = make_env(tmp_path / "t", extra="[janitor]\nstuck_after = 1s\n")
+    env = make_spool_env(tmp_path / "t", durable=False,
+                         extra="[janitor]\nstuck_after = 1s\n")
     try:
         rid = env.client().submit("echo", {})
         past = time.time() - 10                     # queued ten seconds ago

@@ -21,8 +21,9 @@ import time
 import unicodedata
 
 import pytest
-from conftest import Lines, SpoolEnv, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support.env import SpoolEnv
+from support.waiting import Lines, wait_for
 
 from spoolops.cli.text import printable, printable_lines
 

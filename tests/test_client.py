@@ -8,7 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, is_root, wait_for
+from support.env import SpoolEnv
+from support.requires import is_root
+from support.waiting import wait_for
 
 from spoolops import Client, Timeout
 

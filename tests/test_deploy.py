@@ -25,7 +25,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, is_root, unavailable
+from support.env import SpoolEnv
+from support.requires import is_root, unavailable
 
 from spoolops.cli import doctor as doctor_cli
 from spoolops.config import Config

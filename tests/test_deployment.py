@@ -1,7 +1,7 @@
 """The real deployment: distinct unix accounts and the config ``spoolops init`` writes.
 
 Every client-facing path runs here the way a host runs it (see
-``tests/accounts.py``): the worker as ``spt_wrk``, whose primary group is
+``tests/support/accounts.py``): the worker as ``spt_wrk``, whose primary group is
 its own; the web application as ``spt_web``, a member of the submit group
 ``spt_sub``; a second member ``spt_web2`` that ``[access]`` keeps from some
 ops; an outsider ``spt_out``.  ``durable = yes``.  Root only inspects, and
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import (
+from support.accounts import (
     GROUP,
     MEMBER,
     OUTSIDER,
@@ -40,7 +40,7 @@ from accounts import (
     uid,
     wait_reply,
 )
-from conftest import Lines, wait_for
+from support.waiting import Lines, wait_for
 
 pytestmark = pytest.mark.accounts
 
@@ -81,19 +81,19 @@ def test_init_sets_owners_modes_and_setgid(deployment: Deployment) -> None:
 
 
 def test_init_is_idempotent_and_repairs(deployment: Deployment) -> None:
-    again = deployment.spoolops(None, "init")
+    again = deployment.spoolops("init")
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout and "mode of" not in again.stdout
     new = deployment.root / "new"
     os.chmod(new, 0o777)
-    repaired = deployment.spoolops(None, "init")
+    repaired = deployment.spoolops("init")
     assert repaired.returncode == 0, repaired.stderr
     assert f"mode of {new} set to 2730" in repaired.stdout
     assert stat.S_IMODE(os.stat(new).st_mode) == 0o2730
 
 
 def test_init_refuses_a_member_who_cannot_chown(deployment: Deployment) -> None:
-    done = deployment.spoolops(WEB, "init")
+    done = deployment.spoolops("init", user=WEB)
     assert done.returncode == 2
     assert "root" in done.stderr and "Traceback" not in done.stderr
 
@@ -146,7 +146,7 @@ def test_issue11_1_durable_cancel_as_a_member(deployment: Deployment) -> None:
 def test_issue11_2_reply_carries_the_submit_group(deployment: Deployment) -> None:
     """Item 2: the worker's primary group is its own, yet its replies are in
     the submit group, 0640, owned by the worker: the client reads them."""
-    done = deployment.spoolops(WEB, "call", "echo", "--arg", "g=1", "--no-wait")
+    done = deployment.spoolops("call", "echo", "--arg", "g=1", "--no-wait", user=WEB)
     assert done.returncode == 0, done.stderr
     rid = done.stdout.strip()
     reply = deployment.root / "replies" / f"{rid}.json"
@@ -293,7 +293,7 @@ def test_issue11_3_root_cancel_wakes_the_waiting_web_client(
         ["runuser", "-u", WEB, "--", dep.accounts.python, "-c", WAIT, rid, "60"],
         env=dep.env(WEB), cwd="/", stdout=subprocess.PIPE, text=True)
     try:
-        done = dep.spoolops(None, "cancel", rid)
+        done = dep.spoolops("cancel", rid)
         assert done.returncode == 0, done.stderr
         out, _ = waiter.communicate(timeout=90)
     finally:
@@ -303,7 +303,7 @@ def test_issue11_3_root_cancel_wakes_the_waiting_web_client(
     assert "withdrawn by root" in reply["error"]["message"]
     # and without a waiter, the reply as it lies in replies/
     rid = submit(dep, WEB, "echo", {"n": 2})
-    assert dep.spoolops(None, "cancel", rid).returncode == 0
+    assert dep.spoolops("cancel", rid).returncode == 0
     st = os.lstat(dep.root / "replies" / f"{rid}.json")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid(WORKER), gid(GROUP), 0o640)
 
@@ -316,14 +316,14 @@ def test_issue11_3_root_requeue_leaves_a_tree_the_worker_can_use(
     wait_for(running_file(dep, rid).exists, what="nonidem to start")
     dep.stop_worker(worker, signal.SIGKILL)
     (dep.root / "work" / "worker.lock").unlink()       # as on a tree never served
-    done = dep.spoolops(None, "requeue", rid)
+    done = dep.spoolops("requeue", rid)
     assert done.returncode == 0 and "active" in done.stdout, done.stderr
     for path in [dep.root / "work" / "worker.lock", dep.root / "active" / f"{rid}.json"]:
         assert os.lstat(path).st_uid in (uid(WORKER), uid(WEB)), path
     assert os.lstat(dep.root / "work" / "worker.lock").st_uid == uid(WORKER)
     # requeued where it is (never through new/): claimed, so not withdrawable
     assert not running_file(dep, rid).exists()
-    assert dep.spoolops(None, "cancel", rid).returncode == 1
+    assert dep.spoolops("cancel", rid).returncode == 1
     dep.start_worker()                                  # opens the lock as itself
     assert dep.call(WEB, "echo", {"after": "requeue"}).code == 0
 
@@ -335,7 +335,7 @@ def test_issue11_3_root_janitor_recovery_answers_in_the_submit_group(
     rid = submit(dep, WEB, "nonidem", {"seconds": 30, "tag": "cut"})
     wait_for(running_file(dep, rid).exists, what="nonidem to start")
     dep.stop_worker(worker, signal.SIGKILL)
-    done = dep.spoolops(None, "janitor", "--json")
+    done = dep.spoolops("janitor", "--json")
     assert done.returncode == 1, done.stderr                # an orphan: stuck work
     report = json.loads(done.stdout)
     assert report["recovered"]["interrupted"] == 1
@@ -446,15 +446,15 @@ def test_operator_views_as_root_the_worker_user_and_a_member(deployment: Deploym
                                             "timeout": 120})
     wait_for(running_file(deployment, rid).exists, what="the request to start")
     for user in (None, WORKER):
-        status = deployment.spoolops(user, "status", "--json")
+        status = deployment.spoolops("status", "--json", user=user)
         assert status.returncode == 0, (user, status.stdout, status.stderr)
         body = json.loads(status.stdout)
         assert body["worker"]["alive"] is True and body["running"]["count"] >= 1
-        show = deployment.spoolops(user, "show", rid, "--json")
+        show = deployment.spoolops("show", rid, "--json", user=user)
         assert show.returncode == 0 and json.loads(show.stdout)["state"] == "running"
-        listing = deployment.spoolops(user, "ls", "active")
+        listing = deployment.spoolops("ls", "active", user=user)
         assert rid in listing.stdout, (user, listing.stdout, listing.stderr)
-    member = deployment.spoolops(WEB, "status", "--json")
+    member = deployment.spoolops("status", "--json", user=WEB)
     assert member.returncode == 1
     assert any("cannot list new/" in p for p in json.loads(member.stdout)["problems"])
     release.touch()
@@ -541,11 +541,11 @@ def test_doctor_accepts_the_deployment_and_flags_what_breaks_it(
         fresh_deployment: Deployment) -> None:
     dep = fresh_deployment
     worker = dep.start_worker()
-    good = dep.spoolops(None, "doctor")
+    good = dep.spoolops("doctor")
     assert good.returncode == 0, good.stdout + good.stderr
     # replies would take the worker's own group: work/ not setgid (an old tree)
     os.chmod(dep.root / "work", 0o700)
-    bad = dep.spoolops(None, "doctor")
+    bad = dep.spoolops("doctor")
     assert bad.returncode == 1
     assert "reply group" in bad.stdout and "spoolops init" in bad.stdout, bad.stdout
     os.chmod(dep.root / "work", 0o2700)
@@ -560,7 +560,7 @@ def test_doctor_accepts_the_deployment_and_flags_what_breaks_it(
     # a member named in [access] who is not in the group
     text = dep.config_path.read_text() + f"echo = {OUTSIDER}\n"
     dep.config_path.write_text(text)
-    bad = dep.spoolops(None, "doctor")
+    bad = dep.spoolops("doctor")
     assert bad.returncode == 1 and f"usermod -aG {GROUP} {OUTSIDER}" in bad.stdout
 
 

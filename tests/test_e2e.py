@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TRANSPORTS, queue_for, require_fitsverify, wait_for
-from fitsfiles import fitsverify_errors, simple_image
+from support.env import TRANSPORTS, queue_for
+from support.fitsfiles import fitsverify_errors, simple_image
+from support.requires import require_fitsverify
+from support.waiting import wait_for
 
 from spoolops import (
     BadRequest,
@@ -91,7 +93,7 @@ def test_eight_client_processes(served) -> None:
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_priority_then_time_then_id(request, tmp_path: Path, kind: str,
                                     concurrency: int) -> None:
-    env = queue_for(request, tmp_path, kind, concurrency=concurrency)
+    env = queue_for(request, tmp_path, kind, durable=True, concurrency=concurrency)
     client = env.client()
     base = time.time() - 1000
     plan = [(0, 5, "p0-late"), (0, 1, "p0-early"), (5, 9, "p5-late"), (5, 3, "p5-early"),
@@ -169,7 +171,8 @@ def test_backlog_served_at_start(queue) -> None:
 def test_access_rules(request, tmp_path: Path, kind: str) -> None:
     """[access] names users (the spool: unix accounts; PostgreSQL: login roles);
     who submitted is what the transport says, never the request."""
-    env = queue_for(request, tmp_path, kind, extra="[access]\nrestricted = nobody-allowed\n")
+    env = queue_for(request, tmp_path, kind, durable=True,
+                    extra="[access]\nrestricted = nobody-allowed\n")
     env.start_worker()
     client = env.client()
     with pytest.raises(PermissionDenied) as info:

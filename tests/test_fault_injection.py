@@ -30,11 +30,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import TRANSPORTS, SpoolEnv, make_env, queue_for, wait_for
+from support.env import TRANSPORTS, Env, SpoolEnv, make_spool_env, queue_for
+from support.waiting import wait_for
 
 from spoolops.transport.worklock import worker_alive
 
-fitsfiles = pytest.importorskip("fitsfiles")
+fitsfiles = pytest.importorskip("support.fitsfiles")
 
 # long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten
 pytestmark = pytest.mark.timeout(3600 if os.environ.get("SPOOLOPS_SOAK") else 900)
@@ -92,7 +93,7 @@ with out.open("w") as log:
 """
 
 
-def make_fits(env: SpoolEnv) -> dict[str, bytes]:
+def make_fits(env: Env) -> dict[str, bytes]:
     storage = env.config.storage_root
     scratch = env.base / "scratch"
     scratch.mkdir()
@@ -124,7 +125,7 @@ def normalise(data: bytes) -> bytes:
     return bytes(out)
 
 
-def expected_state(env: SpoolEnv, name: str, original: bytes, seq: int) -> bytes:
+def expected_state(env: Env, name: str, original: bytes, seq: int) -> bytes:
     """The file a lone ``SEQ = seq`` edit makes of the original (real code path)."""
     from spoolops.fits import parse_values, update_file
     root = env.base / f"expect-{seq}"
@@ -140,14 +141,14 @@ def expected_state(env: SpoolEnv, name: str, original: bytes, seq: int) -> bytes
 class Load:
     """Four client processes submitting until told to stop."""
 
-    def __init__(self, env: SpoolEnv, clients: int = 4) -> None:
+    def __init__(self, env: Env, clients: int = 4) -> None:
         self.env = env
         self.stop = env.base / "stop-clients"
         self.outs = [env.base / f"client-{i}.jsonl" for i in range(clients)]
         self.procs = [subprocess.Popen(
             [sys.executable, "-c", CLIENT, str(i), str(out), str(self.stop),
              str(env.config.upload_staging_dir), ",".join(FITS_NAMES)],
-            env=env.client_env() if hasattr(env, "client_env") else env.env(),
+            env=env.client_env(),
             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for i, out in enumerate(self.outs)]
 
@@ -173,7 +174,7 @@ def lock_holder(env: SpoolEnv) -> int | None:
     return pid if alive else None
 
 
-def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes]) -> dict:
+def check_outcome(env: Env, records: list[dict], originals: dict[str, bytes]) -> dict:
     """Every assertion of the issue's end state; returns counts for the report."""
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids))
@@ -192,7 +193,7 @@ def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes
             assert r["result"] == r["args"]
     # exactly one reply: the clients collected theirs; anything left is a
     # duplicate or for an unknown id
-    transport = env.transport() if hasattr(env, "transport") else env.spool
+    transport = env.transport()
     counts_now = transport.counts(time.time())
     assert counts_now["replies"].count == 0
     assert counts_now["queued"].count == 0 and counts_now["running"].count == 0
@@ -244,12 +245,12 @@ def check_outcome(env: SpoolEnv, records: list[dict], originals: dict[str, bytes
 
 @pytest.fixture
 def fault_env(tmp_path: Path):
-    env = make_env(tmp_path / "tree")
+    env = make_spool_env(tmp_path / "tree", durable=False)
     yield env
     env.close()
 
 
-def _final_drain(env: SpoolEnv, load: Load) -> list[dict]:
+def _final_drain(env: Env, load: Load) -> list[dict]:
     worker = env.start_worker()
     records = load.finish()
     env.stop_worker(worker)
@@ -258,7 +259,7 @@ def _final_drain(env: SpoolEnv, load: Load) -> list[dict]:
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_kill_and_restart(request, tmp_path: Path, kind: str):
-    env = queue_for(request, tmp_path, kind)
+    env = queue_for(request, tmp_path, kind, durable=True)
     kills = kill_count(50 if kind == "spool" else 30)
     originals = make_fits(env)
     rng = random.Random(1234)
@@ -329,8 +330,8 @@ print(passes, removed)
 def test_janitor_in_a_tight_loop_beside_a_busy_worker(fault_env: SpoolEnv):
     """Short tmp_ttl, lock files removed as soon as nobody holds them: still no
     request or reply is lost."""
-    env = make_env(fault_env.base / "busy",
-                   extra="[janitor]\ntmp_ttl = 2s\nreply_ttl = 1h\nstuck_after = 1h\n")
+    env = make_spool_env(fault_env.base / "busy", durable=False,
+                         extra="[janitor]\ntmp_ttl = 2s\nreply_ttl = 1h\nstuck_after = 1h\n")
     try:
         originals = make_fits(env)
         env.start_worker()

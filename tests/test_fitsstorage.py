@@ -20,10 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fitsfiles
 import pytest
 from astropy.io import fits
-from conftest import SpoolEnv, make_env, require_fitsverify, wait_for
+from support import fitsfiles
+from support.env import SpoolEnv, make_spool_env
+from support.requires import require_fitsverify
+from support.waiting import wait_for
 
 from spoolops import BadRequest, Conflict, NotFound
 from spoolops.ops import OpContext
@@ -293,7 +295,7 @@ def test_kept_hook_calls_back_off_and_count_as_failed_after_five_tries(tmp_path:
 
 @pytest.fixture
 def site(tmp_path: Path):
-    env = make_env(tmp_path / "tree", durable=True)
+    env = make_spool_env(tmp_path / "tree", durable=True)
     env.hook_log = tmp_path / "hooks.jsonl"
     env.labels = tmp_path / "labels.json"
     yield env

@@ -5,7 +5,7 @@ own fileops tests.
 What it is checked against: their ORM's tables restated as DDL
 (``tests/fitsstorage_schema.sql``) in a database of the suite's throwaway
 cluster, a login role with exactly the grants the package's docstring names
-(``tests/fitsarchive.py``), their ``Queue.pop`` restated as SQL, and -- for
+(``tests/support/fitsarchive.py``), their ``Queue.pop`` restated as SQL, and -- for
 every column of an ``ingestqueue`` row -- what their
 ``IngestQueueEntry.__init__`` sets, with the sortkeys of their own test
 table (``fits_storage_tests/code_tests/test_queueorms.py``, extended in our
@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from accounts import WEB, WORKER, Deployment
 from astropy.io import fits
-from conftest import wait_for
-from fitsarchive import (
+from support.accounts import WEB, WORKER, Deployment
+from support.fitsarchive import (
     DSN_ENV,
     FAIL_DT_FALSE,
     INGESTQUEUE_COLUMNS,
@@ -53,6 +52,7 @@ from fitsarchive import (
     start_site_worker,
     utcnow,
 )
+from support.waiting import wait_for
 
 from spoolops.errors import Conflict, NotFound
 from spoolops.ops import OpContext

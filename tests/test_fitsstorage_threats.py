@@ -1,4 +1,4 @@
-"""Issue 18's additions under attack, as real unix accounts (``tests/accounts.py``).
+"""Issue 18's additions under attack, as real unix accounts (``support.accounts``).
 
 ``spt_web`` is the web user (and the victim where there is one), ``spt_web2``
 another member of the submit group (the attacker), ``spt_wrk`` the worker
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import (
+from support.accounts import (
     MEMBER,
     OUTSIDER,
     WEB,
@@ -47,7 +47,7 @@ from accounts import (
     uid,
     wait_reply,
 )
-from conftest import wait_for
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.accounts
 
@@ -156,10 +156,6 @@ def root_secret(dep: Deployment) -> Path:
     secret.write_text(json.dumps({"id": TOKEN, "note": TOKEN}) + "\n")
     os.chmod(secret, 0o600)
     return secret
-
-
-def log_of(dep: Deployment) -> str:
-    return "".join(w.log_path.read_text(errors="replace") for w in dep.workers)
 
 
 def md5(data: bytes) -> str:
@@ -325,7 +321,7 @@ def test_found_a_directory_under_a_victims_mark_withholds_its_reply(
             str(pending), mark, kind)
     release.touch()
     answer = wait_reply(dep, WEB, victim, timeout=20)
-    failures = [line for line in log_of(dep).splitlines() if "event=reply_failed" in line]
+    failures = [line for line in dep.worker_logs().splitlines() if "event=reply_failed" in line]
     assert answer.get("ok") is True, f"the victim's reply was withheld: {answer} {failures}"
 
 

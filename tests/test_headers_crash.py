@@ -16,8 +16,8 @@ import shutil
 import signal
 from pathlib import Path
 
-import fitsfiles
 import pytest
+from support import fitsfiles
 
 from spoolops import faults as fault
 from spoolops.fits import edit, parse_values, recover_journals

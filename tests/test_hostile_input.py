@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conftest import SpoolEnv, is_root, wait_for
+from support.env import SpoolEnv
+from support.requires import is_root
+from support.waiting import wait_for
 
 from spoolops.formats import utc_iso
 from spoolops.transport.spool.names import reason_file_name

@@ -30,7 +30,8 @@ import pytest
 import spoolops.config
 from spoolops.config import Config
 from spoolops.ops import OpContext
-from spoolops.ops.ingest import CHUNK, INGEST_UPLOAD
+from spoolops.ops.ingest import INGEST_UPLOAD
+from spoolops.ops.ingest_publish import CHUNK
 from spoolops.workhome.temps import TEMP_MARK, cleanup_temps
 
 # long runs: SPOOLOPS_SOAK=1 multiplies the kills by ten

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import astropy.io.fits
 import pytest
-from conftest import require_fitsverify
+from support.requires import require_fitsverify
 
 import spoolops.config
 from spoolops.config import Config

@@ -10,8 +10,9 @@ import sys
 import time
 
 import pytest
-from conftest import Lines, SpoolEnv, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support.env import SpoolEnv, make_spool_env
+from support.waiting import Lines, wait_for
 
 from spoolops import UnknownOp
 
@@ -166,8 +167,7 @@ def test_tail_sees_a_full_lifecycle(running: SpoolEnv) -> None:
 
 
 def test_worker_keeps_metrics_file(tmp_path) -> None:
-    from conftest import make_env
-    env = make_env(tmp_path / "t")
+    env = make_spool_env(tmp_path / "t", durable=False)
     metrics = tmp_path / "spoolops.prom"
     env.config_path.write_text(env.config_path.read_text().replace(
         "concurrency = 4", f"concurrency = 4\nmetrics_file = {metrics}"))

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import SpoolEnv, wait_for
+from support.env import SpoolEnv
+from support.waiting import wait_for
 
 from spoolops.formats import encode_json
 from spoolops.janitor import run_janitor

@@ -1,5 +1,5 @@
 """Issue 19: what a member of the submit group (or an id it learnt) can do to
-another member's request, as real unix accounts (``tests/accounts.py``).
+another member's request, as real unix accounts (``support.accounts``).
 
 ``spt_web`` is the victim, ``spt_web2`` the member who attacks it (it can
 list ``active/`` and ``replies/``, write ``tmp/`` and ``new/``), ``spt_wrk``
@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import (
+from support import PROJECT
+from support.accounts import (
     MEMBER,
-    PROJECT,
+    SHARED_ACCESS,
     WEB,
     WORKER,
     Deployment,
@@ -39,12 +40,12 @@ from accounts import (
     uid,
     wait_reply,
 )
-from conftest import SHARED_ACCESS, Lines, wait_for
+from support.waiting import Lines, wait_for
 
 pytestmark = pytest.mark.accounts
 
 
-# -- helpers of these attacks (the shared ones live in accounts.py) -------------------
+# -- helpers of these attacks (the shared ones live in support.accounts) -------------------
 
 
 
@@ -152,10 +153,6 @@ def stage(dep: Deployment, name: str, data: bytes) -> Path:
 
 
 
-def log_of(dep: Deployment) -> str:
-    return "".join(w.log_path.read_text(errors="replace") for w in dep.workers)
-
-
 def barrier(dep: Deployment) -> None:
     """An echo answered: the worker's main loop has finished the pass that
     claimed what was claimed before it (a claim and its put-back happen in
@@ -242,7 +239,7 @@ def test_issue19_3a_a_put_back_request_cannot_be_swapped_by_a_member(make_deploy
     collected = wait_reply(dep, WEB, victim)
     assert collected["ok"] and collected["submitted_by"] == WEB, collected
     assert fits.getheader(path)["RAWGEMQA"] == "BAD"      # Fail, the victim's value
-    log = log_of(dep)
+    log = dep.worker_logs()
     assert len(re.findall(rf"event=end id={re.escape(victim)} ", log)) == 1, log
     assert f"user={MEMBER} target={target}" not in log
     assert not published.exists()
@@ -272,11 +269,11 @@ def _reuse_answered_id(dep: Deployment, rid: str) -> None:
     published = dep.root / "replies" / f"{rid}.json"
     wait_for(published.exists, timeout=60, what="the genuine reply")
     assert f"{rid}.json" in member_lists(dep, "replies")
-    offset = len(log_of(dep))
+    offset = len(dep.worker_logs())
     plant(dep, rid, "echo", {"echo": "forged"})
     # quarantined (now), or run (before): either way the worker has dealt with it
-    wait_for(lambda: f"name='{rid}.json'" in log_of(dep)[offset:] or
-             f"event=end id={rid} " in log_of(dep)[offset:], timeout=60,
+    wait_for(lambda: f"name='{rid}.json'" in dep.worker_logs()[offset:] or
+             f"event=end id={rid} " in dep.worker_logs()[offset:], timeout=60,
              what="the worker to deal with the member's request")
 
 
@@ -326,7 +323,7 @@ def test_issue19_4_cancel_of_a_duplicate_never_touches_the_running_request(
     plant(dep, rid, "echo", {"tag": "duplicate"})
     request = dep.root / "active" / f"{rid}.json"
     before = (os.lstat(request).st_ino, os.lstat(run).st_ino)
-    dep.spoolops(None, "cancel", rid)
+    dep.spoolops("cancel", rid)
     assert request.exists() and run.exists(), "cancel removed the running request"
     assert (os.lstat(request).st_ino, os.lstat(run).st_ino) == before
     assert not (dep.root / "replies" / f"{rid}.json").exists(), "a reply while it runs"
@@ -338,7 +335,7 @@ def test_issue19_4_cancel_of_a_duplicate_never_touches_the_running_request(
     barrier(dep)                       # the worker is past anything it had to do
     assert not (dep.root / "replies" / f"{rid}.json").exists()  # no second reply
     assert not list((dep.root / "failed").glob(f"{rid}.reply*"))
-    assert len(re.findall(rf"event=end id={re.escape(rid)} ", log_of(dep))) == 1
+    assert len(re.findall(rf"event=end id={re.escape(rid)} ", dep.worker_logs())) == 1
 
 
 # -- finding 6: unbounded metric labels -----------------------------------------------
@@ -364,7 +361,7 @@ def test_issue19_6_unknown_op_names_mint_no_metric_series(make_deployment) -> No
     want = 'spoolops_served_total{op="-",outcome="UnknownOp"} 50'
 
     def metrics() -> str | None:
-        done = dep.spoolops(None, "status", "--prometheus")
+        done = dep.spoolops("status", "--prometheus")
         text = done.stdout
         return text if want in text or "nosuchop_" in text else None
 
@@ -520,7 +517,7 @@ def test_issue19_withdraw_a_member_cannot_spoil_the_aside_name(fresh_deployment,
         path.rmdir() if path.is_dir() else path.unlink()
     dep.start_worker()
     barrier(dep)
-    assert rid not in log_of(dep)                   # it never ran
+    assert rid not in dep.worker_logs()                   # it never ran
     assert "timeout" in wait_reply(dep, WEB, rid, timeout=0.5)
 
 
@@ -561,7 +558,7 @@ def test_found_a_planted_directory_blocks_the_reply(make_deployment) -> None:
     release.touch()
     reply = wait_reply(dep, WEB, rid, timeout=15)
     assert reply.get("ok") and reply["result"]["tag"] == "genuine", (
-        reply, [line for line in log_of(dep).splitlines() if rid in line][-3:])
+        reply, [line for line in dep.worker_logs().splitlines() if rid in line][-3:])
 
 
 def test_found_a_planted_directory_keeps_the_worker_from_starting(make_deployment) -> None:
@@ -626,14 +623,14 @@ def test_found_an_operator_requeue_puts_a_claimed_request_where_a_member_swaps_i
     wait_for(running_file(dep, rid).exists, what="the request to start")
     assert f"{rid}.json" in member_lists(dep, "active")      # the member knows the id
     dep.stop_worker(worker, signal.SIGKILL)
-    done = dep.spoolops(None, "requeue", rid)
+    done = dep.spoolops("requeue", rid)
     assert done.returncode == 0 and "active" in done.stdout, (done.stdout, done.stderr)
     plant(dep, rid, "echo", {"tag": "member"})
     release.touch()
     dep.start_worker()
     reply = wait_reply(dep, WEB, rid, timeout=20)
     assert reply.get("submitted_by") == WEB and reply["result"]["tag"] == "victim", (
-        reply, [line for line in log_of(dep).splitlines() if rid in line],
+        reply, [line for line in dep.worker_logs().splitlines() if rid in line],
         {d: os.listdir(dep.root / d) for d in ("new", "active", "failed", "replies")})
 
 

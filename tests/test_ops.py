@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_env
+from support.env import make_spool_env
 
 from spoolops.errors import SpoolError
 from spoolops.ops import EVERYONE, NO_TARGETS, SITE_DEFAULT, Operation, Registry
@@ -93,7 +93,7 @@ def test_the_writing_an_operation_example_runs_as_a_site_op(tmp_path: Path) -> N
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: site-notes\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[spoolops.ops]\nwrite_note = site_notes:WRITE_NOTE\n")
-    env = make_env(tmp_path / "tree", durable=True)
+    env = make_spool_env(tmp_path / "tree", durable=True)
     try:
         pythonpath = f"{site}:{env.env()['PYTHONPATH']}"
         env.start_worker(PYTHONPATH=pythonpath)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Lines, wait_for
-from queues import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_queue
+from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
+from support.waiting import Lines, wait_for
 
 from spoolops import BadRequest, Client
 from spoolops.errors import TransportUnavailable
@@ -105,7 +105,7 @@ def test_two_workers_share_one_queue_and_never_run_a_target_twice(pg_cluster,
     """Two workers (two hosts: two folders) on one database serve one stream;
     requests on three targets never overlap on a target, whichever worker
     runs them; each request is answered once."""
-    env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="4s")
+    env = make_pg_env(pg_cluster, tmp_path / "a", lock_grace="4s")
     try:
         other = env.base / "b.conf"
         other.write_text(env.config_path.read_text().replace("root = spool", "root = spool-b"))
@@ -137,7 +137,7 @@ def test_worker_lost_on_another_host(pg_cluster, tmp_path: Path) -> None:
     non-idempotent one Interrupted, and leaves the one whose op keeps a
     journal on A's host (update_headers) -- with its target leased -- until
     A's host starts a worker again, which recovers it."""
-    env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="3s")
+    env = make_pg_env(pg_cluster, tmp_path / "a", lock_grace="3s")
     try:
         other = env.base / "b.conf"
         other.write_text(env.config_path.read_text().replace("root = spool", "root = spool-b"))
@@ -207,7 +207,7 @@ def test_postgresql_restarts_mid_stream(pg_cluster, tmp_path: Path) -> None:
     """The server restarts twice under load: the worker and the clients
     reconnect; every request accepted is answered exactly once; a submit
     made while the server is down fails at once, saying so."""
-    env = make_pg_queue(pg_cluster, tmp_path / "q", lock_grace="20s")
+    env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="20s")
     try:
         worker = env.start_worker()
         outs = [tmp_path / f"c{i}.jsonl" for i in range(4)]

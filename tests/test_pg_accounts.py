@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from accounts import MEMBER, OUTSIDER, WEB, WORKER, Deployment
+from support.accounts import MEMBER, OUTSIDER, WEB, WORKER, Deployment
+from support.requires import unavailable
 
 pytestmark = pytest.mark.accounts
 
@@ -18,8 +19,6 @@ pytestmark = pytest.mark.accounts
 @pytest.fixture(scope="module")
 def peer_cluster(accounts):
     pytest.importorskip("psycopg")
-    from conftest import unavailable
-
     from spoolops.pgcluster import PgUnavailable, start_cluster
     try:
         # the test accounts reach the socket (its folder's group) and log in as
@@ -54,7 +53,8 @@ def test_web_account_calls_and_is_known_by_its_role(pg_deployment) -> None:
 
 
 def test_one_web_account_cannot_read_anothers_reply(pg_deployment) -> None:
-    done = pg_deployment.spoolops(WEB, "call", "echo", "--arg", "secret=1", "--no-wait")
+    done = pg_deployment.spoolops("call", "echo", "--arg", "secret=1", "--no-wait",
+                                  user=WEB)
     assert done.returncode == 0, done.stderr
     rid = done.stdout.strip()
     peek = ("import sys, time\nfrom spoolops.client import Client\nc = Client()\n"
@@ -72,6 +72,6 @@ def test_an_account_without_a_role_is_refused_clearly(pg_deployment) -> None:
 
 
 def test_operator_views_as_root(pg_deployment) -> None:
-    status = pg_deployment.spoolops(None, "status", "--json")
+    status = pg_deployment.spoolops("status", "--json")
     assert status.returncode == 0, status.stdout + status.stderr
     assert json.loads(status.stdout)["worker"]["alive"] is True

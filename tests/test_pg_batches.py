@@ -40,8 +40,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, unavailable, wait_for
-from queues import WEB, WEB2, WORKER_ROLE, connect_as
+from support import TESTS
+from support.env import WEB, WEB2, WORKER_ROLE, connect_as
+from support.requires import unavailable
+from support.waiting import wait_for
 
 from spoolops.formats import utc_iso
 from spoolops.janitor import run_janitor

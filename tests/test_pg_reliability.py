@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from queues import WEB, WORKER_ROLE, make_pg_queue
+from support.env import WEB, WORKER_ROLE, make_pg_env
+from support.waiting import wait_for
 
 from spoolops.errors import BadRequest
 
@@ -81,7 +81,7 @@ def test_squatted_advisory_keys_neither_fake_a_worker_nor_keep_one_out(pg_cluste
     keys of the next 60 worker ids: a new worker still starts, and the dead
     worker's request is recovered and answered.  doctor and status say which
     worker holds what."""
-    env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="2s")
+    env = make_pg_env(pg_cluster, tmp_path / "a", lock_grace="2s")
     try:
         other, a, client, release, rid = _holding_on_a(env, tmp_path)
         squatter = connect_as(env, WEB)
@@ -134,7 +134,7 @@ def test_a_claim_whose_answer_is_lost_is_answered_without_a_restart(pg_cluster,
     worker's session is terminated in that wait (the transaction has
     committed locally).  The worker, still running, finds the row it holds
     without knowing it and puts it back; the request gets its one reply."""
-    env = make_pg_queue(pg_cluster, tmp_path / "q", lock_grace="60s")
+    env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="60s")
     env.sql(f'ALTER ROLE {WORKER_ROLE} IN DATABASE "{env.dbname}" SET synchronous_commit = on')
     try:
         worker = env.start_worker()
@@ -175,7 +175,7 @@ def test_a_put_back_that_fails_is_put_back_later(pg_cluster, tmp_path) -> None:
     back in line -- and that UPDATE never commits (its session is terminated
     while a trigger holds it).  The worker, still running, finds the row it
     still holds and puts it back: the request runs after the first one."""
-    env = make_pg_queue(pg_cluster, tmp_path / "q", lock_grace="60s")
+    env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="60s")
     try:
         release = tmp_path / "release"
         submit_as(env, WEB, "pb0", "hold", {"release": str(release), "target": "T"})
@@ -266,7 +266,7 @@ def test_server_restarts_under_load_leave_nothing_running_and_run_nothing_twice(
     that is not idempotent) while the server is restarted again and again:
     every request is answered exactly once by the one worker, which never
     restarts; none is left running; the non-idempotent ones ran once each."""
-    env = make_pg_queue(pg_cluster, tmp_path / "q", lock_grace="20s")
+    env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="20s")
     calls, restarts = (200, 30) if SOAK else (50, 8)
     try:
         worker = env.start_worker()
@@ -322,7 +322,7 @@ def test_two_workers_keep_the_submission_order_of_one_target(pg_cluster, tmp_pat
     round is slow to lease (a trigger sleeps half a second, as a slow
     resolver or a busy worker would be between claim and lease), so that
     the other worker has every chance to claim and lease a later edit first."""
-    env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="4s")
+    env = make_pg_env(pg_cluster, tmp_path / "a", lock_grace="4s")
     try:
         env.sql("CREATE FUNCTION public.slow_lease() RETURNS trigger LANGUAGE plpgsql"
                 " SECURITY DEFINER SET search_path = pg_catalog AS $$ BEGIN IF EXISTS"
@@ -360,7 +360,7 @@ def test_a_frozen_worker_is_fenced_and_its_request_answered_by_another(pg_cluste
     lock live on.  Worker B sees A's heartbeat go stale, waits lock_grace,
     fences A (its session ended) and runs A's idempotent request again.
     Thawed, A learns it was fenced and stops (status 75) without answering."""
-    env = make_pg_queue(pg_cluster, tmp_path / "a", lock_grace="2s")
+    env = make_pg_env(pg_cluster, tmp_path / "a", lock_grace="2s")
     try:
         other, a, client, release, rid = _holding_on_a(env, tmp_path)
         b = env.start_worker(SPOOLOPS_CONFIG=str(other))
@@ -391,7 +391,7 @@ def test_a_deadline_no_worker_can_read_is_refused_at_submit(pg_cluster, tmp_path
     every worker that claimed it fail after the claim had committed -- and
     again at each restart, its recovery reading the same row.  The database
     refuses it; the worker serves on."""
-    env = make_pg_queue(pg_cluster, tmp_path / "q")
+    env = make_pg_env(pg_cluster, tmp_path / "q")
     try:
         worker = env.start_worker()
         for n, deadline in enumerate(("infinity", "10000-01-01T00:00:00Z", "-infinity")):

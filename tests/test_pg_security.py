@@ -1,6 +1,6 @@
 """Issue 20, the web roles' side, as a hostile web role would try it: real
 roles on the suite's own cluster (``pg_cluster``), a database per test
-(``make_pg_queue``: ``web1`` the victim, ``web2`` the attacker, ``wrk`` the
+(``make_pg_env``: ``web1`` the victim, ``web2`` the attacker, ``wrk`` the
 worker), each connecting as itself.
 
 * 2 -- code planted in ``public`` never runs as anyone: a web role's
@@ -47,8 +47,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from queues import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_queue
+from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
+from support.waiting import wait_for
 
 from spoolops import BadRequest
 from spoolops.config import load_config
@@ -356,7 +356,7 @@ def _hwm_kb(pid: int) -> int:
 
 def test_issue20_7_large_queued_requests_keep_the_worker_small(pg_cluster,
                                                                 tmp_path: Path) -> None:
-    env = make_pg_queue(pg_cluster, tmp_path / "q", concurrency=1)
+    env = make_pg_env(pg_cluster, tmp_path / "q", concurrency=1)
     try:
         set_spool_option(env, "max_request_bytes = 16M")
         worker = env.start_worker()
@@ -573,7 +573,7 @@ for k in range(first, first + n):
 
 def test_issue20_9_every_call_gets_its_one_reply_through_lost_answers_and_restarts(
         pg_cluster, tmp_path: Path) -> None:
-    env = make_pg_queue(pg_cluster, tmp_path / "q", lock_grace="20s")
+    env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="20s")
     proxy = LossyProxy(tmp_path / "proxy", pg_cluster.port,
                        str(Path(pg_cluster.host) / f".s.PGSQL.{pg_cluster.port}"), 1.0)
     try:

@@ -23,7 +23,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from accounts import account_name
+from support.accounts import account_name
+from support.requires import unavailable
 
 STRANGER = account_name("pgx")      # an unrelated local account
 CLIENT = account_name("pgc")        # an account admitted to the cluster
@@ -35,7 +36,6 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pgcluster_module():
-    from conftest import unavailable
     if os.geteuid() != 0:
         unavailable("pgcluster's accounts need root (CI runs the tests as root)")
     from spoolops import pgcluster

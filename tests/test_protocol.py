@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv
+from support.env import SpoolEnv
 
 from spoolops.files import UnsafeEntry, read_untrusted, write_atomic
 from spoolops.formats import ID_RE, encode_json, new_request_id

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Lines, SpoolEnv, make_env, wait_for
+from support.env import SpoolEnv, make_spool_env
+from support.waiting import Lines, wait_for
 
 from spoolops import Cancelled, Interrupted, PermissionDenied, Timeout
 from spoolops.cli.main import build_parser
@@ -64,8 +65,8 @@ def test_the_target_lock_keeps_out_of_a_file_another_process_holds(
     (spoolops.dispatch.target_lock_path), so other archive processes that take
     the same lock never see a file mid-edit" -- and the worker, likewise,
     waits while another process holds it."""
-    import fitsfiles
     from astropy.io import fits
+    from support import fitsfiles
     src = fitsfiles.simple_image(tmp_path / "locked.fits")
     target = running.config.storage_root / "locked.fits"
     target.write_bytes(src.read_bytes())
@@ -103,9 +104,9 @@ def test_in_place_edit_cut_off_by_a_crash_is_rolled_back_at_start(tmp_path: Path
     protected by a rollback journal in work/journals/ ...; a worker that finds
     a journal at start-up rolls the header back" (the recover(ctx) hook), at
     the real threshold, through a real worker killed mid-write."""
-    import fitsfiles
     from astropy.io import fits
-    env = make_env(tmp_path / "tree", durable=True)
+    from support import fitsfiles
+    env = make_spool_env(tmp_path / "tree", durable=True)
     try:
         src = fitsfiles.simple_image(tmp_path / "big.fits", shape=(1100, 1100), dtype=">f4")
         assert src.stat().st_size >= 4 * 1024 * 1024
@@ -135,7 +136,7 @@ def test_in_place_edit_cut_off_by_a_crash_is_rolled_back_at_start(tmp_path: Path
 
 def test_the_concurrency_cap(tmp_path: Path) -> None:
     """README: "others run in parallel, up to [worker] concurrency"."""
-    env = make_env(tmp_path / "tree")
+    env = make_spool_env(tmp_path / "tree", durable=False)
     env.config_path.write_text(env.config_path.read_text().replace(
         "concurrency = 4", "concurrency = 2"))
     try:

@@ -13,11 +13,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SpoolEnv, is_root, make_env, stage_reply, wait_for
+from support.env import SpoolEnv, make_spool_env, stage_reply
+from support.requires import is_root
+from support.waiting import wait_for
 
 from spoolops.transport.worklock import read_lock_pid, worker_alive
 
@@ -143,8 +146,10 @@ def test_staged_reply_is_published_and_answered_orphan_cleared(spool_env: SpoolE
         (sp.active / f"{rid}.json.run").write_text("{}")
         reply = disp.reply(Request(id=rid, op="echo", args={}, user="root",
                                    queued_at=time.time()), result={"x": rid})
-        stage_reply(sp, rid, reply)                      # finished, not published
-    sp.publish_recorded("answered")
+        if rid == "staged":
+            stage_reply(sp, rid, reply)                  # finished, not published
+        else:
+            sp.reply(rid, reply)                         # answered
     (sp.active / "answered.json").write_bytes(b"{}")     # as if the unlink was lost
     spool_env.start_worker()
     assert sorted(os.listdir(sp.replies)) == ["answered.json", "staged.json"]
@@ -198,7 +203,7 @@ def test_requeue_refuses_a_finished_request_and_restaging_keeps_the_reply(
                                                        "op": "echo", "args": {}}))
     stage_reply(sp, "done", disp.reply(request, result={"n": 1}))
     stage_reply(sp, "done", disp.reply(request, result={"n": 2}))
-    assert dict(sp.unpublished())["done"]["result"] == {"n": 2}
+    assert json.loads((sp.work / "done.reply").read_bytes())["result"] == {"n": 2}
     proc = spool_env.spoolops("requeue", "done")
     assert proc.returncode == 1 and "finished" in proc.stdout + proc.stderr
     spool_env.start_worker()
@@ -293,7 +298,7 @@ def full_disk_env(tmp_path: Path):
     log = tmp_path / "worker.log"
     env = None
     try:
-        env = make_env(mount / "base")
+        env = make_spool_env(mount / "base", durable=False)
         env.start_worker(log=log)    # outside the full disk
         yield env, mount / "filler", log
     finally:
@@ -360,8 +365,8 @@ def test_full_disk_requests_claimed_meanwhile_are_answered(full_disk_env):
 def test_full_disk_header_edit_fails_cleanly(tmp_path: Path):
     """storage_root on a full 1 MB tmpfs: update_headers of a .fits.gz (always
     copied) fails with a clear OpFailed, the file is intact, no temp remains."""
-    fitsfiles = pytest.importorskip("fitsfiles")
-    env = make_env(tmp_path / "tree")
+    fitsfiles = pytest.importorskip("support.fitsfiles")
+    env = make_spool_env(tmp_path / "tree", durable=False)
     storage = env.config.storage_root
     _mount_tmpfs(storage, "1m")
     try:
@@ -394,8 +399,9 @@ def test_full_disk_header_edit_fails_cleanly(tmp_path: Path):
 
 def test_recovery_killed_between_interrupted_reply_and_quarantine(spool_env: SpoolEnv):
     """A recovery that died after staging an Interrupted reply but before moving
-    the request to failed/ is finished by the next one: reply published, request
-    in failed/ with its reason, never re-run."""
+    the request to failed/ (its reason noted in work/ first, as ``fail`` does)
+    is finished by the next one: reply published, request in failed/ with its
+    reason, never re-run."""
     from spoolops.dispatch import Dispatcher
     from spoolops.errors import Interrupted
     from spoolops.ops import default_registry
@@ -408,9 +414,42 @@ def test_recovery_killed_between_interrupted_reply_and_quarantine(spool_env: Spo
     registry = default_registry()
     dispatcher = Dispatcher(registry, spool_env.config, sp.work)
     request = dispatcher.parse(claimed.data, rid, claimed.user, claimed.queued_ns / 1e9)
+    (sp.work / f"{rid}.failing").write_text("Interrupted: the worker died while running it")
     stage_reply(sp, rid, dispatcher.reply(request, error=Interrupted("cut off")))
     recover(sp, registry, dispatcher)
+    assert not (sp.work / f"{rid}.failing").exists()
     assert os.listdir(sp.active) == [] and os.listdir(sp.new) == []
     assert (sp.failed / (rid + ".json")).exists()
     assert "Interrupted" in (sp.failed / (rid + ".json.reason")).read_text()
     assert client.wait(rid, timeout=5).error["type"] == "Interrupted"
+
+
+def test_interrupting_an_orphan_survives_a_kill_at_each_step(tmp_path: Path):
+    """Recovery answers a non-idempotent orphan ``Interrupted`` and keeps it
+    aside in several steps; a janitor killed (SIGKILL) after each of them
+    leaves what the next one settles: exactly one reply, ``Interrupted``, the
+    request in failed/ with its reason, nothing staged left behind."""
+    from spoolops.faults import FAULT_ENV
+    for n, point in enumerate(("spool.fail.noted", "spool.fail.staged", "spool.fail.kept",
+                               "spool.fail.published")):
+        env = make_spool_env(tmp_path / f"t{n}", durable=True)
+        try:
+            sp, client = env.spool, env.client()
+            rid = client.submit("nonidem", {"seconds": 0})
+            assert sp.claim(rid + ".json") is not None
+            sp.start(rid, {"id": rid}, durable=True)       # a worker died running it
+            cut = subprocess.run([sys.executable, "-m", "spoolops", "janitor", "--json"],
+                                 env=env.env(**{FAULT_ENV: f"{point}:1"}),
+                                 capture_output=True, text=True, timeout=60, check=False)
+            assert cut.returncode == -signal.SIGKILL, (point, cut.returncode, cut.stderr)
+            again = env.spoolops("janitor", "--json")
+            assert again.returncode in (0, 1), again.stderr
+            assert os.listdir(sp.active) == [], (point, os.listdir(sp.active))
+            assert (sp.failed / (rid + ".json")).exists(), point
+            assert "Interrupted" in (sp.failed / (rid + ".json.reason")).read_text()
+            assert not [name for name in os.listdir(sp.work)
+                        if name.endswith((".reply", ".failing", ".tmp"))], point
+            assert os.listdir(sp.replies) == [rid + ".json"], point
+            assert client.wait(rid, timeout=5).error["type"] == "Interrupted"
+        finally:
+            env.close()

@@ -3,7 +3,7 @@
 Issue 19 (filesystem spool hardening).  Root runs ``spoolops status``,
 ``ls``, ``show``, ``tail`` and ``init`` on a tree that others can write
 into; each test here plants what such an account can plant, as that real
-unix account (``tests/accounts.py``), and checks that root's command does
+unix account (``tests/support/accounts.py``), and checks that root's command does
 not do the attacker's bidding:
 
 - finding 1 (a compromised worker account): ``work/worker.lock`` and
@@ -39,8 +39,9 @@ import time
 from pathlib import Path
 
 import pytest
-from accounts import GROUP, WEB, WORKER, Deployment, capped, spoolops_as_root
-from conftest import Lines, unavailable, wait_for
+from support.accounts import GROUP, WEB, WORKER, Deployment, capped, spoolops_as_root
+from support.requires import unavailable
+from support.waiting import Lines, wait_for
 
 pytestmark = pytest.mark.accounts
 

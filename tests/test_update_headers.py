@@ -7,10 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-import fitsfiles
 import pytest
 from astropy.io import fits
-from conftest import require_fitsverify
+from support import fitsfiles
+from support.requires import require_fitsverify
 
 from spoolops.config import Config, replace_config
 from spoolops.errors import BadRequest, Conflict, NotFound, OpFailed

@@ -8,7 +8,9 @@ import os
 import signal
 from pathlib import Path
 
-from conftest import SpoolEnv, is_root, unavailable, wait_for
+from support.env import SpoolEnv
+from support.requires import is_root, unavailable
+from support.waiting import wait_for
 
 
 def _all_replies(env: SpoolEnv) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """A real spoolops queue over PostgreSQL for the bench (nothing borrowed from tests/).
 
-``PgSpoolops`` does what ``tests/queues.py`` ``make_pg_queue`` does: a
+``PgSpoolops`` does what ``tests/support/env.py`` ``make_pg_env`` does: a
 database of its own in the cluster, a config file with ``[spool] transport
 = postgresql``, ``durable = yes`` and ``[postgresql] dsn`` (the worker's, as
 role ``wrk``), ``spoolops.admin.init_tree`` through the superuser's DSN with

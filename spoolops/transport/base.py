@@ -103,11 +103,12 @@ class Orphan:
 
 
 @dataclass
-class Removal:
-    """One thing the janitor removed (or, in a dry run, would remove)."""
+class Step:
+    """One thing done to the queue's state (or, in a dry run, to be done):
+    a removal by the janitor, a step of recovery or of ``settle``."""
 
-    action: str
-    path: str
+    action: str              # remove, publish, fence, requeue, interrupt, ...
+    path: str                # what it was done to, as an operator finds it
     why: str
     age_s: float | None = None
     done: bool = False
@@ -235,9 +236,6 @@ class WorkerSide(ABC):
     # the worker's private folder on its own host: target locks, journals,
     # records of temporary files (``OpContext.work_dir``)
     work_dir: Path
-    # several workers (hosts) may serve it at once: each recovers the orphans
-    # of dead ones while it runs, and targets are leased across them
-    shared: bool = False
     # a scan returns at most this many entries (the best first); None: all
     scan_limit: int | None = None
 
@@ -293,14 +291,8 @@ class WorkerSide(ABC):
     @abstractmethod
     def put_back(self, rid: str, targets: tuple[str, ...] | None = None) -> None:
         """Return a claimed, not started request to its place in line;
-        ``targets``, when known, stay with it (a ``shared`` transport keeps a
+        ``targets``, when known, stay with it (a ``SharedQueue`` keeps a
         later request on one of them from starting first)."""
-
-    def lease(self, rid: str, targets: tuple[str, ...]) -> bool:
-        """Reserve ``targets`` for claimed ``rid`` against other workers of a
-        ``shared`` transport; False if one is in use elsewhere.  The reply
-        (or ``put_back``, ``fail``) releases them."""
-        return True
 
     @abstractmethod
     def start(self, rid: str, record: dict[str, Any], durable: bool) -> None:
@@ -335,12 +327,9 @@ class WorkerSide(ABC):
         """Answer a claimed request and keep it aside with ``reason`` (an
         ``Interrupted`` orphan: requeue it by hand once checked)."""
 
-
     @abstractmethod
     def where(self, rid: str) -> str | None:
         """queued, running or failed: where the request itself is, if anywhere."""
-
-
 
     @abstractmethod
     def orphans(self) -> list[Orphan]:
@@ -350,60 +339,65 @@ class WorkerSide(ABC):
     def read_claimed(self, entry: str) -> Claimed | None:
         """The bytes of a claimed (orphaned) request; None if unreadable."""
 
-
+    @abstractmethod
+    def settle(self, interrupted: Callable[[str], dict[str, Any]], dry_run: bool = False
+               ) -> list[Step]:
+        """Before orphans are looked at, under the worker lock: finish or drop,
+        by itself, what a worker that is gone left half-done in this
+        transport's own keeping (the spool: a reply written but not
+        published, a request half moved aside, scratch files; PostgreSQL:
+        the registration of a worker that is gone, fenced so that it can
+        never answer late).  Never decides a request's fate: ``orphans``
+        are recovery's policy.  ``interrupted(rid)``: the reply to give a
+        request whose outcome was lost with its worker.  ``dry_run``: what
+        it would do, doing nothing."""
 
     @abstractmethod
     def recovery_pending(self) -> bool:
         """Whether a dead worker left anything for recovery to do."""
-
-    def strays(self, known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
-               ) -> list[Orphan]:
-        """Requests the queue says this worker holds but that are not in
-        ``known`` (what it is claiming, running or answering): a claim whose
-        answer was lost, a ``put_back`` that failed.  Recovered like this
-        host's orphans, by the worker itself; those in ``unstarted`` as never
-        started (whose ``start`` failed, its answer maybe lost).  None where
-        a claim cannot be lost (the spool: the rename happened or not)."""
-        return []
-
-    # how often the worker's main loop must call ``heartbeat`` (seconds);
-    # None: no heartbeat (the spool: systemd's watchdog is the judge)
-    heartbeat_interval: float | None = None
-
-    def heartbeat(self) -> bool:
-        """The worker's main loop is alive; False when the worker was fenced
-        (another took its requests over) and must stop at once."""
-        return True
 
     @abstractmethod
     def save_stats(self, snapshot: dict[str, Any]) -> bool:
         """Keep the worker's counters where ``load_stats`` finds them."""
 
 
-class StagedAnswers(ABC):
-    """A transport whose answer takes more than one step that a crash can
-    cut between (the spool: the reply staged in ``work/``, then renamed
-    into ``replies/``).  Recovery finishes or drops what a dead worker left
-    half-done (``recovery.recover``); a transport whose every step is one
-    transaction (PostgreSQL) has no such state and is not one of these."""
+class SharedQueue(ABC):
+    """A transport several workers (hosts) may serve at once (PostgreSQL).
+    Each leases its targets against the others, proves by a heartbeat that
+    its loop turns (the others judge it), recovers now and then the orphans
+    of workers that died elsewhere (``recovery.recover_orphans``) and its
+    own strays, and operators see who serves.  The spool -- one worker by
+    design, its lock the judge -- is not one of these."""
+
+    # how often the worker's main loop must call ``heartbeat`` (seconds);
+    # None while this process serves no queue (it holds no registration)
+    heartbeat_interval: float | None
 
     @abstractmethod
-    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
-        """Replies recorded but not published: (id, reply), the reply None if
-        it was cut off while being written."""
+    def lease(self, rid: str, targets: tuple[str, ...]) -> bool:
+        """Reserve ``targets`` for claimed ``rid`` against other workers;
+        False if one is in use elsewhere.  The reply (or ``put_back``,
+        ``fail``) releases them."""
+
     @abstractmethod
-    def publish_recorded(self, rid: str) -> None:
-        """Retire ``rid`` and publish the reply recorded for it."""
+    def heartbeat(self) -> bool:
+        """The worker's main loop is alive; False when the worker was fenced
+        (another took its requests over) and must stop at once."""
+
     @abstractmethod
-    def discard_recorded(self, rid: str) -> None:
-        """Drop a reply cut off while being written."""
+    def strays(self, known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
+               ) -> list[Orphan]:
+        """Requests the queue says this worker holds but that are not in
+        ``known`` (what it is claiming, running or answering): a claim whose
+        answer was lost, a ``put_back`` that failed.  Recovered like this
+        host's orphans, by the worker itself; those in ``unstarted`` as never
+        started (whose ``start`` failed, its answer maybe lost)."""
+
     @abstractmethod
-    def clear(self, rid: str) -> None:
-        """Retire an orphan whose reply was already published."""
-    @abstractmethod
-    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
-        """Remove what a dead worker was writing (its own scratch files);
-        what was (or, dry, would be) removed."""
+    def workers(self) -> list[dict[str, Any]] | None:
+        """Each registered worker: id, host, pid, whether it is alive, its
+        heartbeat's age, the requests and targets it holds.  None when this
+        reader may not look."""
 
 
 class OperatorSide(ABC):
@@ -427,17 +421,17 @@ class OperatorSide(ABC):
         """The transport ``config`` describes."""
 
     @classmethod
+    @abstractmethod
     def ready_line(cls, config: Config, worker_user: str, group: str) -> str:
         """What ``spoolops init`` says once the transport is set up."""
-        return f"ready (worker {worker_user}, group {group})"
 
+    @abstractmethod
     def title(self) -> str:
         """How ``spoolops status`` names this queue."""
-        return "queue"
 
+    @abstractmethod
     def place_of(self, state: str) -> str:
         """Where a state word (``STATES``) lives, as an operator would look."""
-        return state
 
     @abstractmethod
     def submit_gid(self) -> int:
@@ -454,10 +448,12 @@ class OperatorSide(ABC):
         ``gid`` (``spoolops init``; ``options`` are the transport's own);
         one line per change."""
 
+    @abstractmethod
     def diagnose(self) -> list[tuple[str, bool, str, str]]:
         """(check, ok, message, fix) the transport can tell about itself for
-        ``spoolops doctor``, beyond folders and accounts."""
-        return []
+        ``spoolops doctor``, beyond folders and accounts (the spool: the
+        host's inotify limits; PostgreSQL: schema, roles, row-level security,
+        the workers)."""
 
     @abstractmethod
     def requeue(self, rid: str) -> str:
@@ -466,19 +462,12 @@ class OperatorSide(ABC):
 
     @abstractmethod
     def reap(self, now: float, ages: Ages, worker_alive: bool, dry_run: bool
-             ) -> tuple[list[Removal], list[Finding]]:
+             ) -> tuple[list[Step], list[Finding]]:
         """The janitor's removals by age, and what it must report."""
 
     @abstractmethod
     def worker_alive(self) -> tuple[bool | None, int | None]:
         """(alive, pid) of the worker; alive None when this reader cannot tell."""
-
-    def workers(self) -> list[dict[str, Any]] | None:
-        """Each registered worker of a ``shared`` transport: id, host, pid,
-        whether it is alive, its heartbeat's age, the requests and targets
-        it holds.  None where there is one worker (its lock file says all)
-        or this reader may not look."""
-        return None
 
     @abstractmethod
     def load_stats(self, fresh: bool = False) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 import threading
 
-from contract_helpers import (
+import pytest
+from support.contract import (
     Handles,
     claimed_ids,
     entry_of,
@@ -20,7 +21,8 @@ from contract_helpers import (
     run_record,
 )
 
-from spoolops.transport.base import Claimed
+from spoolops.errors import WorkerRunning
+from spoolops.transport.base import Claimed, SharedQueue
 
 
 def _race(*jobs):
@@ -149,12 +151,17 @@ def test_put_back_keeps_it_claimable_and_its_place(queue, request) -> None:
 
 
 def test_lease_refuses_a_target_held_by_another_running_request(queue, request) -> None:
-    """On a ``shared`` transport a target leased by a running request of
-    another worker is refused to a later request until that one is answered;
-    a transport that is not shared has one worker, whose own schedule keeps
-    targets apart: its ``lease`` always grants (the interface says so)."""
+    """On a ``SharedQueue`` a target leased by a running request of another
+    worker is refused to a later request until that one is answered.  A
+    transport that is not one has one worker by design, whose own schedule
+    keeps targets apart: a second worker cannot start beside it."""
     h = Handles(queue, request)
-    one, two = h.worker(), h.worker()
+    one = h.worker()
+    if not isinstance(one, SharedQueue):
+        with pytest.raises(WorkerRunning):
+            queue.transport().lock_worker(False, lambda: False)
+        return
+    two = h.worker()
     h.publish(make_request("ls-early"))
     queue.set_queued_time("ls-early", 1_000_000_000)
     h.publish(make_request("ls-late"))
@@ -163,8 +170,8 @@ def test_lease_refuses_a_target_held_by_another_running_request(queue, request) 
     assert isinstance(early, Claimed) and isinstance(late, Claimed)
     assert one.lease("ls-early", ("T1",)) is True
     one.start("ls-early", run_record("ls-early", ("T1",)), durable=False)
-    assert two.lease("ls-late", ("T1",)) is (not two.shared)
-    assert two.lease("ls-late", ("T1",)) is (not two.shared)    # still refused
+    assert two.lease("ls-late", ("T1",)) is False
+    assert two.lease("ls-late", ("T1",)) is False    # still refused
     one.reply("ls-early", reply("ls-early"))
     assert two.lease("ls-late", ("T1",)) is True
     two.start("ls-late", run_record("ls-late", ("T1",)), durable=False)

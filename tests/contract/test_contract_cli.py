@@ -21,21 +21,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TRANSPORTS, queue_for, wait_for
-from contract_helpers import Handles, entry_of
+from support.contract import DESCRIBED, Handles, entry_of
+from support.env import TRANSPORTS, queue_for
+from support.waiting import wait_for
 
 from spoolops.transport.base import STATE_WORDS, STATES
 
 JANITOR = "[janitor]\nreply_ttl = 1s\nfailed_ttl = 1s\n"
 WORD_OF = {state: word for word, state in STATE_WORDS.items()}
 REQUEUED_TO = {"spool": "running", "postgresql": "queued"}
-SHOWN = {"queued": "queued", "running": "running", "failed": "failed", "replies": "done"}
 
 
 @pytest.fixture(params=TRANSPORTS)
 def single(request, tmp_path: Path):
     """A queue of each transport whose worker runs one request at a time."""
-    queue = queue_for(request, tmp_path, request.param, concurrency=1, extra=JANITOR)
+    queue = queue_for(request, tmp_path, request.param, durable=True, concurrency=1,
+                      extra=JANITOR)
     queue.start_worker()
     return queue
 
@@ -89,7 +90,7 @@ def test_status_ls_and_show_agree(single, request, tmp_path: Path) -> None:
         assert all(row["state"] == state for row in rows)
         for rid in expected[state]:
             info = _json(single, "show", rid, "--json")
-            assert info["id"] == rid and info["state"] == SHOWN[state], (state, info)
+            assert info["id"] == rid and info["state"] == DESCRIBED[state], (state, info)
     # the places each transport names for its states
     places = {state: transport.place_of(state) for state in STATES}
     if single.kind == "spool":

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TRANSPORTS, queue_for, wait_for
+from support.env import TRANSPORTS, queue_for
+from support.waiting import wait_for
 
 from spoolops import errors
 from spoolops.client import Client
@@ -33,7 +34,7 @@ MARGIN_S = 1.5      # what a timeout may overrun by (a poll, a slow machine)
 @pytest.fixture(params=TRANSPORTS)
 def single(request, tmp_path: Path):
     """A queue of each transport whose worker runs one request at a time."""
-    queue = queue_for(request, tmp_path, request.param, concurrency=1)
+    queue = queue_for(request, tmp_path, request.param, durable=True, concurrency=1)
     queue.start_worker()
     return queue
 

@@ -5,7 +5,7 @@ The worker keys each queued entry from what ``peek`` (and ``claim``) tell of
 it: ``schedule.request_key(priority, queued_ns, id)`` -- priority from the
 request itself (``Dispatcher.parse``), ``queued_ns`` and id from the
 transport (``Claimed``) -- and starts the best keys first
-(``schedule.Queue.take``).  A transport's promise is therefore: ``scan``
+(``schedule.Backlog.take``).  A transport's promise is therefore: ``scan``
 names every queued entry, ``peek`` and ``claim`` agree on each one's id and
 place in line, and that place is its queued time.  (The order of ``scan``'s
 list itself is promised only when ``scan_limit`` cuts it: the best first.)
@@ -15,11 +15,11 @@ Runs on every transport (the ``queue`` fixture).
 
 from __future__ import annotations
 
-from contract_helpers import Handles, make_request
+from support.contract import Handles, make_request
 
 from spoolops.dispatch import Dispatcher
 from spoolops.ops import Registry
-from spoolops.schedule import Queue, TargetGate, request_key
+from spoolops.schedule import Backlog, TargetGate, request_key
 from spoolops.transport.base import Claimed
 
 # (id, priority, queued time): out of order on purpose, with ties to break
@@ -56,7 +56,7 @@ def test_order_is_priority_then_queued_time_then_id(queue, request) -> None:
     assert [keys[n][2] for n in by_key] == EXPECTED
 
     # the worker's schedule takes the best first, two at a time
-    line = Queue()
+    line = Backlog()
     line.sync(names)
     for name, key in keys.items():
         line.set_key(name, key, ())

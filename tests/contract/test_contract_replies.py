@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import wait_for
-from contract_helpers import Handles, entry_of, make_request, reply, run_record
+from support.contract import Handles, entry_of, make_request, reply, run_record
+from support.waiting import wait_for
 
 from spoolops.transport.base import Ages, Claimed
 

@@ -13,8 +13,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from contract_helpers import Handles, make_request
+from support.contract import Handles, make_request
+from support.waiting import wait_for
 
 
 def _running_started(worker, rid: str):
@@ -57,3 +57,37 @@ def test_next_worker_settles_a_killed_workers_request_once(queue, request, tmp_p
         assert not out.exists()
     wait_for(queue.quiet, what="nothing queued or running")
     assert queue.count("replies") == 0
+
+
+def test_settle_finishes_what_a_killed_worker_left_and_leaves_the_fate_to_recovery(
+        queue, request, tmp_path: Path) -> None:
+    """``settle`` after a worker was killed running a request: a dry run says
+    what it would do and changes nothing (asked again, it says the same);
+    settling leaves nothing more to settle; the request is then an orphan
+    (recovery decides its fate), never answered by ``settle`` itself."""
+    h = Handles(queue, request)
+    client = h.client()
+    release = tmp_path / "release"
+    first = queue.start_worker()
+    rid = client.publish(make_request("settle-me", op="hold",
+                                      args={"release": str(release), "timeout": 120}))
+    operator = queue.transport()
+    wait_for(lambda: _running_started(operator, rid), what=f"{rid} running")
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+
+    worker = h.worker()          # the next worker, holding the lock
+
+    def lost(_rid: str) -> dict:
+        raise AssertionError("no reply was lost: settle must not answer anything")
+
+    planned = worker.settle(lost, dry_run=True)
+    assert worker.settle(lost, dry_run=True) == planned
+    assert all(not step.done for step in planned)
+    done = worker.settle(lost)
+    assert [(s.action, s.path) for s in done] == [(s.action, s.path) for s in planned]
+    assert all(step.done and step.error is None for step in done), done
+    assert worker.settle(lost) == [], "settled twice"
+    assert [o.rid for o in worker.orphans()] == [rid]
+    assert client.collect(rid) is None
+    assert operator.describe(rid)["state"] == "running"

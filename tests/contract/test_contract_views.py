@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import time
 
-from contract_helpers import Handles, entry_of, make_request, reply, run_record
+from support.contract import (
+    DESCRIBED,
+    Handles,
+    entry_of,
+    make_request,
+    reply,
+    run_record,
+)
 
 from spoolops.transport.base import STATES, Claimed
-
-DESCRIBED = {"queued": "queued", "running": "running", "failed": "failed", "replies": "done"}
 
 
 def _populate(queue, request) -> tuple[Handles, object, dict[str, set[str]]]:

@@ -25,7 +25,7 @@ import psycopg
 
 from ...errors import SpoolSetupError, TransportUnavailable
 from ...formats import parse_iso, utc_iso
-from ..base import Ages, Entry, Finding, Removal, StateCount
+from ..base import Ages, Entry, Finding, StateCount, Step
 from .conn import connect, listen
 from .queue import PgQueue
 from .schema import REQUEST_COLUMNS, envelope
@@ -232,8 +232,8 @@ class PgView(PgQueue):
         return origin
 
     def reap(self, now: float, ages: Ages, worker_alive: bool, dry_run: bool
-             ) -> tuple[list[Removal], list[Finding]]:
-        removals: list[Removal] = []
+             ) -> tuple[list[Step], list[Finding]]:
+        removals: list[Step] = []
         findings: list[Finding] = []
         table = f"{self.names.schema}.requests"
 
@@ -250,7 +250,7 @@ class PgView(PgQueue):
                     f"DELETE FROM {self.s}.requests WHERE id IN (SELECT id FROM {old}"
                     " FOR UPDATE SKIP LOCKED) RETURNING id, finished", (state, cutoff)
                 ).fetchall()
-                removals.extend(Removal("remove", f"{table} id={rid}", why,
+                removals.extend(Step("remove", f"{table} id={rid}", why,
                                         round(now - finished.timestamp(), 3), done=not dry_run)
                                 for rid, finished in rows)
             for rid, submitted in conn.execute(

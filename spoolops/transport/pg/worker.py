@@ -52,7 +52,17 @@ from ...errors import SpoolSetupError, TransportUnavailable
 from ...files import ensure_tree
 from ...users import worker_uid_of
 from ...workhome import leftovers_pending, lock_path
-from ..base import Batch, Claimed, Orphan, Quarantined, Refused, Transport, WorkerLock
+from ..base import (
+    Batch,
+    Claimed,
+    Orphan,
+    Quarantined,
+    Refused,
+    SharedQueue,
+    Step,
+    Transport,
+    WorkerLock,
+)
 from ..worklock import FlockWorkerLock
 from . import install, schema
 from .client import PgClientSide, message_of
@@ -91,10 +101,9 @@ class _PgWorkerLock(WorkerLock):
             self.host_lock.release()
 
 
-class PgTransport(PgClientSide, PgView, PgQueue, Transport):
+class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
     """One queue in one PostgreSQL schema."""
 
-    shared = True
     scan_limit = SCAN_LIMIT
 
     def __init__(self, config: Config) -> None:
@@ -319,7 +328,6 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         assert self.listener is not None, "lock_worker first"
         return self.listener.fileno()
 
-
     def arrivals(self) -> list[str] | None:
         assert self.listener is not None
         return self.listener.take()
@@ -531,71 +539,105 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
 
     # -- recovery --------------------------------------------------------------------
 
-
     def where(self, rid: str) -> str | None:
         row = self.pools.run(lambda c: c.execute(
             f"SELECT state FROM {self.s}.requests WHERE id = %s", (rid,)).fetchone())
         return row[0] if row and row[0] in ("queued", "running", "failed") else None
 
 
+    def settle(self, interrupted: Callable[[str], dict[str, Any]], dry_run: bool = False
+               ) -> list[Step]:
+        """Every step of an answer is one transaction, so a dead worker leaves
+        no half-done answer; what it leaves is its registration, with the
+        claims it held.  A worker that is gone -- or frozen: alive by its
+        lock, with a heartbeat older than half of ``lock_grace`` -- is noted
+        (``lost_at``, once) when first seen so; another host's becomes
+        takeable only once it has been so for ``lock_grace`` (the worker
+        itself stops after ``lock_grace / 2`` without its lock), this host's
+        at once (its host lock is ours now).  A takeable one is fenced (see
+        ``_fence``) before ``orphans`` hands its requests to recovery."""
+        if dry_run:
+            return [Step("fence", where, why) for where, why, _ in self._takeable(note=False)]
+        steps = []
+        for where, why, fence in self._takeable(note=True):
+            if fence is not None and self.me is not None and self._fence(*fence):
+                steps.append(Step("fence", where, why, done=True))
+        return steps
 
-    def orphans(self) -> list[Orphan]:
-        """Requests of workers that are gone -- or frozen: alive by their
-        lock, but with a heartbeat older than half of ``lock_grace``.  Each
-        such worker is noted (``lost_at``, once) when first seen so; another
-        host's is taken over only once it has been so for ``lock_grace``
-        (the worker itself stops after ``lock_grace / 2`` without its
-        lock), and is fenced first (see ``_fence``).  A registration that is
-        gone altogether can never come back: its rows are taken at once."""
+    def _dead_claims(self, note: bool) -> list[tuple]:
+        """The running rows of dead workers (``dead_workers_sql``), noting
+        each newly lost worker when ``note``."""
         params = {"me": self.me}
 
         def work(conn: psycopg.Connection) -> list[tuple]:
             rows = conn.execute(self.dead_workers_sql(), params).fetchall()
             lost = sorted({r[1] for r in rows if r[7] is None and r[4] is not None})
-            if lost:
+            if lost and note:
                 conn.execute(f"UPDATE {self.s}.workers SET lost_at = clock_timestamp() WHERE"
                              " id = ANY(%s) AND lost_at IS NULL", (lost,))
             return rows
         out = []
-        taken: dict[int, tuple[bool, int | None, str | None]] = {}
-        for rid, worker, attempt, started, host, work_dir, pid, lost_at, now, alive, \
-                backend in self.pools.run(work):
+        for row in self.pools.run(work):
+            host, work_dir, lost_at, now = row[4], row[5], row[7], row[8]
             local = host == self.host and work_dir == str(self.work_dir)
-            # this host's own dead worker is surely dead: its host lock is ours now
             if host is not None and not local and (
                     lost_at is None or (now - lost_at).total_seconds() < self.config.lock_grace):
+                continue              # another host's, not lost for long enough yet
+            out.append(row)
+        return out
+
+    def _takeable(self, note: bool) -> list[tuple[str, str, tuple | None]]:
+        """(where, why, fence arguments) of each dead worker whose claims
+        recovery may take; no fence arguments for a registration that is gone."""
+        seen: dict[int, tuple[str, str, tuple | None]] = {}
+        for _rid, worker, _attempt, _started, host, _wd, pid, _lost, _now, alive, \
+                backend in self._dead_claims(note):
+            if worker in seen:
                 continue
-            if host is not None:
-                taken[worker] = (alive, backend, host)
+            why = ("its heartbeat is stale" if alive else "it is gone") if host is not None \
+                else "its registration is gone"
+            where = f"{self.names.schema}.workers id={worker} (on {host or '?'}, pid {pid})"
+            seen[worker] = (where, f"a worker that is gone: {why}",
+                            None if host is None else (worker, alive, backend, host))
+        return list(seen.values())
+
+    def orphans(self) -> list[Orphan]:
+        """Requests of dead workers whose claims recovery may take (see
+        ``settle``, which fences their workers first)."""
+        out = []
+        for rid, worker, attempt, started, host, work_dir, pid, _lost, _now, _alive, \
+                _backend in self._dead_claims(note=False):
+            local = host == self.host and work_dir == str(self.work_dir)
             self._claims[rid] = (worker, attempt)
             out.append(Orphan(rid, rid, started, f"{self.names.schema}.requests id={rid}"
                               f" (worker {worker} on {host or '?'}, pid {pid})", local=local))
-        if taken and self.me is not None:
-            self._fence(taken)
         return out
 
-    def _fence(self, workers: dict[int, tuple[bool, int | None, str | None]]) -> None:
-        """Before their requests are recovered: mark the workers fenced (one
-        that comes back, or thaws, sees it and stops at once; its late
-        answers are refused anyway: they are fenced by claimed_by and
-        attempt) and end the session of one still alive by its lock (a
-        frozen worker keeps it), when this role may (the same login role,
-        or pg_signal_backend): its lock then goes, and ``doctor`` says so."""
+    def _fence(self, worker: int, alive: bool, backend: int | None, host: str | None
+               ) -> bool:
+        """Before its requests are recovered: mark the worker fenced (if it
+        comes back, or thaws, it sees so and stops at once; its late answers
+        are refused anyway: they are fenced by claimed_by and attempt) and end
+        its session when it is still alive by its lock (a frozen worker keeps
+        it) and this role may (the same login role, or pg_signal_backend):
+        its lock then goes, and ``doctor`` says so.  False if it was fenced
+        already."""
         fenced = self.pools.run(lambda c: c.execute(
-            f"UPDATE {self.s}.workers SET fenced_at = clock_timestamp() WHERE id = ANY(%s) AND"
-            " fenced_at IS NULL RETURNING id", (sorted(workers),)).fetchall())
-        for (worker,) in fenced:
-            alive, backend, host = workers[worker]
-            ended = False
-            if alive and backend is not None:
-                try:
-                    ended = bool(self.pools.run(lambda c, b=backend: c.execute(
-                        "SELECT pg_catalog.pg_terminate_backend(%s)", (b,)).fetchone()[0]))
-                except psycopg.errors.InsufficientPrivilege:
-                    pass     # fenced by claimed_by/attempt alone
-            log.warning("event=worker_fenced worker=%d host=%s why=%s session_ended=%s",
-                        worker, host, "heartbeat_stale" if alive else "gone",
-                        "yes" if ended else "no")
+            f"UPDATE {self.s}.workers SET fenced_at = clock_timestamp() WHERE id = %s AND"
+            " fenced_at IS NULL RETURNING id", (worker,)).fetchone())
+        if fenced is None:
+            return False
+        ended = False
+        if alive and backend is not None:
+            try:
+                ended = bool(self.pools.run(lambda c: c.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(%s)", (backend,)).fetchone()[0]))
+            except psycopg.errors.InsufficientPrivilege:
+                pass     # fenced by claimed_by/attempt alone
+        log.warning("event=worker_fenced worker=%d host=%s why=%s session_ended=%s",
+                    worker, host, "heartbeat_stale" if alive else "gone",
+                    "yes" if ended else "no")
+        return True
 
     def strays(self, known: set[str], unstarted: set[str] | frozenset[str] = frozenset()
                ) -> list[Orphan]:
@@ -630,10 +672,11 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport):
         return None if row is None else self._claimed(row)
 
 
-
     def recovery_pending(self) -> bool:
-        # this host's home too: a dead worker's journals and temporary files
-        return leftovers_pending(self.work_dir) or bool(self.orphans())
+        # this host's home too: a dead worker's journals and temporary files;
+        # and any dead worker's claims (``settle`` notes the newly lost)
+        return leftovers_pending(self.work_dir) or bool(self.pools.run(lambda c: c.execute(
+            self.dead_workers_sql(), {"me": self.me}).fetchone()))
 
     def workers(self) -> list[dict[str, Any]] | None:
         """Who holds what, for ``doctor`` and ``status``: each registered

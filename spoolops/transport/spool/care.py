@@ -53,10 +53,11 @@ from ...workhome import (
     leftovers_pending,
     stats_path,
 )
-from ..base import Ages, Finding, Removal
+from ..base import Ages, Finding, Step
 from ..worklock import signal_worker, worker_alive
 from .names import (
     DIR_MODES,
+    FAILING_SUFFIX,
     HELD_SUFFIX,
     REASON_SUFFIX,
     REQUEST_SUFFIX,
@@ -67,6 +68,10 @@ from .names import (
 )
 
 log = logging.getLogger("spoolops.janitor")
+
+INOTIFY_PROC = Path("/proc/sys/fs/inotify")
+MIN_INOTIFY = {"max_user_instances": 128, "max_queued_events": 16384,
+               "max_user_watches": 8192}
 KEEP_IN_WORK = OWN_FILES
 MAX_STATS_BYTES = 1 << 20      # counters per op and outcome: kilobytes in practice
 
@@ -87,6 +92,27 @@ class SpoolCare:
     worker_uid: Callable[[], int]
 
     # -- the tree ---------------------------------------------------------------
+
+    def diagnose(self) -> list[tuple[str, bool, str, str]]:
+        """The host's inotify limits: the worker and every client process
+        each take one instance (``max_user_instances``); a burst of requests
+        must not overflow the worker's queue of events (a rescan would
+        catch up, slower)."""
+        out = []
+        for name, minimum in MIN_INOTIFY.items():
+            try:
+                value = int((INOTIFY_PROC / name).read_text().strip())
+            except (OSError, ValueError):
+                out.append((f"inotify {name}", False, f"cannot read {INOTIFY_PROC / name}",
+                            "is this Linux with inotify?"))
+                continue
+            if value < minimum:
+                fix = f"sysctl -w fs.inotify.{name}={minimum} (and in /etc/sysctl.d/)"
+                out.append((f"inotify {name}", False,
+                            f"fs.inotify.{name} = {value}, below {minimum}", fix))
+            else:
+                out.append((f"inotify {name}", True, f"{value}", ""))
+        return out
 
     def layout(self) -> list[tuple[str, Path, tuple[int, ...]]]:
         """(label, folder, allowed modes) of the tree, for ``spoolops doctor``."""
@@ -159,7 +185,7 @@ class SpoolCare:
     # -- the janitor ------------------------------------------------------------
 
     def reap(self, now: float, ages: Ages, worker_alive: bool, dry_run: bool
-             ) -> tuple[list[Removal], list[Finding]]:
+             ) -> tuple[list[Step], list[Finding]]:
         """Remove by age what nobody will collect or finish; report what is stuck.
 
         ``worker_alive``: a worker runs (its staging files are its own until
@@ -349,7 +375,7 @@ class SpoolCare:
         journals, temp records, staging files, orphans."""
         if leftovers_pending(self.work):
             return True
-        return any(n.endswith((".tmp", STAGED_REPLY_SUFFIX)) for n, _ in _entries(self.work)) \
+        return any(n.endswith((".tmp", STAGED_REPLY_SUFFIX, FAILING_SUFFIX)) for n, _ in _entries(self.work)) \
             or any(not n.endswith(RUN_SUFFIX) for n, _ in _entries(self.active))
 
 
@@ -358,7 +384,7 @@ class _Sweep:
 
     def __init__(self, now: float, dry_run: bool) -> None:
         self.now, self.dry_run = now, dry_run
-        self.removals: list[Removal] = []
+        self.removals: list[Step] = []
         self.findings: list[Finding] = []
 
     def age(self, st: os.stat_result, ctime: bool = False) -> float:
@@ -375,7 +401,7 @@ class _Sweep:
                 self.remove(folder / name, why, age)
 
     def remove(self, path: Path, why: str, age: float | None) -> None:
-        removal = Removal("remove", str(path), why, None if age is None else round(age, 1))
+        removal = Step("remove", str(path), why, None if age is None else round(age, 1))
         self.removals.append(removal)
         if self.dry_run:
             return

@@ -37,6 +37,7 @@ REQUEST_SUFFIX = ".json"
 RUN_SUFFIX = ".json.run"
 REASON_SUFFIX = ".reason"
 STAGED_REPLY_SUFFIX = ".reply"
+FAILING_SUFFIX = ".failing"      # work/ID.failing: the reason of a fail under way
 WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its way out
 # (work/'s own names -- the lock, the counters, target locks -- are the
 # worker's home's: ``spoolops.workhome``)

@@ -1,8 +1,10 @@
 """The filesystem spool: the folders, the file names, and every rename between them.
 
-This module is the only place that moves files through the spool, the way
-CPython's ``mailbox.Maildir`` owns tmp/new/cur -- with the directory fsync
-that ``mailbox.py`` skips (when ``durable``)::
+This module and its answering half (``spool.answers``: the one reply,
+kept-aside requests, ``settle``) are the only places that move files through
+the spool, the way CPython's ``mailbox.Maildir`` owns tmp/new/cur -- with the
+directory fsync that ``mailbox.py`` skips (when ``durable``); the one rename
+that publishes a request is the client's (``spool.client``)::
 
     client:  tmp/ID.json --publish--> new/ID.json
     worker:  new/ID.json --claim--> active/ID.json (+ active/ID.json.run)
@@ -30,17 +32,14 @@ found in ``tmp/``, ``new/`` or ``replies/`` (group-writable), which is read
 as ``files.read_untrusted`` reads (Postfix's safe_open).  The folder and
 file names below appear nowhere else in spoolops; reads for the operator's
 views live in ``spool.view``, maintenance in ``spool.care``, the client's
-shared inotify instance in ``spool.watch``.
+side in ``spool.client`` and its shared inotify instance in ``spool.watch``.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import secrets
-import socket
 import stat
 import time
 from collections.abc import Callable
@@ -53,27 +52,24 @@ from ...config import Config
 from ...errors import SpoolSetupError
 from ...files import (
     UnsafeEntry,
-    fsync_dir,
     pending_events,
     read_untrusted,
     rename_noreplace,
     write_atomic,
-    write_new_file,
 )
-from ...formats import encode_json, utc_iso, valid_id
+from ...formats import encode_json
 from ...users import user_name, worker_uid_of
 from ...workhome import lock_path
 from ..base import (
-    Batch,
     Claimed,
     Orphan,
     Quarantined,
     Refused,
-    StagedAnswers,
     Transport,
     WorkerLock,
 )
 from ..worklock import FlockWorkerLock
+from .answers import SpoolAnswers
 from .care import SpoolCare
 from .client import SpoolClientSide
 from .names import (
@@ -83,7 +79,6 @@ from .names import (
     STAGED_REPLY_SUFFIX,
     STATE_FOLDERS,
     id_from_name,
-    reason_file_name,
 )
 from .view import SpoolView
 
@@ -107,7 +102,7 @@ class _WatchingLock(FlockWorkerLock):
         super().release()
 
 
-class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAnswers):
+class SpoolTransport(SpoolClientSide, SpoolAnswers, SpoolCare, SpoolView, Transport):
     """One spool tree.  Client and worker both use it; each uses its half."""
 
     def __init__(self, root: str | os.PathLike, durable: bool = True,
@@ -128,7 +123,6 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAns
         self._new, self._active, self._work, self._replies, self._tmp = (
             str(self.new), str(self.active), str(self.work), str(self.replies), str(self.tmp))
         self._pending = str(self.pending)
-        self._reply_gid: Any = _UNKNOWN
         self._worker_uid: int | None = None
         self._inotify: INotify | None = None
         self._skipped: set[str] = set()
@@ -380,264 +374,15 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAns
     def progress(self, rid: str, record: dict[str, Any]) -> None:
         self.start(rid, record, durable=False)
 
-    def reply(self, rid: str, reply: dict[str, Any], started: bool = True, *,
-              deliver: bool = True, batch: Batch | None = None) -> None:
-        if not deliver:
-            self._retire(rid, started)
-        elif self._answered_already(rid):
-            # a retry after a failure past the publishing rename (an fsync's
-            # error): the answer is out, maybe collected -- never a second one
-            log.warning("event=reply_dropped id=%s note=%r", rid, "its request left active/"
-                        " and no staged reply waits: it was answered already")
-        else:
-            self._stage_reply(rid, reply)
-            self._publish_staged(rid, started)
-        self._mine.discard(rid + REQUEST_SUFFIX)     # after it left active/
-        # after the answer, off the waiting client's path: the batch's hooks
-        # ran already (or are kept: then the mark stays, held); a mark a crash
-        # leaves behind names no request, and the janitor removes it
-        if batch is not None:
-            if batch.held:
-                self.hold_mark(batch.marker)
-            else:
-                self.release_mark(batch.marker)
-
-    def _answered_already(self, rid: str) -> bool:
-        """Neither the claimed request nor a staged reply is there: whatever
-        answered it (this worker, before a failure it is retrying past)
-        published its one reply.  (Recovery's answer to a request that is
-        gone comes with the staged reply it replaces.)"""
-        return not os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}") and \
-            not os.path.lexists(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}")
-
-    def release_batch(self, rid: str, batch: Batch) -> None:
-        self.release_mark(batch.marker)
-
-    def _retire(self, rid: str, started: bool) -> None:
-        """A request that wants no reply is done: it leaves ``active/``, and
-        nothing else is left of it (a crash before this re-runs it, as any)."""
-        if started:
-            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
-        if self.durable:
-            fsync_dir(self._active)
-
-    def _stage_reply(self, rid: str, reply: dict[str, Any], in_place: bool = True) -> None:
-        """Write the finished reply to ``work/ID.reply``: from here on the
-        request counts as done, even if the worker dies before publishing.
-
-        Written in place (see the module docstring for why that is safe) by
-        the worker while ``active/ID.json`` exists.  A staged reply already
-        there, and every caller that may run beside a worker or after its
-        request left ``active/`` (``in_place=False``: recovery, ``spoolops
-        cancel``), go through a temporary file and a rename: a whole staged
-        reply is never removed or cut."""
-        path = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
-        data = encode_json(reply)
-        gid = self._reply_group()
-        if in_place:
-            try:
-                write_new_file(path, data, self.durable, gid=gid)
-                return
-            except FileExistsError:
-                pass
-        write_atomic(f"{path}.tmp", path, data, self.durable, own_staging=True, gid=gid)
-
-    def _reply_group(self) -> int | None:
-        """The group a staged reply must be given explicitly, or None when
-        files made in ``work/`` get the submit group anyway (``work/`` is
-        setgid to it, or it is this process's own group).  Replies keep
-        their group when renamed into ``replies/``, and clients read them
-        through it: a worker whose primary group is its own would otherwise
-        answer in a group no client is in."""
-        if self._reply_gid is _UNKNOWN:
-            work, replies = os.stat(self._work), os.stat(self._replies)
-            if (work.st_mode & stat.S_ISGID and work.st_gid == replies.st_gid) or \
-                    (not work.st_mode & stat.S_ISGID and os.getegid() == replies.st_gid):
-                self._reply_gid = None
-            else:
-                self._reply_gid = replies.st_gid
-        return self._reply_gid
-
-    def _publish_staged(self, rid: str, started: bool = True) -> None:
-        """Retire ``active/ID.json`` (and its run file, if the op had one) and
-        rename the staged reply into ``replies/``.
-
-        The request is removed first so that a crash in between leaves a
-        staged reply and no orphan (recovery publishes it): never two replies.
-        With ``durable``, one fsync of ``replies/`` commits the lot on a
-        journalling filesystem (ext4, xfs: metadata is journalled in order).
-        """
-        if started:
-            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
-        self._publish_noreplace(rid, f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}")
-
-    def _publish_noreplace(self, rid: str, staged: str) -> None:
-        """Rename ``staged`` to ``replies/ID.json`` without replacing a reply
-        the worker wrote.  Something else under that name (a member's plant)
-        is removed first; a trusted reply already there means this is a second
-        request with an answered id: its reply is kept in ``failed/`` with a
-        reason, and the first one stays the one the client reads."""
-        published = f"{self._replies}/{rid}{REQUEST_SUFFIX}"
-        for _attempt in range(8):
-            try:
-                rename_noreplace(staged, published)
-                break
-            except FileExistsError:
-                if self.collect(rid, remove=False, reader="the worker", quiet=True) is None:
-                    self._clear_plant(published)   # not the worker's: a member's plant
-                    continue
-                name = f"{rid}.reply"
-                kept_as = self._rename_into_failed(Path(staged).parent, Path(staged).name,
-                                                   name)
-                self._write_reason(kept_as, f"A reply to {rid} was already published and not"
-                                   " yet collected; this reply, to a second request with the"
-                                   " same id, was kept here instead")
-                log.error("event=duplicate_reply id=%s kept=%s", rid, kept_as)
-                break
-        else:
-            raise FileExistsError(errno.EEXIST, "replies/ keeps being planted", published)
-        if self.durable:
-            fsync_dir(self._replies)
-
-    def _clear_plant(self, path: str) -> None:
-        """Out of the reply's way: unlinked, or -- a folder, which a member
-        may have filled with files the worker cannot remove -- renamed aside
-        in ``replies/`` (the janitor reaps it after ``reply_ttl``)."""
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            log.warning("event=reply_plant_moved path=%s", path)
-            os.rename(path, f"{self._replies}/.planted-{secrets.token_hex(8)}")
-
-    def answer_withdrawn(self, rid: str, reply: dict[str, Any]) -> bool:
-        """Publish an operator's ``Cancelled`` reply to a request just
-        withdrawn from ``new/``: staged under a name of its own (never over
-        one the worker staged) and published without replacing; never when
-        a request with that id runs or was answered (the withdrawn file was
-        then a duplicate, and the running one's reply is the answer).  The
-        worker's ``active/`` is not touched."""
-        if os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}") or \
-                self._id_in_use(rid) is not None:
-            return False
-        staged = f"{self._work}/{rid}.cancel.{os.getpid()}.tmp"
-        _remove_quietly(staged)          # a leftover of a process with our pid
-        write_new_file(staged, encode_json(reply), self.durable, gid=self._reply_group())
-        try:
-            rename_noreplace(staged, f"{self._replies}/{rid}{REQUEST_SUFFIX}")
-        except FileExistsError:
-            _remove_quietly(staged)
-            return False
-        if self.durable:
-            fsync_dir(self._replies)
-        return True
-
-    def quarantine(self, entry: str, reason: str, claimed: bool) -> Quarantined:
-        """Move ``new/NAME`` or ``active/NAME`` to ``failed/`` beside
-        ``failed/NAME.reason`` (``NAME~2``... when ``NAME`` is taken there).
-
-        An entry that cannot be moved stays where it is; the reason file is
-        written all the same, and ``scan`` skips names that have one.
-        """
-        directory = self.active if claimed else self.new
-        try:
-            moved = self._quarantine(directory, entry, reason)
-            if claimed:
-                self._mine.discard(entry)
-        except OSError as exc:
-            # the reason could not be written (disk full): an entry still in
-            # new/ is skipped from now on, not retried forever
-            moved = not os.path.lexists(directory / entry)
-            reason = f"{reason} (its reason file could not be written: {exc.strerror or exc})"
-        if not moved and not claimed:
-            self._skipped.add(entry)
-        return Quarantined(entry, reason, moved)
-
-    def _quarantine(self, directory: Path, name: str, reason: str) -> bool:
-        moved, kept_as = True, name
-        try:
-            kept_as = self._rename_into_failed(directory, name)
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            moved = False
-            reason = (f"{reason.rstrip('.')}; it could not be moved out of"
-                      f" {directory.name}/ ({exc.strerror or exc}), so it was left there"
-                      " and will be skipped.")
-        self._write_reason(kept_as, reason)
-        if directory == self.active and moved:
-            # its run file goes with it; an entry quarantined from new/ (say a
-            # duplicate of a running id) must never touch what runs in active/
-            _remove_quietly(self.active / (name + ".run"))
-        return moved
-
-    def _rename_into_failed(self, directory: Path, name: str, as_name: str | None = None
-                            ) -> str:
-        as_name = as_name or name
-        for n in range(1, 100):
-            dest = as_name if n == 1 else f"{as_name}~{n}"
-            try:
-                rename_noreplace(str(directory / name), str(self.failed / dest))
-                return dest
-            except FileExistsError:
-                continue
-        raise FileExistsError(errno.EEXIST, "no free name in failed/", name)
-
-    def _write_reason(self, name: str, reason: str) -> None:
-        line = " ".join(reason.split())
-        if not line.endswith("."):
-            line += "."
-        text = f"{utc_iso()} {socket.gethostname()} pid {os.getpid()}: {line}\n"
-        reason_name = reason_file_name(name)
-        write_atomic(self.work / f"{reason_name}.tmp", self.failed / reason_name,
-                     text.encode("utf-8", "backslashreplace"), self.durable, mode=0o644,
-                     own_staging=True)
-
-    def _has_reason(self, name: str) -> bool:
-        return os.path.lexists(self.failed / reason_file_name(name))
-
-    def fail(self, rid: str, reply: dict[str, Any], reason: str) -> None:
-        """Stage the reply, move the request to ``failed/``, publish: a crash
-        between the steps leaves a staged reply, which recovery finishes."""
-        self._stage_reply(rid, reply, in_place=False)
-        self._quarantine(self.active, rid + REQUEST_SUFFIX, reason)
-        self._publish_staged(rid)
-        self._mine.discard(rid + REQUEST_SUFFIX)
-
-    # -- recovery (under the worker lock) ---------------------------------------------
-
-    def unpublished(self) -> list[tuple[str, dict[str, Any] | None]]:
-        ids = sorted(n[: -len(STAGED_REPLY_SUFFIX)] for n in os.listdir(self.work)
-                     if n.endswith(STAGED_REPLY_SUFFIX) and
-                     valid_id(n[: -len(STAGED_REPLY_SUFFIX)]))
-        return [(rid, self._staged_reply(rid)) for rid in ids]
-
-    def _staged_reply(self, rid: str) -> dict[str, Any] | None:
-        """The staged reply of ``rid`` if it is whole (parses, names ``rid``);
-        None if there is none or it was cut off while being written."""
-        try:
-            with open(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", "rb") as f:
-                reply = json.loads(f.read())
-        except (OSError, ValueError):
-            return None
-        return reply if isinstance(reply, dict) and reply.get("id") == rid else None
+    # -- reads for recovery (under the worker lock) ------------------------------------
 
     def where(self, rid: str) -> str | None:
         name = rid + REQUEST_SUFFIX
-        for state, folder in (("running", self.active), ("queued", self.new),
-                              ("failed", self.failed)):
-            if os.path.lexists(folder / name):
+        for state, folder in (("running", self._active), ("queued", self._new),
+                              ("failed", str(self.failed))):
+            if os.path.lexists(f"{folder}/{name}"):
                 return state
         return None
-
-    def publish_recorded(self, rid: str) -> None:
-        self._publish_staged(rid)
-
-    def discard_recorded(self, rid: str) -> None:
-        _remove_quietly(self.work / (rid + STAGED_REPLY_SUFFIX))
 
     def orphans(self) -> list[Orphan]:
         return [Orphan(name, id_from_name(name), os.path.lexists(self.active / (
@@ -654,22 +399,6 @@ class SpoolTransport(SpoolClientSide, SpoolCare, SpoolView, Transport, StagedAns
         return None if rid is None else Claimed(entry, rid, f.data, user_name(f.st.st_uid),
                                                 f.st.st_mtime_ns)
 
-    def clear(self, rid: str) -> None:
-        _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
-        self._mine.discard(rid + REQUEST_SUFFIX)
-
-    def drop_leftovers(self, dry_run: bool = False) -> list[str]:
-        """Staging files in ``work/`` and run files whose request is gone."""
-        found = [self.work / name for name in sorted(os.listdir(self.work))
-                 if name.endswith(".tmp") and os.path.isfile(self.work / name)]
-        found += [self.active / name for name in sorted(os.listdir(self.active))
-                  if name.endswith(RUN_SUFFIX) and not os.path.lexists(
-                      self.active / name[: -len(".run")])]
-        if not dry_run:
-            for path in found:
-                _remove_quietly(path)
-        return [str(path) for path in found]
 
 def _plain_file(path: str) -> os.stat_result | None:
     """The lstat of ``path`` if it is a regular file with one link."""

@@ -104,7 +104,7 @@ def data_units(path: Path) -> list[bytes]:
 
 
 def fitsverify_errors(path: Path) -> int:
-    """fitsverify's error count (the tests call ``conftest.require_fitsverify``
+    """fitsverify's error count (the tests call ``support.requires.require_fitsverify``
     first: a missing judge is a skip, or in CI a failure, never a pass)."""
     target = path
     if path.name.endswith((".gz", ".bz2")):

@@ -2,7 +2,7 @@
 
 Nothing here knows a transport: a request, a reply, a worker's handle and a
 client's handle are built only through the interface (``Transport``) and the
-test environments' common face (``queue`` of ``tests/queues.py``).
+test environments' one face (``support.env.Env``, the ``queue`` fixture).
 
 - ``make_request(rid, ...)``: a request document as ``Client`` writes it, with an
   id the test chooses;
@@ -10,7 +10,9 @@ test environments' common face (``queue`` of ``tests/queues.py``).
 - ``Handles``: worker handles (a ``Transport`` that may claim, as a worker
   does: registered as a worker where the transport needs that) and the
   client's handle (the transport of the queue's ``Client``);
-- ``entry_of``: the queued entry a scan names for an id.
+- ``entry_of``: the queued entry a scan names for an id;
+- ``DESCRIBED``: the state ``describe`` (and ``spoolops show``) names for a
+  request in each of the states.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import Any
 from spoolops.config import replace_config
 from spoolops.formats import PROTOCOL_VERSION, utc_iso
 from spoolops.transport import open_transport
-from spoolops.transport.base import Claimed, Transport, WorkerLock
+from spoolops.transport.base import Claimed, SharedQueue, Transport, WorkerLock
+
+# the state ``describe`` / ``spoolops show`` names for a request in each state
+DESCRIBED = {"queued": "queued", "running": "running", "failed": "failed", "replies": "done"}
 
 
 def make_request(rid: str, op: str = "sleep", args: dict[str, Any] | None = None,
@@ -52,9 +57,9 @@ class Handles:
     """The handles a test drives a queue with.
 
     ``worker()`` is one more worker's transport.  The first takes the worker
-    lock (``lock_worker``); on a ``shared`` transport every one does, each
+    lock (``lock_worker``); on a ``SharedQueue`` every one does, each
     with a folder of its own (``work_dir``: one worker per host folder), as
-    several hosts' workers would.  On a transport that is not ``shared``
+    several hosts' workers would.  On a transport that is not a ``SharedQueue``
     (the spool) there is one worker by design: a second handle is a rival
     process that holds no lock -- what a claim must withstand all the same.
     """
@@ -68,10 +73,10 @@ class Handles:
     def worker(self, lock: bool = True) -> Transport:
         n, self._n = self._n, self._n + 1
         transport = self.queue.transport()
-        if transport.shared and n:
+        if isinstance(transport, SharedQueue) and n:
             config = replace_config(self.queue.config, root=self.queue.base / f"host{n}")
             transport = open_transport(config)
-        if lock and (n == 0 or transport.shared):
+        if lock and (n == 0 or isinstance(transport, SharedQueue)):
             os.makedirs(transport.work_dir, exist_ok=True)
             held: WorkerLock = transport.lock_worker(False, lambda: False)
             self._request.addfinalizer(held.release)

@@ -2,7 +2,7 @@
 (``docs/examples/fitsstorage_site``): their tables, their queue, their files.
 
 ``FitsArchive.create(cluster)`` makes a database of its own in a throwaway
-PostgreSQL cluster (``conftest.pg_cluster``) holding
+PostgreSQL cluster (the ``pg_cluster`` fixture) holding
 ``tests/fitsstorage_schema.sql`` (their ORM's tables, restated), and a
 login role with exactly the grants the site package's docstring names --
 the tests parse them from it, so the documented grants are the ones
@@ -12,8 +12,6 @@ SQL.  ``site_package`` makes the sample importable with the entry points
 its ``pyproject.toml`` declares, as installing it would; ``start_site_worker``
 runs a deployment's worker with it; ``readme_block`` is a code block of
 README.rst that the tests run.
-
-Not a test file: a support module (test files import it, never each other).
 """
 
 from __future__ import annotations
@@ -30,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parent
-PROJECT = TESTS.parent
+from . import PROJECT, TESTS
+from .fitsfiles import simple_image
+
 SITE = PROJECT / "docs" / "examples" / "fitsstorage_site"
 SCHEMA = TESTS / "fitsstorage_schema.sql"
 DSN_ENV = "FITSSTORAGE_SPOOLOPS_DSN"
@@ -177,7 +176,6 @@ def archive_fits(path: Path, cards: Mapping[str, Any] | None = None, seed: int =
     ``cards`` in its primary header, bzip2-compressed when ``path`` ends in
     ``.bz2`` (one ordinary stream, as the archive's)."""
     from astropy.io import fits
-    from fitsfiles import simple_image
     plain = path.with_name(path.name.removesuffix(".bz2"))
     simple_image(plain, shape=(16, 16), seed=seed)
     with fits.open(plain, mode="update") as hdul:
@@ -231,7 +229,7 @@ def start_site_worker(dep: Any, archive: FitsArchive, **env: str) -> subprocess.
     """The deployment's worker (as the worker account) with the sample site
     package instead of the tests' site ops (one data_label resolver per
     worker) and ``$FITSSTORAGE_SPOOLOPS_DSN`` naming ``archive`` as its role."""
-    from accounts import WORKER
+    from .accounts import WORKER
     code = site_package(dep.base / "sitepkg")
     subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
     paths = [p for p in dep.env(WORKER)["PYTHONPATH"].split(os.pathsep)

@@ -17,7 +17,9 @@ only where a test tree must differ (``storage_root``, ``upload_staging_dir``,
 ``[access]``); the worker runs as ``WORKER`` under ``setpriv
 --init-groups``; every client action runs in a process of its own account
 (``runuser``).  Nothing is simulated: these are the processes, groups and
-modes of a real host.
+modes of a real host.  It shows the test environments' face
+(``support.env.Env``): ``user`` is an account, None root; its ``client(user)``
+runs each call in a process of ``user``.
 
 The accounts need a Python they can execute and a package tree they can
 read: the venv's own interpreter may live below /root (mode 0700), so a
@@ -33,7 +35,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -41,11 +42,17 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-TESTS = Path(__file__).resolve().parent
-PROJECT = TESTS.parent
-SITEOPS = TESTS / "siteops"
+from spoolops.client import Reply as ClientReply
+from spoolops.config import Config, load_config, replace_config
+from spoolops.errors import Timeout
+from spoolops.transport import open_transport
+from spoolops.transport.base import Transport
+
+from . import PROJECT, SITEOPS
+from .env import Env
+from .requires import unavailable
 
 ACCOUNT_PREFIX = "spt_"
 # One set of accounts per test run, and per pytest-xdist worker within it:
@@ -69,6 +76,8 @@ WEB = account_name("web")
 MEMBER = account_name("web2")
 OUTSIDER = account_name("out")
 USERS = (WORKER, WEB, MEMBER, OUTSIDER)
+# the [access] rules of the deployments most tests share
+SHARED_ACCESS = {"restricted": WEB, "update_headers": WEB, "ingest_upload": WEB}
 
 
 def sweep_stale_accounts() -> None:
@@ -212,12 +221,19 @@ class Reply:
 
 
 @dataclass
-class Deployment:
-    """A spool made by ``spoolops init`` for the test accounts, and its worker."""
+class Deployment(Env):
+    """A queue made by ``spoolops init`` for the test accounts, and its workers
+    (the spool, or with ``pg`` the PostgreSQL transport in ``cluster``'s
+    database ``dbname``)."""
 
     accounts: Accounts
     base: Path
     workers: list[subprocess.Popen] = field(default_factory=list)
+    cluster: Any = None
+    dbname: str = ""
+    web: ClassVar[str | None] = WEB
+    _worker_user: ClassVar[str | None] = WORKER
+    _cwd: ClassVar[str | None] = "/"
 
     # -- building -----------------------------------------------------------
 
@@ -243,9 +259,9 @@ class Deployment:
                          f"upload_staging_dir = {base / 'staging'}\n")
         transport: tuple[str, ...] = ()
         if pg is not None:
-            cluster, dbname = pg
-            transport = ("--transport", "postgresql", "--dsn", cluster.dsn(dbname),
-                         "--admin-dsn", cluster.dsn(dbname, "postgres"),
+            dep.cluster, dep.dbname = pg
+            transport = ("--transport", "postgresql", "--dsn", dep.cluster.dsn(dep.dbname),
+                         "--admin-dsn", dep._superuser_dsn(),
                          "--web-login", WEB, "--web-login", MEMBER, "--worker-login", WORKER)
         done = dep.run_as(None, accounts.python, "-m", "spoolops", "--config", str(first),
                           "init", "--worker-user", WORKER, "--group", GROUP, *transport,
@@ -278,6 +294,15 @@ class Deployment:
         return self.base / "spoolops.conf"
 
     @property
+    def config(self) -> Config:
+        """The configuration as the file says now."""
+        return load_config(self.config_path)
+
+    @property
+    def kind(self) -> str:
+        return self.config.transport
+
+    @property
     def root(self) -> Path:
         return self.base / "spool"
 
@@ -292,9 +317,21 @@ class Deployment:
     def home(self, user: str | None) -> Path:
         return self.base / "home" / (user or "root")
 
-    def env(self, user: str | None, **extra: str) -> dict[str, str]:
+    def env(self, user: str | None = None, **extra: str) -> dict[str, str]:
         return self.accounts.env(self.home(user), SPOOLOPS_CONFIG=str(self.config_path),
                                  **extra)
+
+    def transport(self) -> Transport:
+        """The queue as root sees it -- over PostgreSQL, as the cluster's
+        superuser (root has no role of its own)."""
+        if self.cluster is None:
+            return open_transport(self.config)
+        return open_transport(replace_config(self.config, dsn=self._superuser_dsn()))
+
+    def _superuser_dsn(self) -> str:
+        if self.cluster is None:
+            return super()._superuser_dsn()
+        return self.cluster.dsn(self.dbname, "postgres")
 
     # -- running things as an account ---------------------------------------
 
@@ -305,10 +342,13 @@ class Deployment:
             cmd = ("runuser", "-u", user, "--", *cmd)
         return run(*cmd, timeout=timeout, env=env or self.env(user), cwd="/")
 
-    def spoolops(self, user: str | None, *args: str, timeout: float = 120
+    def spoolops(self, *args: str, user: str | None = None, timeout: float = 120
                  ) -> subprocess.CompletedProcess:
         return self.run_as(user, self.accounts.python, "-m", "spoolops", *args,
                            timeout=timeout)
+
+    def client(self, user: str | None = None) -> AccountClient:
+        return AccountClient(self, user or WEB)
 
     def py(self, user: str | None, code: str, *args: str, timeout: float = 120
            ) -> subprocess.CompletedProcess:
@@ -323,8 +363,9 @@ class Deployment:
     def call(self, user: str | None, op: str, args: dict[str, Any] | None = None,
              *flags: str, timeout: float = 60) -> Reply:
         """``spoolops call OP --args-json ARGS`` as ``user``."""
-        done = self.spoolops(user, "call", op, "--args-json", json.dumps(args or {}),
-                             "--timeout", str(timeout), *flags, timeout=timeout + 60)
+        done = self.spoolops("call", op, "--args-json", json.dumps(args or {}),
+                             "--timeout", str(timeout), *flags, user=user,
+                             timeout=timeout + 60)
         try:
             reply = json.loads(done.stdout) if done.stdout.strip() else None
         except ValueError:
@@ -333,47 +374,72 @@ class Deployment:
 
     # -- the worker -------------------------------------------------------
 
-    def start_worker(self, *args: str, wait: bool = True, **env: str) -> subprocess.Popen:
-        """``spoolops worker`` as ``WORKER``, with its supplementary groups."""
-        log = self.base / f"worker-{len(self.workers)}.log"
-        cmd = ["setpriv", f"--reuid={WORKER}", f"--regid={WORKER}", "--init-groups", "--",
-               self.accounts.python, "-m", "spoolops", "worker", *args]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=self.env(WORKER, **env), cwd="/",
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        proc.log_path = log  # type: ignore[attr-defined]
-        self.workers.append(proc)
-        if wait:
-            self.wait_log(proc, f"event=worker_ready pid={proc.pid}")
-        return proc
-
-    def wait_log(self, proc: subprocess.Popen, text: str, timeout: float = 60) -> str:
-        from conftest import wait_log
-        return wait_log(proc, text, timeout)
-
-    def stop_worker(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(60)
+    def _worker_argv(self) -> list[str]:
+        """As ``WORKER``, with its supplementary groups."""
+        return ["setpriv", f"--reuid={WORKER}", f"--regid={WORKER}", "--init-groups", "--",
+                self.accounts.python]
 
     def close(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-                proc.wait(30)
+        super().close()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+CLIENT_METHOD = """
+import json, sys
+from spoolops import Client, Timeout
+name, args, kw = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+try:
+    value = getattr(Client(), name)(*args, **kw)
+except Timeout as exc:
+    print(json.dumps({"timeout": str(exc)}))
+else:
+    print(json.dumps({"value": getattr(value, "raw", value)}))
+"""
+
+
+@dataclass
+class AccountClient:
+    """``Client``'s methods, each run in a process of ``user`` (a ``Client()``
+    of its own there, with the deployment's configuration): what
+    ``Deployment.client`` gives.  A ``Reply`` comes back whole; ``Timeout``
+    and a failed call's ``OpError`` are raised here as the client raised them."""
+
+    dep: Deployment
+    user: str
+
+    def _run(self, name: str, *args: Any, timeout: float = 120, **kw: Any) -> Any:
+        out = self.dep.py_json(self.user, CLIENT_METHOD, name, json.dumps(args),
+                               json.dumps(kw), timeout=timeout)
+        if "timeout" in out:
+            raise Timeout(out["timeout"])
+        return out["value"]
+
+    def submit(self, op: str, args: dict[str, Any] | None = None, **kw: Any) -> str:
+        return self._run("submit", op, args, **kw)
+
+    def wait(self, rid: str, timeout: float = 30.0) -> ClientReply:
+        return ClientReply.from_dict(self._run("wait", rid, timeout, timeout=timeout + 60))
+
+    def call_reply(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
+                   **kw: Any) -> ClientReply:
+        return ClientReply.from_dict(self._run("call_reply", op, args, timeout,
+                                               timeout=timeout + 60, **kw))
+
+    def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 30.0,
+             **kw: Any) -> Any:
+        return self.call_reply(op, args, timeout, **kw).raise_for_error()
+
+    def cancel(self, rid: str) -> bool:
+        return self._run("cancel", rid)
 
 
 # -- what several real-account test files do (one place, not copies) ---------
 
 def uid(user: str) -> int:
-    import pwd
     return pwd.getpwnam(user).pw_uid
 
 
 def gid(group: str) -> int:
-    import grp
     return grp.getgrnam(group).gr_gid
 
 
@@ -390,10 +456,7 @@ def errno_of(dep: Deployment, user: str, code: str) -> str:
 
 def submit(dep: Deployment, user: str, op: str, args: dict, **kw: Any) -> str:
     """``Client.submit`` in a process of ``user``; the request id."""
-    code = ("import json, sys\nfrom spoolops import Client\n"
-            "op, args, kw = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
-            "print(json.dumps(Client().submit(op, args, **kw)))\n")
-    return dep.py_json(user, code, op, json.dumps(args), json.dumps(kw))
+    return dep.client(user).submit(op, args, **kw)
 
 
 WAIT = """
@@ -440,7 +503,6 @@ def capped() -> tuple[str, ...]:
     """The prefix that caps a command's memory: a hostile file must not
     exhaust the host through root's command."""
     if shutil.which("prlimit") is None:
-        from conftest import unavailable
         unavailable("prlimit (util-linux) is needed to cap root's commands' memory")
     return ("prlimit", f"--as={ROOT_AS_LIMIT}", "--")
 
