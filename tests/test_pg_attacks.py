@@ -1,6 +1,6 @@
 """Attacks on the hardened PostgreSQL transport (issue 20, after 9c810ad /
 schema v4), each as the party that would make it, against a real server
-(the suite's ``pg_cluster``; a database per test, ``make_pg_queue``: ``web1``
+(the suite's ``pg_cluster``; a database per test, ``make_pg_env``: ``web1``
 the victim, ``web2`` the attacker, ``wrk`` the worker role):
 
 * a hostile web role (``web2``) against another (``web1``) and against the
@@ -26,8 +26,8 @@ import json
 import time
 
 import pytest
-from conftest import wait_for
-from queues import WEB, WEB2, WORKER_ROLE, connect_as
+from support.env import WEB, WEB2, WORKER_ROLE, connect_as
+from support.waiting import wait_for
 
 from spoolops.errors import BadRequest, Timeout, TransportUnavailable
 
@@ -190,7 +190,7 @@ def test_definer_functions_take_hostile_arguments_and_yield_nothing(pgq) -> None
         "worker's channel": ("SELECT spoolops.listen('new')", ()),
         "events channel": ("SELECT spoolops.listen('events')", ()),
         "internal submit_taken": (("SELECT spoolops.submit_taken('t', 1, 'echo', '{}', 0, NULL,"
-                                  " NULL, NULL, true, false)"), ()),
+                                  " NULL, NULL, true, false, NULL)"), ()),
         "internal derived_id": ("SELECT spoolops.derived_id('web1', 'x')", ()),
         "finished_event": ("SELECT spoolops.finished_event('v-1', 'echo', '{}')", ()),
         "secrets": ("SELECT * FROM spoolops.secrets", ()),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from support.env import WEB, WORKER_ROLE, make_pg_env
+from support.proxy import LossyProxy
 from support.waiting import wait_for
 
 from spoolops.errors import BadRequest
@@ -122,51 +123,33 @@ def test_squatted_advisory_keys_neither_fake_a_worker_nor_keep_one_out(pg_cluste
 
 # -- 4. a claim whose answer is lost; a put-back that fails --------------------------
 
-def _release_all(env) -> None:
-    env.sql("ALTER SYSTEM RESET synchronous_standby_names")
-    env.sql("SELECT pg_reload_conf()")
-
-
 def test_a_claim_whose_answer_is_lost_is_answered_without_a_restart(pg_cluster,
                                                                     tmp_path) -> None:
-    """The claim commits, and its answer never reaches the worker: the
-    server waits for a synchronous standby that does not exist, and the
-    worker's session is terminated in that wait (the transaction has
-    committed locally).  The worker, still running, finds the row it holds
-    without knowing it and puts it back; the request gets its one reply."""
+    """The claim commits, and its answer never reaches the worker: a proxy
+    between the worker and the server cuts the connection once the server
+    has answered the claim (and refuses connections for a moment, as a
+    server restarting would).  The worker, still running, finds the row it
+    holds without knowing it and puts it back; the request gets its one
+    reply."""
     env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="60s")
-    env.sql(f'ALTER ROLE {WORKER_ROLE} IN DATABASE "{env.dbname}" SET synchronous_commit = on')
+    proxy = LossyProxy(tmp_path / "proxy", pg_cluster.port,
+                       str(Path(pg_cluster.host) / f".s.PGSQL.{pg_cluster.port}"), 0.3)
     try:
+        env.config_path.write_text(env.config_path.read_text().replace(
+            f"host={pg_cluster.host}", f"host={proxy.folder}"))
         worker = env.start_worker()
         client = env.client()
-        env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-        env.sql("SELECT pg_reload_conf()")
-        rid = client.submit("echo", {"lost": 1})
-        end = time.monotonic() + 30
-        claim_pid = None
-        while claim_pid is None and time.monotonic() < end:
-            for pid, query in env.sql(
-                    "SELECT pid, query FROM pg_stat_activity WHERE usename = %s AND"
-                    " wait_event = 'SyncRep'", WORKER_ROLE):
-                if "claim_batch(" in query:      # the worker's claim
-                    claim_pid = pid
-                else:
-                    # anything else may commit (a cancelled wait keeps the commit)
-                    env.sql("SELECT pg_cancel_backend(%s)", pid)
-            time.sleep(0.01)   # poll interval of a wait with a deadline
-        assert claim_pid is not None, "the worker's claim never waited for the standby"
-        env.sql("SELECT pg_terminate_backend(%s)", claim_pid)
-        _release_all(env)
+        rid = client.submit("echo", {"lose_claim": 1})
         wait_for(lambda: "event=claim_failed" in worker.log_path.read_text(),
                  what="the worker to see its claim fail")
-        assert state_of(env, rid) == "running", "the claim committed"
+        assert proxy.cut["claim"] == 1, proxy.cut
         reply = client.wait(rid, timeout=30)
-        assert reply.ok and reply.result == {"lost": 1}
+        assert reply.ok and reply.result == {"lose_claim": 1}
         assert worker.poll() is None, "answered by the same worker, not after a restart"
         assert f"event=stray_claim id={rid}" in worker.log_path.read_text()
         assert env.quiet()
     finally:
-        _release_all(env)
+        proxy.stop()
         env.close()
 
 

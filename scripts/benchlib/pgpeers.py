@@ -11,6 +11,23 @@ by ``clientproc`` (``make_caller``'s ``module:Class``, target = the DSN):
   on its own channel, sends ``SELECT pg_notify('req', '<channel>:<n>')`` on
   it and waits with ``notifies(timeout=..., stop_after=1)``.  No table, no
   transaction of its own: the least a LISTEN/NOTIFY queue can do.
+* ``dfloor``: the durable floor, the least a durable queue with a reply
+  path can do over LISTEN/NOTIFY in psycopg 3; a logged table ``dfloor (id
+  bigserial PRIMARY KEY, channel text, body text, reply text)``, no index
+  but the key, autocommit connections, so each statement below is one
+  round trip and one committed transaction, at the cluster's own
+  ``synchronous_commit``.  The client LISTENs on its own channel and sends
+  ``WITH r AS (INSERT INTO dfloor (channel, body) VALUES (...) RETURNING
+  id) SELECT id, pg_notify('dfloor', id::text) FROM r`` (the request row
+  and its NOTIFY, one commit).  The server LISTENs on ``dfloor`` (one
+  connection) and answers each notification, one at a time, with ``WITH r
+  AS (UPDATE dfloor SET reply = body WHERE id = <n> AND reply IS NULL
+  RETURNING id, channel) SELECT pg_notify(channel, id::text) FROM r`` (a
+  second connection; the reply row and its NOTIFY, one commit; the echo is
+  computed in the statement, so the server never fetches the body).  The
+  client, woken by its id, reads ``SELECT reply FROM dfloor WHERE id =
+  <n>`` once (no write, so no commit to wait for).  Rows stay (nobody
+  deletes them); the database goes with the cluster.
 * ``pgqueuer``: pgqueuer's worker (``AsyncpgDriver``, ``batch_size=1``;
   its ``PsycopgDriver`` worker takes ~3 s a job: it runs ``notifies()`` on
   the connection its queries use).  pgqueuer stores no return values, so the
@@ -43,6 +60,13 @@ import psycopg
 
 POLL_S = 1.0
 REPLY_DDL = "CREATE TABLE IF NOT EXISTS echo_reply (job_id bigint PRIMARY KEY, body bytea)"
+DFLOOR_DDL = ("CREATE TABLE IF NOT EXISTS dfloor (id bigserial PRIMARY KEY, channel text NOT NULL,"
+              " body text NOT NULL, reply text)")
+DFLOOR_SUBMIT = ("WITH r AS (INSERT INTO dfloor (channel, body) VALUES (%s, %s) RETURNING id)"
+                 " SELECT id, pg_notify('dfloor', id::text) FROM r")
+DFLOOR_ANSWER = ("WITH r AS (UPDATE dfloor SET reply = body WHERE id = %s AND reply IS NULL"
+                 " RETURNING id, channel) SELECT pg_notify(channel, id::text) FROM r")
+DFLOOR_COLLECT = "SELECT reply FROM dfloor WHERE id = %s"
 POLL_DDL = ("CREATE TABLE IF NOT EXISTS pollq (id bigserial PRIMARY KEY, op text, args text,"
             " state text NOT NULL DEFAULT 'new', result text)")
 
@@ -76,6 +100,38 @@ class PgFloorCaller:
                 if note.payload == want:
                     return want
         raise TimeoutError(f"no floor reply to {want}")
+
+
+# -- durable floor -------------------------------------------------------------------
+
+def serve_durable_floor(dsn: str) -> None:
+    listener = psycopg.connect(dsn, autocommit=True)
+    sender = psycopg.connect(dsn, autocommit=True)
+    sender.execute(DFLOOR_DDL)
+    listener.execute("LISTEN dfloor")
+    print("ready", flush=True)
+    for note in listener.notifies():
+        sender.execute(DFLOOR_ANSWER, (int(note.payload),))
+
+
+class PgDurableFloorCaller:
+    def __init__(self, dsn: str, durable: bool) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.channel = f"d{os.getpid()}"
+        self.conn.execute(f"LISTEN {self.channel}")
+
+    def call(self, op: str, args: dict[str, Any], timeout: float) -> Any:
+        rid = self.conn.execute(DFLOOR_SUBMIT, (self.channel, json.dumps(args))).fetchone()[0]
+        want, woken = str(rid), False
+        end = time.monotonic() + timeout
+        while not woken and time.monotonic() < end:
+            # the generator holds the connection's lock: leave it before the SELECT
+            for note in self.conn.notifies(timeout=max(0.0, end - time.monotonic()),
+                                           stop_after=1):
+                woken = woken or note.payload == want
+        if not woken:
+            raise TimeoutError(f"no durable floor reply to {want}")
+        return json.loads(self.conn.execute(DFLOOR_COLLECT, (rid,)).fetchone()[0])
 
 
 # -- pgqueuer ------------------------------------------------------------------------
@@ -193,6 +249,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     if kind == "floor":
         serve_floor(dsn)
+    elif kind == "dfloor":
+        serve_durable_floor(dsn)
     elif kind == "pgqueuer":
         asyncio.run(_serve_pgqueuer(dsn))
     elif kind == "poll":

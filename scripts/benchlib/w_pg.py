@@ -1,15 +1,25 @@
 """Workload ``pg``: spoolops over PostgreSQL against LISTEN/NOTIFY peers.
 
-One throwaway cluster (``spoolops.pgcluster.start_cluster``: unix socket,
-``fsync = off`` for every system alike, so ``durable = yes`` costs no flush
-here), a database per system:
+Two throwaway clusters, one after the other
+(``spoolops.pgcluster.start_cluster``: unix socket; every system alike on
+each): ``fsync = off`` (``start_cluster()``: also ``synchronous_commit =
+off`` and ``full_page_writes = off`` server-wide, so no commit waits for a
+flush) and ``fsync = on`` (``start_cluster(durable=True)``: PostgreSQL's
+defaults, ``synchronous_commit = on``, ``full_page_writes = on``, as sites
+run it).  The settings each cluster reports (``pg_settings``) go into the
+JSON (``settings``).  On each, a database per system:
 
-* spoolops: a queue set up as ``tests/queues.py`` ``make_pg_queue`` does
+* spoolops: a queue set up as ``tests/support/env.py`` ``make_pg_env`` does
   (``pgtree``), its worker ``python -m spoolops worker`` (role ``wrk``),
   clients ``spoolops.Client(config=...)`` (role ``web1``) in client
   processes calling ``client.call("echo", ...)``;
 * floor: a bare LISTEN/NOTIFY round trip in psycopg 3 (``pgpeers``): the
   least a LISTEN/NOTIFY queue can do;
+* durable floor (``pgpeers``, psycopg 3): the least a durable queue with a
+  reply path can do over LISTEN/NOTIFY: the client INSERTs the request row
+  and NOTIFYs (one statement, one commit), the server UPDATEs the row with
+  the reply and NOTIFYs the client (one statement, one commit), the client
+  SELECTs the reply once;
 * pgqueuer 1.6 (``pgpeers``): ``AsyncpgDriver`` worker, ``batch_size=1``,
   ``CompletionWatcher`` with ``debounce=timedelta(0)``.  pgqueuer stores no
   return values, so the glue is a reply table ``echo_reply (job_id bigint
@@ -17,17 +27,22 @@ here), a database per system:
   the client enqueues, waits on ``CompletionWatcher(...).wait_for(job_id)``
   (LISTEN/NOTIFY) and then SELECTs the reply row;
 * a queue polled once a second (client and worker), as ``dbpoll`` but in
-  PostgreSQL: a handful of calls only (~1 s each).
+  PostgreSQL: a handful of calls only (~1 s each); ``fsync = off`` only.
 
 Echo: for 1 and 8 client processes (made afresh per level), each system
 answers ``n`` timed calls per client after a few untimed warm-up calls,
 ``reps`` times with the systems interleaved (the order rotates), so that a
 burst of load from elsewhere hits all alike.  Per run: median round trip and
 throughput (calls / wall time of the run); reported: medians over runs.
+Each cluster's echo runs on its own (the other cluster is not running).
+Rows of the ``fsync = off`` cluster keep the names they had before the
+second cluster came (no fsync in the name, except the new durable floor
+rows); every ``fsync = on`` row says so.
 
-Backlog: N echo requests are queued while no worker runs (one ``web1``
-connection, batched calls of the ``submit`` function with exactly the values
-``Client.submit`` -> ``PgTransport.publish`` sends), then the worker starts;
+Backlog (``fsync = off`` cluster only): N echo requests are queued while no
+worker runs (one ``web1`` connection, batched calls of the ``submit``
+function with exactly the values ``Client.submit`` ->
+``PgTransport.publish`` sends), then the worker starts;
 the superuser counts queued + running rows every 0.2 s until none is left.
 Drain rate = (answered - 1) / (last - first ``finished``, the server's
 microsecond clock); peak RSS = the worker's ``VmHWM``.  Baseline: a backlog
@@ -52,13 +67,19 @@ from .common import ClientPool, median, spawn, stop
 from .w_echo import _one_run, _summary
 
 LEVELS = (1, 8)
-SYSTEMS = ("spoolops", "floor", "pgqueuer")
+SYSTEMS = ("spoolops", "floor", "durable floor", "pgqueuer")
+CLUSTERS = (("off", False), ("on", True))     # fsync, start_cluster(durable=...)
+SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method",
+            "shared_buffers", "server_version")
 GLUE = ("pgqueuer stores no return values; glue: reply table echo_reply(job_id, body) the"
         " handler INSERTs into; client enqueues, waits CompletionWatcher(debounce=0)"
         ".wait_for(job_id) (LISTEN/NOTIFY), then SELECTs the reply row")
+FLOOR_NOTE = "floor: bare LISTEN/NOTIFY round trip (psycopg 3)"
+DFLOOR_NOTE = ("durable floor: INSERT+NOTIFY (1 commit), UPDATE+NOTIFY (1 commit), SELECT;"
+               " psycopg 3")
+BASELINES = {"floor": ("floor", FLOOR_NOTE), "durable floor": ("durable floor", DFLOOR_NOTE),
+             "pgqueuer": ("pgqueuer+reply table", GLUE)}
 BATCH = 5000
-PQ_NAMES = ["PG echo median, 1 client (vs pgqueuer)", "PG echo median, 8 clients (vs pgqueuer)",
-            "PG echo throughput, 8 clients (vs pgqueuer)"]
 
 
 def _pgqueuer_missing() -> str | None:
@@ -77,7 +98,8 @@ def _server(servers: list, kind: str, dsn: str) -> None:
         raise RuntimeError(f"pgpeers {kind} server did not start")
 
 
-def _echo(targets: dict[str, tuple[str, str]], quick: bool, log: Any) -> dict[str, Any]:
+def _echo(targets: dict[str, tuple[str, str]], quick: bool, log: Any,
+          tag: str) -> dict[str, Any]:
     reps, n, warmup = (3, 40, 5) if quick else (5, 150, 10)
     names = list(targets)
     raw: dict[str, dict[int, list]] = {s: {lv: [] for lv in LEVELS} for s in names}
@@ -92,7 +114,7 @@ def _echo(targets: dict[str, tuple[str, str]], quick: bool, log: Any) -> dict[st
         finally:
             for pool in pools.values():
                 pool.close()
-        log(f"pg: echo, {level} client(s) done: " + ", ".join(
+        log(f"pg: fsync {tag}: echo, {level} client(s) done: " + ", ".join(
             f"{name} {1e3 * median([r['median'] for r in raw[name][level]]):.2f} ms"
             for name in names))
     return {name: {str(lv): _summary(runs) for lv, runs in by.items()}
@@ -198,37 +220,53 @@ def _start_pgqueuer(cluster: Any, servers: list) -> tuple[str, str]:
     return "benchlib.pgpeers:PgqueuerCaller", dsn
 
 
-def run(base: Path, quick: bool, log: Any) -> dict[str, Any]:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return {"quick": quick, "na": "psycopg not installed"}
-    from spoolops.pgcluster import PgUnavailable, start_cluster
-    try:
-        cluster = start_cluster()
-    except PgUnavailable as exc:
-        return {"quick": quick, "na": f"no PostgreSQL: {exc}"}
+def _settings(cluster: Any) -> dict[str, str]:
+    names = ", ".join(f"'{n}'" for n in SETTINGS)
+    text = cluster.psql("SELECT name || '=' || current_setting(name) FROM pg_settings"
+                        f" WHERE name IN ({names}) ORDER BY name")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _key(name: str, tag: str) -> str:
+    """Where one cluster's figures go: the names of before for fsync = off."""
+    return name if tag == "off" else f"{name}_fsync_on"
+
+
+def _on_cluster(cluster: Any, tag: str, base: Path, quick: bool, log: Any,
+                out: dict[str, Any]) -> None:
+    """Echo of every system (and, on fsync = off, polling and the backlog)."""
     from .pgtree import PgSpoolops
     servers: list = []
     queues: list[PgSpoolops] = []
-    out: dict[str, Any] = {"quick": quick, "pgqueuer_na": _pgqueuer_missing()}
     try:
-        log(f"pg: cluster in {cluster.base}")
+        out["settings"][tag] = settings = _settings(cluster)
+        log(f"pg: fsync {tag} cluster in {cluster.base}: " + ", ".join(
+            f"{k} {v}" for k, v in settings.items()))
         sp = PgSpoolops(cluster, base / "echo", "sp_echo")
         queues.append(sp)
         sp.start_worker()
         cluster.psql('CREATE DATABASE "peers"')
         peers = cluster.dsn("peers", "postgres")
+        # its own database: a NOTIFY signals the listeners of its database
+        cluster.psql('CREATE DATABASE "dfloor"')
+        dfloor = cluster.dsn("dfloor", "postgres")
         _server(servers, "floor", peers)
-        _server(servers, "poll", peers)
+        _server(servers, "dfloor", dfloor)
+        if tag == "off":
+            _server(servers, "poll", peers)
         targets = {"spoolops": ("spoolops", str(sp.client_config)),
-                   "floor": ("benchlib.pgpeers:PgFloorCaller", peers)}
-        if out["pgqueuer_na"] is None:
+                   "floor": ("benchlib.pgpeers:PgFloorCaller", peers),
+                   "durable floor": ("benchlib.pgpeers:PgDurableFloorCaller", dfloor)}
+        pq_na = _key("pgqueuer_na", tag)
+        out[pq_na] = out["pgqueuer_missing"]
+        if out[pq_na] is None:
             try:
                 targets["pgqueuer"] = _start_pgqueuer(cluster, servers)
             except Exception as exc:  # noqa: BLE001 - the other rows go on
-                out["pgqueuer_na"] = f"pgqueuer did not start: {type(exc).__name__}: {exc}"
-        out["echo"] = _echo(targets, quick, log)
+                out[pq_na] = f"pgqueuer did not start: {type(exc).__name__}: {exc}"
+        out[_key("echo", tag)] = _echo(targets, quick, log, tag)
+        if tag != "off":
+            return
         calls = 3 if quick else 5
         pool = ClientPool("benchlib.pgpeers:PgPollCaller", peers, 1)
         try:
@@ -253,7 +291,33 @@ def run(base: Path, quick: bool, log: Any) -> dict[str, Any]:
             stop(proc)
         for q in queues:
             q.stop_worker()
-        cluster.destroy()
+
+
+def run(base: Path, quick: bool, log: Any) -> dict[str, Any]:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return {"quick": quick, "na": "psycopg not installed"}
+    from spoolops.pgcluster import PgUnavailable, start_cluster
+    missing = _pgqueuer_missing()
+    out: dict[str, Any] = {"quick": quick, "pgqueuer_missing": missing, "settings": {}}
+    for tag, durable in CLUSTERS:
+        try:
+            cluster = start_cluster(durable=durable)
+        except PgUnavailable as exc:
+            if tag == "off":
+                return {"quick": quick, "na": f"no PostgreSQL: {exc}"}
+            out["fsync_on_na"] = f"no PostgreSQL: {exc}"
+            continue
+        try:
+            _on_cluster(cluster, tag, base / f"fsync-{tag}", quick, log, out)
+        except Exception as exc:
+            if tag == "off":
+                raise
+            traceback.print_exc()       # the fsync = off rows stand
+            out["fsync_on_na"] = f"error: {type(exc).__name__}: {exc}"
+        finally:
+            cluster.destroy()
     return out
 
 
@@ -262,10 +326,38 @@ def _na_rows(names: list[str], why: str) -> list[dict[str, Any]]:
              "target": None, "note": "n/a"} for name in names]
 
 
+def _specs(tag: str) -> list[tuple[str, str, str, str, str, tuple | None]]:
+    """One cluster's echo rows: (name, baseline system, clients, figure, unit,
+    target).  fsync = off rows that existed before keep their names."""
+    on = tag == "on"
+    old, new = (", fsync on" if on else ""), f", fsync {tag}"
+    return [
+        (f"PG echo median, 1 client{old}", "floor", "1", "median_ms", "ms",
+         None if on else ("<=", 2.0)),
+        (f"PG echo median, 8 clients{old}", "floor", "8", "median_ms", "ms", ("<=", 3.0)),
+        (f"PG echo throughput, 8 clients{old} (vs floor)", "floor", "8", "throughput",
+         "req/s", None),
+        (f"PG echo median, 1 client{new} (vs durable floor)", "durable floor", "1",
+         "median_ms", "ms", ("<=", 1.3) if on else None),
+        (f"PG echo median, 8 clients{new} (vs durable floor)", "durable floor", "8",
+         "median_ms", "ms", None),
+        (f"PG echo throughput, 8 clients{new} (vs durable floor)", "durable floor", "8",
+         "throughput", "req/s", None),
+        (f"PG echo median, 1 client{old} (vs pgqueuer)", "pgqueuer", "1", "median_ms", "ms",
+         ("<=", 1.0)),
+        (f"PG echo median, 8 clients{old} (vs pgqueuer)", "pgqueuer", "8", "median_ms", "ms",
+         ("<=", 1.0)),
+        (f"PG echo throughput, 8 clients{old} (vs pgqueuer)", "pgqueuer", "8", "throughput",
+         "req/s", (">=", 2.0)),
+    ]
+
+
+POLL_NAME = "PG echo median, 1 client (vs 1-second polling queue)"
+
+
 def _names(big: int) -> list[str]:
-    return ["PG echo median, 1 client", "PG echo median, 8 clients",
-            "PG echo throughput, 8 clients (vs floor)", *PQ_NAMES,
-            "PG echo median, 1 client (vs 1-second polling queue)", *_backlog_names(big)]
+    return [spec[0] for tag, _ in CLUSTERS for spec in _specs(tag)] + \
+        [POLL_NAME, *_backlog_names(big)]
 
 
 def _backlog_names(big: int) -> list[str]:
@@ -274,36 +366,33 @@ def _backlog_names(big: int) -> list[str]:
             f"PG queueing {big:,} (batched submit() as web1)"]
 
 
+def _cluster_rows(res: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    specs = _specs(tag)
+    echo = res.get(_key("echo", tag))
+    if echo is None:
+        return _na_rows([spec[0] for spec in specs], res.get("fsync_on_na") or "not run")
+    out = []
+    for name, system, level, key, unit, target in specs:
+        if system not in echo:
+            why = res.get(_key("pgqueuer_na", tag)) if system == "pgqueuer" else None
+            out += _na_rows([name], why or f"{system} not run")
+            continue
+        base_name, note = BASELINES[system]
+        out.append({"workload": name, "spoolops": echo["spoolops"][level][key],
+                    "baseline": echo[system][level][key], "baseline_name": base_name,
+                    "unit": unit, "target": target, "note": note, "cluster": f"fsync {tag}"})
+    return out
+
+
 def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     big = res.get("backlog", {}).get("big", 20_000 if res.get("quick") else 100_000)
     if "na" in res:
         return _na_rows(_names(big), res["na"])
-    echo, out = res["echo"], []
-    for level, word in (("1", "1 client"), ("8", "8 clients")):
-        out.append({"workload": f"PG echo median, {word}",
-                    "spoolops": echo["spoolops"][level]["median_ms"],
-                    "baseline": echo["floor"][level]["median_ms"], "baseline_name": "floor",
-                    "unit": "ms", "target": ("<=", 1.5),
-                    "note": "floor: bare LISTEN/NOTIFY round trip (psycopg 3)"})
-    out.append({"workload": "PG echo throughput, 8 clients (vs floor)",
-                "spoolops": echo["spoolops"]["8"]["throughput"],
-                "baseline": echo["floor"]["8"]["throughput"], "baseline_name": "floor",
-                "unit": "req/s", "target": None})
-    if "pgqueuer" in echo:
-        pq = echo["pgqueuer"]
-        for name, level, key, unit, op in zip(PQ_NAMES, ("1", "8", "8"),
-                                              ("median_ms", "median_ms", "throughput"),
-                                              ("ms", "ms", "req/s"), ("<=", "<=", ">="),
-                                              strict=True):
-            out.append({"workload": name, "spoolops": echo["spoolops"][level][key],
-                        "baseline": pq[level][key], "baseline_name": "pgqueuer+reply table",
-                        "unit": unit, "target": (op, 1.0), "note": GLUE})
-    else:
-        out += _na_rows(PQ_NAMES, res.get("pgqueuer_na") or "pgqueuer not run")
-    out.append({"workload": "PG echo median, 1 client (vs 1-second polling queue)",
-                "spoolops": echo["spoolops"]["1"]["median_ms"],
+    out = [row for tag, _ in CLUSTERS for row in _cluster_rows(res, tag)]
+    out.append({"workload": POLL_NAME,
+                "spoolops": res["echo"]["spoolops"]["1"]["median_ms"],
                 "baseline": res["polling"]["median_ms"], "baseline_name": "1-s polling",
-                "unit": "ms", "target": None,
+                "unit": "ms", "target": None, "cluster": "fsync off",
                 "note": f"{res['polling']['runs'][0]['calls']} polling calls"})
     if "backlog" not in res:
         return out + _na_rows(_backlog_names(big), res.get("backlog_na") or "not run")

@@ -28,7 +28,7 @@ from psycopg.types.json import Json
 from ...errors import BadRequest, SpoolSetupError, Timeout, TransportUnavailable
 from ...formats import parse_iso
 from ..base import Waiter
-from .conn import RECONNECT_S, shared_reply_listener
+from .conn import RECONNECT_S, existing_reply_listener, shared_reply_listener
 from .queue import PgQueue
 
 RESOLVE_MAX_S = 30.0      # how long a submit with no deadline rides out a lost answer
@@ -55,14 +55,19 @@ class PgClientSide(PgQueue):
         deadline = _wall_deadline(request.get("deadline"))
         left = None if deadline is None else deadline - time.time()
         wait_ms = int(1000 * max(0.1, min(LOCK_WAIT_MAX_S, (left or LOCK_WAIT_MAX_S) / 2)))
+        # a waiter of this process's (Client.call): its reply wakes this
+        # process alone, on a channel of its own
+        listener = existing_reply_listener(self.dsn, self._reply_channel)
+        reply_to = None if listener is None else listener.reply_to(rid)
         values = (rid, request.get("version"), request.get("op"), Json(request.get("args")),
                   request.get("priority", 0), request.get("deadline"),
                   request.get("submitted"), Json(request.get("client")), wanted, wait_ms)
         query = (f"SELECT {self.s}.submit(%s, %s::int, %s, %s::json, %s::int,"
-                 " %s::timestamptz, %s, %s::json, %s::boolean, %s::int, %s::boolean)")
+                 " %s::timestamptz, %s, %s::json, %s::boolean, %s::int, %s::boolean,"
+                 " %s::text)")
         try:
             with self.pools.connection() as conn:    # NotSent: nothing was queued
-                self._submit(conn, query, (*values, False), rid)
+                self._submit(conn, query, (*values, False, reply_to), rid)
             return rid
         except _Unknown as exc:
             first = str(exc)
@@ -73,7 +78,7 @@ class PgClientSide(PgQueue):
         while True:
             try:
                 with self.pools.connection() as conn:
-                    self._submit(conn, query, (*values, True), rid)
+                    self._submit(conn, query, (*values, True, reply_to), rid)
                 return rid
             except (_Unknown, TransportUnavailable) as exc:
                 last = str(exc)
@@ -175,15 +180,19 @@ class PgClientSide(PgQueue):
         # read and removed in a transaction that commits only once the reply
         # is here: a collect whose answer is lost removed nothing, and is asked
         # again.  BEGIN and the call go as one message (one round trip), the
-        # COMMIT as a second
-        take = f"BEGIN; SELECT {self.s}.collect(%s, true)"
+        # COMMIT as a second -- not waited for on disk: a removal lost with
+        # the server brings back a reply its client holds already, and the
+        # janitor reaps it after reply_ttl
+        take = (f"BEGIN; SET LOCAL synchronous_commit = off;"
+                f" SELECT {self.s}.collect(%s, true)")
         committed = []
 
         def work(conn: psycopg.Connection) -> tuple | None:
             cur = psycopg.ClientCursor(conn)
             try:
                 cur.execute(take, (rid,))
-                cur.nextset()
+                while cur.description is None and cur.nextset():
+                    pass
                 found = cur.fetchone()
             except BaseException:
                 if not conn.broken:

@@ -8,8 +8,11 @@ runs queries while it waits (psycopg holds the connection's lock in
 ``notifies()``), so each listener owns one connection and one thread:
 
 * ``ReplyListener`` (clients): one per process, LISTENing on the channel of
-  its role's replies, waking the waiters of the ids it is told about; on a
-  lost connection it reconnects and wakes every waiter to look again.
+  its role's replies and on the process's own (``process``: the random part
+  of its name, new in every process; the replies to requests it published
+  while waiting for them come there, and wake no other process), waking the
+  waiters of the ids it is told about; on a lost connection it reconnects
+  and wakes every waiter to look again.
 * ``IntakeListener`` (worker): LISTENs for new requests and holds the
   worker's session-level advisory lock on the same connection, so that the
   lock dies with the worker's process or connection and the worker notices
@@ -243,12 +246,13 @@ def shutdown() -> None:
         item.close()
 
 
-def listen(conn: psycopg.Connection, channel: str) -> None:
+def listen(conn: psycopg.Connection, channel: str, process: str | None = None) -> None:
     """LISTEN on ``channel``; on a ``pg.schema.DbChannel``, whose real name
-    only the database says, through the schema's ``listen`` function."""
+    only the database says, through the schema's ``listen`` function
+    (``process``: the channel of this process's own, of that random part)."""
     listen_sql = getattr(channel, "listen_sql", None)
     if listen_sql is not None:
-        conn.execute(listen_sql())
+        conn.execute(listen_sql() if process is None else listen_sql(process))
     else:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
@@ -283,6 +287,8 @@ class ReplyListener:
 
     def __init__(self, dsn: str, channel_of: Callable[[psycopg.Connection], str]) -> None:
         self.dsn, self.channel_of = dsn, channel_of
+        # the random part of this process's own reply channel (see reply_to)
+        self.process = secrets.token_hex(8)
         self._waiters: dict[str, set[_PgWaiter]] = {}
         self._lock = threading.Lock()
         self._listening = threading.Event()   # LISTEN has been in place
@@ -302,6 +308,16 @@ class ReplyListener:
         # own polling is the safety net)
         self._tried.wait(self.READY_WAIT_S)
         return waiter
+
+    def reply_to(self, rid: str) -> str | None:
+        """Where the reply to ``rid`` should be NOTIFYed: this process's own
+        channel while somebody here waits for it (``Client.call``: waiting
+        before the request is published), with LISTEN in place; else None,
+        the role's channel (any process of the role may wait for it)."""
+        if not self._listening.is_set():
+            return None
+        with self._lock:
+            return self.process if rid in self._waiters else None
 
     def forget(self, waiter: _PgWaiter) -> None:
         with self._lock:
@@ -334,7 +350,10 @@ class ReplyListener:
                 attempt += 1
                 continue
             try:
-                listen(conn, self.channel_of(conn))
+                channel = self.channel_of(conn)
+                listen(conn, channel)
+                if getattr(channel, "listen_sql", None) is not None:
+                    listen(conn, channel, self.process)
                 self._listening.set()
                 self._tried.set()
                 if attempt:
@@ -358,6 +377,15 @@ class ReplyListener:
 _listeners: dict[tuple[str, str], ReplyListener] = {}
 _listeners_pid = 0
 _listeners_lock = threading.Lock()
+
+
+def existing_reply_listener(dsn: str, channel_of: Callable[[psycopg.Connection], str]
+                            ) -> ReplyListener | None:
+    """This process's listener for ``dsn`` if it has one (none is made)."""
+    with _listeners_lock:
+        if _listeners_pid != os.getpid():
+            return None
+        return _listeners.get((dsn, channel_of.__qualname__))
 
 
 def shared_reply_listener(dsn: str, channel_of: Callable[[psycopg.Connection], str]

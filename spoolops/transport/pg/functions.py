@@ -18,6 +18,7 @@ from __future__ import annotations
 from .schema import (
     CHANNEL_PREFIX_MAX,
     ENVELOPE_BYTES,
+    REPLY_TO_RE,
     VIEW_COLUMNS,
     WEB_FUNCTIONS,
     Names,
@@ -33,8 +34,12 @@ def definitions(n: Names) -> list[str]:
     Channels: the names of ``<channel>_new`` and ``<channel>_events`` carry
     a random part kept in ``secrets`` (the owner's and the worker role's
     only), and a submitter's reply channel is ``<channel>_r_`` and the md5
-    of another random part and its role: any role may LISTEN on any channel,
-    so a channel's name is what keeps it private.  Payloads are ids (and on
+    of another random part and its role -- or, for a request its client
+    process published while waiting for it (``reply_to``), that process's
+    own, ``<channel>_p_`` and the md5 of the random part, the role and the
+    process's random part, so that a reply wakes only its waiter's process:
+    any role may LISTEN on any channel, so a channel's name is what keeps it
+    private, and a role can name only its own.  Payloads are ids (and on
     the events channel a few bounded words: the event, ok, the error type),
     never an op, a path or a message -- ``tail`` reads those from the table.
 
@@ -43,15 +48,23 @@ def definitions(n: Names) -> list[str]:
     taken from ``session_user``), which is all they can lock or read."""
     s, wrk = sql_name(n.schema), n.worker_role
     reply_prefix = sql_literal(n.channel[:CHANNEL_PREFIX_MAX] + "_r_")
+    process_prefix = sql_literal(n.channel[:CHANNEL_PREFIX_MAX] + "_p_")
 
     def secret(key: str) -> str:    # the value of a secret (``key``: an expression)
         return f"(SELECT x.value FROM {s}.secrets x WHERE x.key = {key})"
     new, events = secret("'new'"), secret("'events'")
 
-    # the channel of a submitter's replies (``who``: an expression)
-    def reply_to(who: str) -> str:
-        return (f"(SELECT {reply_prefix} || md5(x.value || {who}) FROM {s}.secrets x"
+    # the channel of a submitter's replies (``who``: an expression), or of
+    # one of its processes (``process``: an expression, its random part --
+    # hex digits, so that who and process split at the last '/')
+    def reply_to(who: str, process: str | None = None) -> str:
+        role = (f"(SELECT {reply_prefix} || md5(x.value || {who}) FROM {s}.secrets x"
                 " WHERE x.key = 'reply')")
+        if process is None:
+            return role
+        return (f"(CASE WHEN {process} IS NULL THEN {role} ELSE (SELECT {process_prefix} ||"
+                f" md5(x.value || {who} || '/' || {process}) FROM {s}.secrets x"
+                " WHERE x.key = 'reply') END)")
 
     # the caller's own row of client id p_id: under it, or under the id
     # derived from it (one equality each: the primary key, whatever the plan)
@@ -83,11 +96,16 @@ def definitions(n: Names) -> list[str]:
         # rows it skips (SKIP LOCKED) are only ever rows a web role holds --
         # another worker's claim is waited for, and is committed (running,
         # seen by lease) by the time this one reads the table (a statement of
-        # its own: a fresh snapshot)
+        # its own: a fresh snapshot).  Its commit is not waited for on disk:
+        # a claim lost with the server is a request queued again, and one
+        # that could do harm run twice never runs before a durable commit
+        # of its own -- its run record (``start``) for every op but the
+        # instant idempotent ones (echo), which may run again
         f"""CREATE OR REPLACE FUNCTION {s}.claim_batch(p_me int, p_ids text[])
                 RETURNS SETOF {s}.requests
             LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
             BEGIN
+                PERFORM set_config('synchronous_commit', 'off', true);
                 PERFORM 1 FROM {s}.claim_turn FOR UPDATE;
                 RETURN QUERY UPDATE {s}.requests r SET state = 'running', claimed_by = p_me,
                         claimed_at = clock_timestamp(), attempt = r.attempt + 1
@@ -134,10 +152,17 @@ def definitions(n: Names) -> list[str]:
         # for another request is 23505.  An id another role holds is no error
         # (that would tell the caller it exists): the request is stored under
         # derived_id(caller, id) and answered under its own id
+        # (their argument lists before version 6: a CREATE OR REPLACE with
+        # another list would add a second function beside each)
+        (f"DROP FUNCTION IF EXISTS {s}.submit(text, int, text, json, int, timestamptz, text,"
+         " json, boolean, int, boolean)"),
+        (f"DROP FUNCTION IF EXISTS {s}.submit_taken(text, int, text, json, int, timestamptz,"
+         " text, json, boolean, boolean)"),
         f"""CREATE OR REPLACE FUNCTION {s}.submit(p_id text, p_version int, p_op text,
                 p_args json, p_priority int, p_deadline timestamptz, p_client_submitted text,
                 p_client json, p_answer_wanted boolean DEFAULT true,
-                p_wait_ms int DEFAULT 5000, p_retry boolean DEFAULT false) RETURNS text
+                p_wait_ms int DEFAULT 5000, p_retry boolean DEFAULT false,
+                p_reply_to text DEFAULT NULL) RETURNS text
             LANGUAGE plpgsql {definer} SET lock_timeout = '5s' AS $$
             BEGIN
                 IF {size} > (SELECT m.value::bigint FROM {s}.meta m
@@ -153,24 +178,26 @@ def definitions(n: Names) -> list[str]:
                 END IF;
                 IF NOT p_retry THEN     -- the common case: one INSERT
                     INSERT INTO {s}.requests (id, version, op, args, priority, deadline,
-                            client_submitted, client, answer_wanted)
+                            client_submitted, client, answer_wanted, reply_to)
                         VALUES (p_id, p_version, p_op, p_args, coalesce(p_priority, 0),
                             p_deadline, p_client_submitted, p_client,
-                            coalesce(p_answer_wanted, true))
+                            coalesce(p_answer_wanted, true), p_reply_to)
                         ON CONFLICT (id) DO NOTHING;
                     IF FOUND THEN
                         RETURN 'queued';
                     END IF;
                 END IF;
                 RETURN {s}.submit_taken(p_id, p_version, p_op, p_args, p_priority,
-                    p_deadline, p_client_submitted, p_client, p_answer_wanted, p_retry);
+                    p_deadline, p_client_submitted, p_client, p_answer_wanted, p_retry,
+                    p_reply_to);
             END $$""",
         # the rest of submit: the id taken (by the caller, or by another role:
         # then under the derived id), or a repeated submit.  Called by submit
         # only (no EXECUTE for any role: it runs as the owner, submit's caller)
         f"""CREATE OR REPLACE FUNCTION {s}.submit_taken(p_id text, p_version int, p_op text,
                 p_args json, p_priority int, p_deadline timestamptz, p_client_submitted text,
-                p_client json, p_answer_wanted boolean, p_retry boolean) RETURNS text
+                p_client json, p_answer_wanted boolean, p_retry boolean, p_reply_to text)
+                RETURNS text
             LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
             DECLARE
                 rid text := p_id;
@@ -185,11 +212,11 @@ def definitions(n: Names) -> list[str]:
                 END IF;
                 FOR attempt IN 1..4 LOOP
                     INSERT INTO {s}.requests (id, version, op, args, priority, deadline,
-                            client_submitted, client, answer_wanted, client_id)
+                            client_submitted, client, answer_wanted, client_id, reply_to)
                         VALUES (rid, p_version, p_op, p_args, coalesce(p_priority, 0),
                             p_deadline, p_client_submitted, p_client,
                             coalesce(p_answer_wanted, true),
-                            CASE WHEN rid = p_id THEN NULL ELSE p_id END)
+                            CASE WHEN rid = p_id THEN NULL ELSE p_id END, p_reply_to)
                         ON CONFLICT (id) DO NOTHING RETURNING id INTO got;
                     IF got IS NOT NULL THEN
                         RETURN 'queued';
@@ -276,15 +303,23 @@ def definitions(n: Names) -> list[str]:
                 RETURN found_it;
             END $$""",
         # LISTEN on a channel whose name the caller may not read: its own
-        # replies' ('reply'); new requests' and events ('new', 'events') for
-        # the worker role and superusers only
-        f"""CREATE OR REPLACE FUNCTION {s}.listen(kind text) RETURNS void
+        # replies' ('reply'; p_process: those of one of its processes, whose
+        # random part the process chose); new requests' and events ('new',
+        # 'events') for the worker role and superusers only
+        f"DROP FUNCTION IF EXISTS {s}.listen(text)",
+        f"""CREATE OR REPLACE FUNCTION {s}.listen(kind text, p_process text DEFAULT NULL)
+                RETURNS void
             LANGUAGE plpgsql VOLATILE {definer} AS $$
             DECLARE
                 channel text;
             BEGIN
+                IF p_process IS NOT NULL AND (kind <> 'reply' OR p_process !~ '{REPLY_TO_RE}')
+                        THEN
+                    RAISE EXCEPTION 'no channel % of a process %', kind, p_process
+                        USING ERRCODE = 'invalid_parameter_value';
+                END IF;
                 IF kind = 'reply' THEN
-                    channel := {reply_to('session_user')};
+                    channel := {reply_to('session_user', 'p_process')};
                 ELSIF kind IN ('new', 'events') THEN
                     IF NOT (pg_has_role(session_user, {sql_literal(wrk)}, 'USAGE') OR EXISTS (
                             SELECT 1 FROM pg_roles WHERE rolname = session_user
@@ -360,7 +395,7 @@ def definitions(n: Names) -> list[str]:
                     PERFORM pg_notify({events}, json_build_object('event', 'started',
                         'id', NEW.id)::text);
                 ELSIF NEW.reply IS NOT NULL AND OLD.reply IS NULL THEN
-                    PERFORM pg_notify({reply_to('NEW.submitter')},
+                    PERFORM pg_notify({reply_to('NEW.submitter', 'NEW.reply_to')},
                                       coalesce(NEW.client_id, NEW.id));
                     PERFORM pg_notify({events}, json_build_object('event', 'finished',
                         'id', NEW.id, 'ok', (NEW.reply->>'ok')::boolean,
@@ -412,7 +447,7 @@ def grants(n: Names) -> list[str]:
         f"REVOKE ALL ON {s}.secrets, {s}.retired FROM {wrk}",
         f"GRANT SELECT ON {s}.secrets TO {wrk}",
         f"GRANT SELECT, INSERT, DELETE ON {s}.retired TO {wrk}",
-        (f"GRANT EXECUTE ON FUNCTION {s}.listen(text), {s}.pending_batches(),"
+        (f"GRANT EXECUTE ON FUNCTION {s}.listen(text, text), {s}.pending_batches(),"
          f" {s}.queue_length(), {s}.finished_event(text, text, json, text),"
          f" {s}.claim_batch(int, text[]) TO {wrk}"),
         f"REVOKE ALL ON {s}.claim_turn FROM {wrk}",

@@ -36,18 +36,20 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # the request columns a submitter may write (column privilege and the trigger)
 CLIENT_COLUMNS = ("id", "version", "op", "args", "priority", "deadline", "client_submitted",
-                  "client", "answer_wanted")
+                  "client", "answer_wanted", "reply_to")
 
 # what a web role may call (it holds no privilege on any table): the definer
 # functions of ``_functions``, with their argument types
 WEB_FUNCTIONS = (
-    "submit(text, int, text, json, int, timestamptz, text, json, boolean, int, boolean)",
-    "cancel(text)", "collect(text, boolean)", "progress_of(text)", "listen(text)",
+    "submit(text, int, text, json, int, timestamptz, text, json, boolean, int, boolean, text)",
+    "cancel(text)", "collect(text, boolean)", "progress_of(text)", "listen(text, text)",
     "pending_batches()", "queue_length()")
+# a client process's own reply channel: the random part of its name
+REPLY_TO_RE = "^[0-9a-f]{16,32}$"
 # a request's document is its columns and this much around them (the keys,
 # quotes and commas of ``envelope``): what ``submit`` counts against
 # max_request_bytes before it stores anything (the worker checks the
@@ -70,8 +72,12 @@ class DbChannel(str):
         made.kind, made.schema = kind, schema
         return made
 
-    def listen_sql(self) -> str:
-        return f"SELECT {self.schema}.listen({sql_literal(self.kind)})"
+    def listen_sql(self, process: str | None = None) -> str:
+        """LISTEN through the schema's function; ``process``: a reply
+        channel of this process's own (its random part, ``REPLY_TO_RE``)."""
+        if process is None:
+            return f"SELECT {self.schema}.listen({sql_literal(self.kind)})"
+        return f"SELECT {self.schema}.listen({sql_literal(self.kind)}, {sql_literal(process)})"
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,9 @@ class Names:
 
     @property
     def reply_channel(self) -> DbChannel:
-        """The replies to the connecting role's requests (their client ids)."""
+        """The replies to the connecting role's requests (their client ids):
+        the role's channel, and each process's own (``DbChannel.listen_sql``)
+        for the requests it published while waiting for them."""
         return DbChannel(f"{self.channel}_r_*", "reply", sql_name(self.schema))
 
     def lock_held(self, worker: str) -> str:
@@ -366,6 +374,21 @@ def _version_5_review(n: Names) -> list[str]:
     ]
 
 
+def _version_6_reply_to(n: Names) -> list[str]:
+    """Issue 22: a reply wakes only its waiter's process.  Every client
+    process of a role LISTENed on the role's one reply channel, so every
+    reply woke every process of the role (eight clients: eight wake-ups per
+    reply, seven for nothing).  ``reply_to``: the random part of the channel
+    of the process that published the request while waiting for it
+    (``Client.call``); its reply is NOTIFYed there, a request published
+    without a waiter on the role's channel as before."""
+    s = sql_name(n.schema)
+    return [
+        f"""ALTER TABLE {s}.requests ADD COLUMN reply_to text
+            CONSTRAINT reply_to_random CHECK (reply_to ~ '{REPLY_TO_RE}')""",
+    ]
+
+
 # version -> the statements that reach it
 MIGRATIONS = {1: _version_1, 2: _version_2, 3: _version_3, 4: _version_4_security,
-              5: _version_5_review}
+              5: _version_5_review, 6: _version_6_reply_to}
