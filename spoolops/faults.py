@@ -22,7 +22,6 @@ import signal
 import threading
 
 FAULT_ENV = "SPOOLOPS_FAULT"
-ENV = FAULT_ENV
 
 _counts: dict[str, int] = {}
 _limits: dict[str, int] = {}
@@ -125,8 +124,3 @@ def counts() -> tuple[int, int]:
         _sync_spec()
         return _counts.get("write", 0), _counts.get("fsync", 0)
 
-
-def reset() -> None:
-    """Forget the counters (for tests that run several faults in one process)."""
-    with _lock:
-        _counts.clear()

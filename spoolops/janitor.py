@@ -7,11 +7,13 @@ worker lock, never by "looks unused" (the transport's ``reap``: stale
 temporary requests after ``tmp_ttl``, uncollected replies after
 ``reply_ttl``, failed entries after ``failed_ttl``, dead target locks).
 When no worker holds the lock, the janitor takes it non-blocking (so no
-worker can start meanwhile) and runs the worker's own start-up recovery:
-orphans are requeued or answered ``Interrupted``, unpublished replies
-published, journals rolled back -- unless an orphan's operation is unknown
-to the janitor (a site package missing from its path), when it recovers
-nothing and says so.
+worker can start meanwhile), settles what the dead worker left half-done
+(``Transport.settle``: finished replies published, answered orphans
+cleared, dead workers fenced -- nothing an operation decides) and runs the
+worker's own start-up recovery: orphans are requeued or answered
+``Interrupted``, journals rolled back -- unless an orphan's operation is
+unknown to the janitor (a site package missing from its path), when it
+recovers no orphan and says so.
 
 Stuck work (exit 1 of the command): a request queued longer than
 ``stuck_after``, an orphan with no worker, or a request running (its run
@@ -93,8 +95,10 @@ def _recover(transport: Transport, config: Config, report: JanitorReport,
     """No worker: recover under the lock (or, dry, say what recovery would do)."""
     registry = registry if registry is not None else default_registry()
     dispatcher = Dispatcher(registry, config, transport.work_dir)
+    interrupted = recovery.lost_reply(dispatcher)
     if report.dry_run:   # read-only: not even the lock is taken
-        _plan(transport, registry, dispatcher, report, dry_run=True)
+        _plan(transport, registry, dispatcher, report,
+              transport.settle(interrupted, dry_run=True), dry_run=True)
         return
     try:
         lock = transport.lock_worker(wait=False, should_stop=lambda: True)
@@ -107,10 +111,19 @@ def _recover(transport: Transport, config: Config, report: JanitorReport,
         report.worker["alive"] = None   # cannot tell, cannot recover
         return
     try:
-        # planned under the lock: a worker may have finished some meanwhile
-        if _plan(transport, registry, dispatcher, report, dry_run=False) and \
+        # under the lock: a worker may have finished some meanwhile.  Settled
+        # first (a finished reply published, an answered orphan cleared, a
+        # dead worker fenced: nothing an op decides), so that the plan
+        # reports only the orphans recovery then takes
+        done = recovery.Recovery()
+        done.settled(transport.settle(interrupted))
+        if _plan(transport, registry, dispatcher, report, done.steps, dry_run=False) and \
                 transport.recovery_pending():
-            done = recovery.recover(transport, registry, dispatcher)
+            more = recovery.recover(transport, registry, dispatcher)
+            for kind, count in more.counts.items():
+                done.counts[kind] += count
+            done.steps += more.steps
+        if done.steps:
             report.recovered = done.counts
             report.actions += done.steps
     finally:
@@ -118,14 +131,11 @@ def _recover(transport: Transport, config: Config, report: JanitorReport,
 
 
 def _plan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
-          report: JanitorReport, dry_run: bool) -> bool:
-    """Report each orphan with what recovery does (or, dry, would do) to it.
-    False when an orphan's op is unknown here: the worker may know ops this
-    janitor does not, and interrupting them could be wrong."""
-    settled: list[Step] = []
-    if dry_run:
-        # what settling would do first (an orphan it clears is none of the plan's)
-        settled = transport.settle(recovery.lost_reply(dispatcher), dry_run=True)
+          report: JanitorReport, settled: list[Step], dry_run: bool) -> bool:
+    """Report each orphan with what recovery does (or, dry, would do) to it,
+    and what settling did (would do) first -- an orphan it clears is none of
+    the plan's.  False when an orphan's op is unknown here: the worker may
+    know ops this janitor does not, and interrupting them could be wrong."""
     cleared = {step.path for step in settled if step.action == "clear"}
     plans = []
     unknown: set[str] = set()
@@ -148,5 +158,6 @@ def _plan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
         else:
             why = f"{where}: recovered ({what})"
         report.findings.append(Finding("orphan", orphan.where, why))
-    report.actions += settled
+    if dry_run:
+        report.actions += settled
     return not unknown

@@ -184,6 +184,11 @@ def plan_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher
 
 def _recover_orphan(transport: Transport, registry: Registry, dispatcher: Dispatcher,
                     orphan: Orphan, done: Recovery, quiet: set[str] | None = None) -> None:
+    if not orphan.settled:
+        # its worker's grace ran out after settle looked: not fenced yet, so
+        # it might still answer -- taken after the next settle
+        log.info("event=orphan_not_settled where=%r", orphan.where)
+        return
     action, op_name, request = plan_orphan(transport, registry, dispatcher, orphan)
     rid = orphan.rid
     if action == LEAVE:

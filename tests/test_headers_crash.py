@@ -41,7 +41,7 @@ def _child(storage: Path, work: Path, name: str, inplace_min: int, layout: str,
     pid = os.fork()
     if pid == 0:
         try:
-            os.environ[fault.ENV] = spec
+            os.environ[fault.FAULT_ENV] = spec
             _run(storage, work, name, inplace_min, layout)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - report through the exit status
@@ -67,7 +67,7 @@ def test_sigkill_leaves_old_or_new(tmp_path, path_kind):
 
     # One clean run measures the writes and fsyncs, and gives the new bytes.
     shutil.copyfile(src, storage / name)
-    os.environ.pop(fault.ENV, None)
+    os.environ.pop(fault.FAULT_ENV, None)
     bytes0, fsyncs0 = fault.counts()
     _run(storage, work, name, inplace_min, layout)
     bytes1, fsyncs1 = fault.counts()

@@ -37,13 +37,6 @@ def only(args: Mapping[str, Any], known: Iterable[str], op: str) -> None:
                          f" (known: {', '.join(known)})")
 
 
-def required(args: Mapping[str, Any], name: str) -> Any:
-    value = args.get(name)
-    if value is None:
-        raise BadRequest(f"{name} is required")
-    return value
-
-
 def flag(args: Mapping[str, Any], name: str, default: bool = False) -> bool:
     """A true/false argument."""
     value = args.get(name)

@@ -100,6 +100,9 @@ class Orphan:
     # is here): only then may this worker re-run or interrupt it when its op
     # keeps such state (``Operation.recover``)
     local: bool = True
+    # its worker was taken over (``settle`` fenced it): recovery may take it
+    # now; otherwise it is reported, and taken after the next ``settle``
+    settled: bool = True
 
 
 @dataclass

@@ -56,14 +56,16 @@ def definitions(n: Names) -> list[str]:
 
     # the channel of a submitter's replies (``who``: an expression), or of
     # one of its processes (``process``: an expression, its random part --
-    # hex digits, so that who and process split at the last '/')
+    # hex digits, so that who and process split at the last '/').  The
+    # secret comes first in a role's digest and last in a process's: a role
+    # named '<role>/<process>' must not share a digest with that process
     def reply_to(who: str, process: str | None = None) -> str:
         role = (f"(SELECT {reply_prefix} || md5(x.value || {who}) FROM {s}.secrets x"
                 " WHERE x.key = 'reply')")
         if process is None:
             return role
         return (f"(CASE WHEN {process} IS NULL THEN {role} ELSE (SELECT {process_prefix} ||"
-                f" md5(x.value || {who} || '/' || {process}) FROM {s}.secrets x"
+                f" md5({who} || '/' || {process} || '/' || x.value) FROM {s}.secrets x"
                 " WHERE x.key = 'reply') END)")
 
     # the caller's own row of client id p_id: under it, or under the id

@@ -75,7 +75,8 @@ class PgQueue:
         ``%(me)s`` as a parameter)."""
         s, alive = self.s, self.names.lock_held("r.claimed_by")
         return (f"SELECT r.id, r.claimed_by, r.attempt, r.run IS NOT NULL, w.host, w.work_dir,"
-                f" w.pid, w.lost_at, clock_timestamp(), {alive}, w.backend_pid FROM {s}.requests"
+                f" w.pid, w.lost_at, clock_timestamp(), {alive}, w.backend_pid, w.fenced_at IS NOT NULL"
+                f" FROM {s}.requests"
                 f" r LEFT JOIN {s}.workers w ON w.id = r.claimed_by WHERE r.state = 'running'"
                 " AND r.claimed_by IS DISTINCT FROM %(me)s AND (w.id IS NULL OR w.fenced_at IS"
                 f" NOT NULL OR w.heartbeat < {self.stale_sql()} OR NOT {alive})"

@@ -397,7 +397,9 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
             return True
         wanted = sorted(set(targets))
         mine = [r for r, (worker, _) in self._claims.items() if worker == self.me]
-        params = {"rid": rid, "wanted": wanted, "me": self.me, "mine": mine}
+        worker, attempt = self._claim_of(rid)
+        params = {"rid": rid, "wanted": wanted, "me": self.me, "mine": mine,
+                  "worker": worker, "attempt": attempt}
 
         def work(conn: psycopg.Connection) -> bool:
             with conn.transaction() as tx:
@@ -412,6 +414,11 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
                     f" e.id = ANY(%(mine)s::text[])) AND e.id <> r.id AND {_EARLIER} LIMIT 1)),"
                     f" got AS (INSERT INTO {self.s}.leases (target, request_id) SELECT t, %(rid)s"
                     " FROM unnest(%(wanted)s::text[]) t WHERE NOT EXISTS (SELECT 1 FROM ahead)"
+                    # only for a claim that is still this worker's (one lost
+                    # with the server, or taken over, leases nothing)
+                    f" AND EXISTS (SELECT 1 FROM {self.s}.requests c WHERE c.id = %(rid)s AND"
+                    " c.state = 'running' AND c.claimed_by = %(worker)s AND c.attempt ="
+                    " %(attempt)s)"
                     " ON CONFLICT DO NOTHING RETURNING 1)"
                     " SELECT (SELECT count(*) FROM got), (SELECT min(id) FROM ahead)",
                     params).fetchone()
@@ -440,6 +447,14 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
         count = self.pools.run(lambda c: c.execute(
             query + " AND state = 'running' AND claimed_by = %s AND attempt = %s" + tail,
             (*params, worker, attempt, *tail_params)).rowcount)
+        if count == 0 and what == "start":
+            # the claim is not ours (any more): lost with the server (its commit
+            # is not waited for), or taken over while this worker was frozen --
+            # the op must not run (ConnectionError: the not-started path)
+            self._claims.pop(rid, None)
+            log.warning("event=claim_lost id=%s action=start note=%r", rid, "not run: its"
+                        " claim did not survive (a server restart, or a takeover)")
+            raise TransportUnavailable(f"{rid} is no longer claimed by this worker")
         if count == 0 and what in ("reply", "fail", "put_back"):
             row = self.pools.run(lambda c: c.execute(
                 f"SELECT state, claimed_by, attempt FROM {self.s}.requests WHERE id = %s",
@@ -555,12 +570,14 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
         takeable only once it has been so for ``lock_grace`` (the worker
         itself stops after ``lock_grace / 2`` without its lock), this host's
         at once (its host lock is ours now).  A takeable one is fenced (see
-        ``_fence``) before ``orphans`` hands its requests to recovery."""
+        ``_fence``): only then does ``orphans`` hand its requests to recovery
+        (a worker whose grace ran out between the two is taken next time)."""
         if dry_run:
-            return [Step("fence", where, why) for where, why, _ in self._takeable(note=False)]
+            return [Step("fence", where, why) for where, why, fence in self._takeable(note=False)
+                    if fence is not None]
         steps = []
         for where, why, fence in self._takeable(note=True):
-            if fence is not None and self.me is not None and self._fence(*fence):
+            if fence is not None and self._fence(*fence):
                 steps.append(Step("fence", where, why, done=True))
         return steps
 
@@ -578,9 +595,9 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
             return rows
         out = []
         for row in self.pools.run(work):
-            host, work_dir, lost_at, now = row[4], row[5], row[7], row[8]
+            host, work_dir, lost_at, now, fenced = row[4], row[5], row[7], row[8], row[11]
             local = host == self.host and work_dir == str(self.work_dir)
-            if host is not None and not local and (
+            if host is not None and not local and not fenced and (
                     lost_at is None or (now - lost_at).total_seconds() < self.config.lock_grace):
                 continue              # another host's, not lost for long enough yet
             out.append(row)
@@ -591,8 +608,8 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
         recovery may take; no fence arguments for a registration that is gone."""
         seen: dict[int, tuple[str, str, tuple | None]] = {}
         for _rid, worker, _attempt, _started, host, _wd, pid, _lost, _now, alive, \
-                backend in self._dead_claims(note):
-            if worker in seen:
+                backend, fenced in self._dead_claims(note):
+            if worker in seen or fenced:
                 continue
             why = ("its heartbeat is stale" if alive else "it is gone") if host is not None \
                 else "its registration is gone"
@@ -602,15 +619,17 @@ class PgTransport(PgClientSide, PgView, PgQueue, Transport, SharedQueue):
         return list(seen.values())
 
     def orphans(self) -> list[Orphan]:
-        """Requests of dead workers whose claims recovery may take (see
-        ``settle``, which fences their workers first)."""
+        """Requests of dead workers whose claims may be taken over; those of
+        a worker ``settle`` has not fenced yet (its grace ran out since) are
+        not ``settled``: recovery takes them after the next ``settle``."""
         out = []
         for rid, worker, attempt, started, host, work_dir, pid, _lost, _now, _alive, \
-                _backend in self._dead_claims(note=False):
+                _backend, fenced in self._dead_claims(note=False):
             local = host == self.host and work_dir == str(self.work_dir)
             self._claims[rid] = (worker, attempt)
             out.append(Orphan(rid, rid, started, f"{self.names.schema}.requests id={rid}"
-                              f" (worker {worker} on {host or '?'}, pid {pid})", local=local))
+                              f" (worker {worker} on {host or '?'}, pid {pid})", local=local,
+                              settled=host is None or fenced))
         return out
 
     def _fence(self, worker: int, alive: bool, backend: int | None, host: str | None

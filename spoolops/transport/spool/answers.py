@@ -35,11 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from ... import faults
-from ...files import fsync_dir, rename_noreplace, write_atomic, write_new_file
+from ...files import (
+    UnsafeEntry,
+    fsync_dir,
+    read_untrusted,
+    rename_noreplace,
+    write_atomic,
+    write_new_file,
+)
 from ...formats import encode_json, utc_iso, valid_id
 from ..base import Batch, Quarantined, Step
 from .names import (
     FAILING_SUFFIX,
+    MAX_REPLY_BYTES,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     STAGED_REPLY_SUFFIX,
@@ -49,6 +57,7 @@ from .names import (
 log = logging.getLogger("spoolops.transport")
 
 _UNKNOWN = object()
+MAX_REASON_BYTES = 65536
 
 
 class SpoolAnswers:
@@ -322,7 +331,7 @@ class SpoolAnswers:
         staged, and run files whose request is gone: removed unless ``dry_run``."""
         names = sorted(os.listdir(self._work))
         found = [f"{self._work}/{name}" for name in names
-                 if name.endswith(".tmp") and os.path.isfile(f"{self._work}/{name}")]
+                 if name.endswith(".tmp") and _plain(f"{self._work}/{name}")]
         found += [f"{self._work}/{name}" for name in names if name.endswith(FAILING_SUFFIX)
                   and name[: -len(FAILING_SUFFIX)] + STAGED_REPLY_SUFFIX not in names]
         found += [f"{self._active}/{name}" for name in sorted(os.listdir(self._active))
@@ -340,21 +349,36 @@ class SpoolAnswers:
 
     def _staged_reply(self, rid: str) -> dict[str, Any] | None:
         """The staged reply of ``rid`` if it is whole (parses, names ``rid``);
-        None if there is none or it was cut off while being written."""
+        None if there is none or it was cut off while being written.  Read as
+        a planted file is (``read_untrusted``: root's janitor runs this too,
+        as the worker user, and ``work/`` is that account's):
+        ``UnsafeEntry`` for anything but a plain file within the limit."""
         try:
-            with open(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", "rb") as f:
-                reply = json.loads(f.read())
-        except (OSError, ValueError):
+            data = read_untrusted(f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}", MAX_REPLY_BYTES,
+                                  check_name=False, reader="the worker",
+                                  limit_name="a reply's limit").data
+        except FileNotFoundError:
+            return None
+        try:
+            reply = json.loads(data)
+        except ValueError:
             return None
         return reply if isinstance(reply, dict) and reply.get("id") == rid else None
 
     def _settle_staged(self, rid: str, interrupted: Callable[[str], dict[str, Any]],
                        dry_run: bool) -> Step:
         """One staged reply: published (its request moved aside first, when it
-        was being failed), dropped, or replaced by ``Interrupted``."""
-        reply, where = self._staged_reply(rid), self.where(rid)
+        was being failed), dropped, or replaced by ``Interrupted``; left
+        alone, and said so, when it (or its note) is no plain file."""
         staged = f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}"
         failing = f"{self._work}/{rid}{FAILING_SUFFIX}"
+        try:
+            reply, where = self._staged_reply(rid), self.where(rid)
+            reason = self._failing_reason(failing)
+        except (UnsafeEntry, OSError) as exc:
+            why = f"a staged reply (or its note) that is no plain file: left alone ({exc})"
+            log.error("event=staged_reply_unsafe id=%s error=%r", rid, str(exc))
+            return Step("publish", staged, why, error=str(exc))
         if reply is None and where is not None:
             # cut off while being written, its request still there (in line,
             # running, or put back by 'spoolops requeue'): answered from there
@@ -366,7 +390,7 @@ class SpoolAnswers:
         if reply is None:
             why = ("a reply cut off while being written, its request gone: answered"
                    " Interrupted (only a power cut with durable = no leaves one)")
-        elif where == "running" and os.path.lexists(failing):
+        elif where == "running" and reason is not None:
             why = "an Interrupted reply whose request was being kept aside"
         else:
             why = "a finished reply the dead worker had not published"
@@ -375,9 +399,7 @@ class SpoolAnswers:
         try:
             if reply is None:
                 self._stage_reply(rid, interrupted(rid), in_place=False)
-            elif where == "running" and os.path.lexists(failing):
-                with open(failing, "rb") as f:
-                    reason = f.read().decode("utf-8", "replace")
+            elif where == "running" and reason is not None:
                 self._quarantine(self.active, rid + REQUEST_SUFFIX, reason)
             self._publish_staged(rid)
             _remove_quietly(failing)
@@ -390,6 +412,24 @@ class SpoolAnswers:
             return Step("publish", rid, why, error=str(exc))
         log.warning("event=recovered action=published_staged_reply id=%s", rid)
         return Step("publish", rid, why, done=True)
+
+
+    def _failing_reason(self, path: str) -> str | None:
+        """The reason a fail cut short noted, if it noted one."""
+        try:
+            data = read_untrusted(path, MAX_REASON_BYTES, check_name=False,
+                                  reader="the worker", limit_name="a reason's limit").data
+        except FileNotFoundError:
+            return None
+        return data.decode("utf-8", "replace")
+
+
+def _plain(path: str) -> bool:
+    """A regular file, not followed through a link."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _remove_quietly(path: str | os.PathLike) -> None:

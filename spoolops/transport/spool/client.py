@@ -31,6 +31,7 @@ from ...users import user_name
 from ..base import Waiter
 from .names import (
     HELD_SUFFIX,
+    MAX_REPLY_BYTES,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     WITHDRAWN_SUFFIX,
@@ -41,7 +42,6 @@ from .names import (
 from .watch import shared_watcher
 
 log = logging.getLogger("spoolops.transport")
-MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 class SpoolClientSide:

@@ -39,6 +39,7 @@ REASON_SUFFIX = ".reason"
 STAGED_REPLY_SUFFIX = ".reply"
 FAILING_SUFFIX = ".failing"      # work/ID.failing: the reason of a fail under way
 WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its way out
+MAX_REPLY_BYTES = 16 * 1024 * 1024   # the largest reply anyone reads
 # (work/'s own names -- the lock, the counters, target locks -- are the
 # worker's home's: ``spoolops.workhome``)
 

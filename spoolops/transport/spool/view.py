@@ -38,7 +38,7 @@ from .names import (
     reason_file_name,
 )
 
-# the largest file a view reads: a reply's limit (spool.MAX_REPLY_BYTES), above
+# the largest file a view reads: a reply's limit (names.MAX_REPLY_BYTES), above
 # every request's (max_request_bytes), run record's and reason's size
 MAX_VIEW_BYTES = 16 * 1024 * 1024
 _UNREAD = "<not read: {}>"

@@ -84,7 +84,6 @@ from .view import SpoolView
 
 log = logging.getLogger("spoolops.transport")
 
-MAX_REPLY_BYTES = 16 * 1024 * 1024
 WATCH_FLAGS = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
 _UNKNOWN = object()
 
