@@ -379,3 +379,11 @@ def _repair(fd: int, shown: Path, mode: int, uid: int, gid: int, changes: list[s
                                   f" {exc.strerror or exc}") from None
         if stat.S_IMODE(st.st_mode) != mode:
             changes.append(f"mode of {shown} set to {mode:04o}")
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    """Unlink ``path`` (never what a link points to); gone already is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

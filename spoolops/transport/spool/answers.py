@@ -39,6 +39,7 @@ from ...files import (
     UnsafeEntry,
     fsync_dir,
     read_untrusted,
+    remove_quietly,
     rename_noreplace,
     write_atomic,
     write_new_file,
@@ -102,8 +103,8 @@ class SpoolAnswers:
         """A request that wants no reply is done: it leaves ``active/``, and
         nothing else is left of it (a crash before this re-runs it, as any)."""
         if started:
-            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+            remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
         if self.durable:
             fsync_dir(self._active)
 
@@ -154,8 +155,8 @@ class SpoolAnswers:
         journalling filesystem (ext4, xfs: metadata is journalled in order).
         """
         if started:
-            _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-        _remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
+            remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        remove_quietly(f"{self._active}/{rid}{REQUEST_SUFFIX}")
         self._publish_noreplace(rid, f"{self._work}/{rid}{STAGED_REPLY_SUFFIX}")
 
     def _publish_noreplace(self, rid: str, staged: str) -> None:
@@ -209,12 +210,12 @@ class SpoolAnswers:
                 self._id_in_use(rid) is not None:
             return False
         staged = f"{self._work}/{rid}.cancel.{os.getpid()}.tmp"
-        _remove_quietly(staged)          # a leftover of a process with our pid
+        remove_quietly(staged)          # a leftover of a process with our pid
         write_new_file(staged, encode_json(reply), self.durable, gid=self._reply_group())
         try:
             rename_noreplace(staged, f"{self._replies}/{rid}{REQUEST_SUFFIX}")
         except FileExistsError:
-            _remove_quietly(staged)
+            remove_quietly(staged)
             return False
         if self.durable:
             fsync_dir(self._replies)
@@ -256,7 +257,7 @@ class SpoolAnswers:
         if directory == self.active and moved:
             # its run file goes with it; an entry quarantined from new/ (say a
             # duplicate of a running id) must never touch what runs in active/
-            _remove_quietly(self.active / (name + ".run"))
+            remove_quietly(self.active / (name + ".run"))
         return moved
 
     def _rename_into_failed(self, directory: Path, name: str, as_name: str | None = None
@@ -298,7 +299,7 @@ class SpoolAnswers:
         faults.hit("spool.fail.kept")
         self._publish_staged(rid)
         faults.hit("spool.fail.published")
-        _remove_quietly(failing)
+        remove_quietly(failing)
         self._mine.discard(rid + REQUEST_SUFFIX)
 
 
@@ -318,8 +319,8 @@ class SpoolAnswers:
                     rid, remove=False, reader="the worker", quiet=True) is None:
                 continue
             if not dry_run:
-                _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
-                _remove_quietly(f"{self._active}/{name}")
+                remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+                remove_quietly(f"{self._active}/{name}")
                 self._mine.discard(name)
                 log.warning("event=recovered action=cleared_answered_orphan id=%s", rid)
             steps.append(Step("clear", f"{self._active}/{name}", "an orphan whose reply was"
@@ -339,7 +340,7 @@ class SpoolAnswers:
                       f"{self._active}/{name[: -len('.run')]}")]
         if not dry_run:
             for path in found:
-                _remove_quietly(path)
+                remove_quietly(path)
         return found
 
     def _staged_ids(self) -> list[str]:
@@ -384,7 +385,7 @@ class SpoolAnswers:
             # running, or put back by 'spoolops requeue'): answered from there
             why = f"a reply cut off while being written; its request ({where}) is answered"
             if not dry_run:
-                _remove_quietly(staged)
+                remove_quietly(staged)
                 log.warning("event=recovered action=dropped_partial_reply id=%s", rid)
             return Step("drop", staged, why, done=not dry_run)
         if reply is None:
@@ -402,7 +403,7 @@ class SpoolAnswers:
             elif where == "running" and reason is not None:
                 self._quarantine(self.active, rid + REQUEST_SUFFIX, reason)
             self._publish_staged(rid)
-            _remove_quietly(failing)
+            remove_quietly(failing)
             self._mine.discard(rid + REQUEST_SUFFIX)
         except OSError as exc:
             # one reply that cannot be published now (disk full, a plant it
@@ -431,9 +432,3 @@ def _plain(path: str) -> bool:
     except OSError:
         return False
 
-
-def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -40,6 +40,7 @@ from ...files import (
     UnsafeEntry,
     ensure_tree,
     read_untrusted,
+    remove_quietly,
     rename_noreplace,
     write_atomic,
 )
@@ -150,7 +151,7 @@ class SpoolCare:
             except FileExistsError:
                 raise SpoolSetupError(f"a request {rid} is running: requeue it once it"
                                       " is done") from None
-            _remove_quietly(self.failed / reason_file_name(name))
+            remove_quietly(self.failed / reason_file_name(name))
             self._retire_stale_reply(name)
             return "failed/"
         if not os.path.lexists(self.active / name):
@@ -165,7 +166,7 @@ class SpoolCare:
             if os.path.lexists(self.work / (rid + STAGED_REPLY_SUFFIX)):
                 raise SpoolSetupError(f"{rid} finished: its reply waits in work/ and the"
                                       " worker publishes it when it starts") from None
-            _remove_quietly(self.active / (rid + RUN_SUFFIX))
+            remove_quietly(self.active / (rid + RUN_SUFFIX))
             self._retire_stale_reply(name)
             return "active/"
         finally:
@@ -180,7 +181,7 @@ class SpoolCare:
         except FileNotFoundError:
             return
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
-            _remove_quietly(self.replies / name)
+            remove_quietly(self.replies / name)
 
     # -- the janitor ------------------------------------------------------------
 
@@ -442,10 +443,4 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     return obj if isinstance(obj, dict) else None
 
-
-def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 

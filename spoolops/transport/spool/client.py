@@ -24,6 +24,7 @@ from ...files import (
     discard_new_file,
     fsync_dir,
     read_untrusted,
+    remove_quietly,
     write_all,
 )
 from ...formats import batch_name, encode_json, valid_id
@@ -95,7 +96,7 @@ class SpoolClientSide:
         try:
             return self._publish(request, rid, data)
         except BaseException:
-            _remove_quietly(mark)
+            remove_quietly(mark)
             raise
 
     def _publish(self, request: dict[str, Any], rid: str, data: bytes) -> str:
@@ -122,7 +123,7 @@ class SpoolClientSide:
         except BaseException:
             if self.durable:
                 os.close(check)
-            _remove_quietly(staging)
+            remove_quietly(staging)
             raise
         if not self.durable:
             return rid
@@ -181,7 +182,7 @@ class SpoolClientSide:
         claimed = os.path.lexists(f"{self._active}/{rid}{REQUEST_SUFFIX}")
         if not claimed:
             self._unmark(aside)
-        _remove_quietly(aside)
+        remove_quietly(aside)
         return not claimed
 
     def _make_durable(self, rid: str, aside: str) -> None:
@@ -288,7 +289,7 @@ class SpoolClientSide:
         if remove:
             # (any member may unlink in replies/ anyway: checking which file
             # the name holds before removing it would protect nothing)
-            _remove_quietly(path)
+            remove_quietly(path)
         return obj
 
     def _unreadable_reply(self, path: str, exc: Exception) -> None:
@@ -334,12 +335,6 @@ def _answers(reply: dict[str, Any], submitter: str | None, op: str | None) -> bo
                 op or "any op")
     return False
 
-
-def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _remove_mark(path: str) -> None:

@@ -54,6 +54,7 @@ from ...files import (
     UnsafeEntry,
     pending_events,
     read_untrusted,
+    remove_quietly,
     rename_noreplace,
     write_atomic,
 )
@@ -358,7 +359,7 @@ class SpoolTransport(SpoolClientSide, SpoolAnswers, SpoolCare, SpoolView, Transp
         name = rid + REQUEST_SUFFIX
         if not os.path.lexists(f"{self._active}/{name}"):
             raise FileNotFoundError(errno.ENOENT, "not claimed", f"{self._active}/{name}")
-        _remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
+        remove_quietly(f"{self._active}/{rid}{RUN_SUFFIX}")
         self._held.add(name)
         self._mine.add(name)
 
@@ -418,11 +419,5 @@ def _unreadable_or_oversize(st: os.stat_result, reason: str, limit: int) -> str 
                 " readable by the submit group (0640)")
     return None
 
-
-def _remove_quietly(path: str | os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
