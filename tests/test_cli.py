@@ -1,4 +1,9 @@
-"""The spoolops command line against a real worker: output, JSON and exit codes."""
+"""The spoolops command line against a real worker: output, JSON and exit codes.
+
+The commands that act on a queue run on both transports (the ``queue`` /
+``served`` fixtures: ``call`` as the web client, the others as the
+operator); parsing, a bad configuration and ``init``'s tree need none
+(``init`` over PostgreSQL: ``test_pg.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import time
 
 import pytest
-from support.env import SpoolEnv, make_spool_env
+from support.env import TRANSPORTS, SpoolEnv, queue_for
 from support.waiting import wait_for
 
 from spoolops.cli.main import build_parser, parse_call_args
@@ -37,34 +42,36 @@ def test_call_args_parsing() -> None:
         parse_call_args([], "[1, 2]")
 
 
-def test_call_echo_prints_reply_and_exits_0(running: SpoolEnv) -> None:
-    result = running.spoolops("call", "echo", "--arg", "x=1")
+def test_call_echo_prints_reply_and_exits_0(served) -> None:
+    result = served.spoolops("call", "echo", "--arg", "x=1", user=served.web)
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["ok"] is True and reply["result"] == {"x": "1"} and reply["op"] == "echo"
 
 
-def test_config_after_subcommand(running: SpoolEnv) -> None:
-    result = running.spoolops("call", "echo", "--config", str(running.config_path),
-                              "--args-json", '{"y": 2}')
-    assert result.returncode == 0 and json.loads(result.stdout)["result"] == {"y": 2}
+def test_config_after_subcommand(served) -> None:
+    config = served.client_env()["SPOOLOPS_CONFIG"]
+    result = served.spoolops("call", "echo", "--config", config, "--args-json", '{"y": 2}',
+                             user=served.web)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["result"] == {"y": 2}
 
 
-def test_call_failure_exits_1_usage_2(running: SpoolEnv) -> None:
-    result = running.spoolops("call", "no_such_op")
+def test_call_failure_exits_1_usage_2(served) -> None:
+    result = served.spoolops("call", "no_such_op", user=served.web)
     assert result.returncode == 1
     assert json.loads(result.stdout)["error"]["type"] == "UnknownOp"
-    assert running.spoolops("call").returncode == 2
-    assert running.spoolops("call", "echo", "--arg", "broken").returncode == 2
+    assert served.spoolops("call", user=served.web).returncode == 2
+    assert served.spoolops("call", "echo", "--arg", "broken", user=served.web).returncode == 2
 
 
-def test_call_without_worker_exits_3(spool_env: SpoolEnv) -> None:
+def test_call_without_worker_exits_3(queue) -> None:
     t0 = time.monotonic()
-    result = spool_env.spoolops("call", "echo", "--arg", "x=1", "--timeout", "1")
+    result = queue.spoolops("call", "echo", "--arg", "x=1", "--timeout", "1", user=queue.web)
     assert result.returncode == 3
     assert "no reply" in result.stderr
     assert time.monotonic() - t0 < 20
-    assert list(spool_env.spool.new.iterdir()) == []  # withdrawn
+    assert queue.count("queued") == 0  # withdrawn
 
 
 def test_bad_config_exits_2_naming_the_key(spool_env: SpoolEnv) -> None:
@@ -75,79 +82,77 @@ def test_bad_config_exits_2_naming_the_key(spool_env: SpoolEnv) -> None:
     assert "unknown key [worker] concurency" in result.stderr
 
 
-def test_status_json_matches_spool(spool_env: SpoolEnv) -> None:
-    client = spool_env.client()
+def test_status_json_matches_the_queue(queue) -> None:
+    client = queue.client()
     ids = [client.submit("echo", {"n": n}) for n in range(3)]
-    result = spool_env.spoolops("status", "--json")
+    result = queue.spoolops("status", "--json")
     assert result.returncode == 1  # no worker: a problem
     status = json.loads(result.stdout)
     assert status["queued"]["count"] == 3 and status["queued"]["oldest_age_s"] >= 0
     assert status["running"] == {"count": 0, "oldest_age_s": None}
     assert status["failed"]["count"] == 0 and status["replies"]["count"] == 0
     assert status["worker"] == {"pid": None, "alive": False}
-    assert any("no worker" in p for p in status["problems"])
-    proc = spool_env.start_worker()
-    wait_for(lambda: len(list(spool_env.spool.replies.iterdir())) == 3, what="replies")
-    result = spool_env.spoolops("status", "--json")
+    assert any("no worker" in p for p in status["problems"]), status["problems"]
+    proc = queue.start_worker()
+    wait_for(lambda: queue.count("replies") == 3, what="replies")
+    result = queue.spoolops("status", "--json")
     status = json.loads(result.stdout)
     assert result.returncode == 0, status["problems"]
     assert status["worker"]["alive"] is True and status["worker"]["pid"] == proc.pid
     assert status["replies"]["count"] == 3 and status["queued"]["count"] == 0
-    text = spool_env.spoolops("status").stdout
-    assert f"pid {proc.pid}" in text and "replies/" in text
+    text = queue.spoolops("status").stdout
+    assert f"pid {proc.pid}" in text and queue.transport().place_of("replies") in text, text
     for rid in ids:
         client.wait(rid, timeout=10)
 
 
-def test_status_reports_stuck_queue(tmp_path) -> None:
-    env = make_spool_env(tmp_path / "t", durable=False,
-                         extra="[janitor]\nstuck_after = 1s\n")
-    try:
-        rid = env.client().submit("echo", {})
-        past = time.time() - 10                     # queued ten seconds ago
-        os.utime(env.spool.new / f"{rid}.json", (past, past))
-        status = json.loads(env.spoolops("status", "--json").stdout)
-        assert any("queued longer than stuck_after" in p for p in status["problems"])
-    finally:
-        env.close()
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_status_reports_stuck_queue(request, tmp_path, kind: str) -> None:
+    env = queue_for(request, tmp_path, kind, durable=False,
+                    extra="[janitor]\nstuck_after = 1s\n")
+    rid = env.client().submit("echo", {})
+    env.set_queued_time(rid, time.time() - 10)      # queued ten seconds ago
+    status = json.loads(env.spoolops("status", "--json").stdout)
+    assert any("queued longer than stuck_after" in p for p in status["problems"]), status
 
 
-def test_show_by_prefix_in_each_state(spool_env: SpoolEnv) -> None:
-    client = spool_env.client()
+def test_show_by_prefix_in_each_state(queue) -> None:
+    client = queue.client()
     rid = client.submit("echo", {"shown": True})
-    result = spool_env.spoolops("show", rid[:-3], "--json")
+    result = queue.spoolops("show", rid[:-3], "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["id"] == rid and info["state"] == "queued"
     assert info["request"]["args"] == {"shown": True}
-    spool_env.start_worker()
-    wait_for(lambda: (spool_env.spool.replies / f"{rid}.json").exists(), what="reply")
-    info = json.loads(spool_env.spoolops("show", rid, "--json").stdout)
+    queue.start_worker()
+    wait_for(lambda: queue.count("replies") == 1, what="reply")
+    info = json.loads(queue.spoolops("show", rid, "--json").stdout)
     assert info["state"] == "done" and info["reply"]["result"] == {"shown": True}
-    text = spool_env.spoolops("show", rid).stdout
+    text = queue.spoolops("show", rid).stdout
     assert "state:    done" in text and "outcome:  ok" in text and "timings:" in text
-    missing = spool_env.spoolops("show", "no-such-id")
+    missing = queue.spoolops("show", "no-such-id")
     assert missing.returncode == 1 and "no request matches" in missing.stderr
 
 
-def test_show_ambiguous_prefix(spool_env: SpoolEnv) -> None:
-    client = spool_env.client()
-    client.submit("echo", {})
-    client.submit("echo", {})
-    result = spool_env.spoolops("show", "2")
-    assert result.returncode == 1 and "matches 2 requests" in result.stderr
+def test_show_ambiguous_prefix(queue) -> None:
+    client = queue.client()
+    ids = [client.submit("echo", {}), client.submit("echo", {})]
+    prefix = os.path.commonprefix(ids)
+    assert prefix and prefix not in ids
+    result = queue.spoolops("show", prefix)
+    assert result.returncode == 1 and "matches 2 requests" in result.stderr, result.stderr
 
 
-def test_cancel_and_requeue_exit_codes(spool_env: SpoolEnv) -> None:
-    client = spool_env.client()
+def test_cancel_and_requeue_exit_codes(queue) -> None:
+    client = queue.client()
     rid = client.submit("echo", {})
-    result = spool_env.spoolops("cancel", rid)
+    result = queue.spoolops("cancel", rid)
     assert result.returncode == 0 and "cancelled" in result.stdout
-    # run by the worker user (here: the test user owns the tree), cancel answers a waiter
+    # run by the operator (the worker's side), cancel answers a waiter
     reply = client.wait(rid, timeout=10)
     assert reply.error["type"] == "Cancelled"
-    assert spool_env.spoolops("cancel", rid).returncode == 1
-    assert spool_env.spoolops("requeue", rid).returncode == 1
+    assert queue.spoolops("cancel", rid).returncode == 1
+    assert queue.spoolops("requeue", rid).returncode == 1
 
 
 def test_init_is_idempotent_and_writes_config(spool_env: SpoolEnv) -> None:

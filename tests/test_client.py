@@ -1,4 +1,8 @@
-"""The client: one inotify instance per process, trusted replies only, fork safety."""
+"""The client on the spool: one inotify instance per process, no thread of its
+own, trusted reply files only, its tmp/ left clean.  The client's promises on
+every transport are in test_e2e.py and contract/ (test_contract_client.py,
+test_contract_lifecycle.py: a reply that came before ``wait``, an oversize
+request)."""
 
 from __future__ import annotations
 
@@ -101,15 +105,6 @@ def test_reply_with_wrong_id_or_junk_is_ignored(spool_env: SpoolEnv) -> None:
     path.unlink()
     spool_env.start_worker()
     assert client.wait(rid, timeout=30).result == {"n": 1}
-
-
-def test_wait_after_reply_arrived(running: SpoolEnv) -> None:
-    """A reply published before wait() is called is still found (no lost wake-up)."""
-    client = running.client()
-    rid = client.submit("echo", {"late": 1})
-    wait_for(lambda: (running.spool.replies / (rid + ".json")).exists(),
-             what="reply")
-    assert client.wait(rid, timeout=5).result == {"late": 1}
 
 
 def test_client_without_spool_says_so(tmp_path: Path) -> None:

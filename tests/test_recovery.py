@@ -1,8 +1,16 @@
-"""Recovery: hot standby, orphans after SIGKILL, requeue, and a full disk.
+"""Recovery on the spool: hot standby, orphans after SIGKILL (what is left
+in its folders), staged replies, requeue, and a full disk.
 
 Real worker processes killed with SIGKILL, real requests, and (as root) a
 real small tmpfs filled to the last byte.  Timing figures are printed (run
 with ``-s``) but assertions only bound them generously: the machine is shared.
+What every transport promises after a killed worker (re-run or
+``Interrupted``, the janitor's recovery with no worker, requeue) is in
+``contract/test_contract_recovery.py``, one worker per home and the
+standby's takeover in ``contract/test_contract_lifecycle.py``; these tests
+add where the spool keeps things (the lock file's pid, a request's mtime,
+its run record, ``failed/`` and its reason file, ``new/`` never used to
+put a request back).
 """
 
 from __future__ import annotations
@@ -43,12 +51,6 @@ def started(env: SpoolEnv, rid: str) -> bool:
 
 # -- singleton and hot standby ------------------------------------------------
 
-def test_second_worker_without_standby_exits_with_a_clear_message(running: SpoolEnv):
-    proc = running.spoolops("worker", timeout=60)
-    assert proc.returncode == 2
-    assert "another worker" in proc.stderr and "--standby" in proc.stderr
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
     first = spool_env.start_worker()
@@ -72,25 +74,6 @@ def test_standby_takes_over_when_the_worker_dies(spool_env: SpoolEnv, sig: int):
 
 
 # -- orphans ---------------------------------------------------------------------
-
-def test_requeue_of_an_interrupted_request_runs_and_answers_again(spool_env: SpoolEnv):
-    """Its uncollected Interrupted reply does not make the claim refuse the
-    re-run (an id whose reply waits is refused otherwise): the requeue
-    retires it, and the client gets the re-run's answer."""
-    sp = spool_env.spool
-    worker = spool_env.start_worker()
-    client = spool_env.client()
-    rid = client.submit("nonidem", {"seconds": 4, "target": "q", "tag": "first"})
-    wait_for(lambda: started(spool_env, rid), what="nonidem to start")
-    spool_env.stop_worker(worker, signal.SIGKILL)
-    worker = spool_env.start_worker()             # recovery answers it Interrupted
-    wait_for(lambda: (sp.replies / f"{rid}.json").exists(), what="the Interrupted reply")
-    spool_env.stop_worker(worker)
-    assert spool_env.spoolops("requeue", rid).returncode == 0
-    assert not (sp.replies / f"{rid}.json").exists()
-    spool_env.start_worker()
-    reply = client.wait(rid, timeout=90)
-    assert reply.ok and reply.result["tag"] == "first"
 
 def test_orphans_after_sigkill(spool_env: SpoolEnv):
     """Idempotent: requeued with its mtime (its place in line, held in

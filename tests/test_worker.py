@@ -1,24 +1,16 @@
-"""The worker, what is particular to the spool (inotify, SIGTERM, the lock, mtimes);
-the end-to-end behaviour both transports share is in test_e2e.py."""
+"""The worker, what is particular to the spool (inotify, the lock, mtimes,
+its memory over thousands of requests); the end-to-end behaviour both
+transports share is in test_e2e.py and contract/ (SIGTERM, a second
+worker refused: contract/test_contract_lifecycle.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 from support.env import SpoolEnv
 from support.requires import is_root, unavailable
-from support.waiting import wait_for
-
-
-def _all_replies(env: SpoolEnv) -> dict[str, dict]:
-    out = {}
-    for path in env.spool.replies.iterdir():
-        obj = json.loads(path.read_text())
-        out[obj["id"]] = obj
-    return out
 
 
 def _spool_quiet(env: SpoolEnv) -> None:
@@ -55,33 +47,6 @@ def test_inotify_overflow_loses_nothing(spool_env: SpoolEnv, tmp_path: Path) -> 
         assert client.wait(rid, timeout=300).result == {"n": n}
     assert "inotify_overflow" in proc.log_path.read_text()
     _spool_quiet(spool_env)
-
-
-def test_sigterm_finishes_running_and_keeps_queued(spool_env: SpoolEnv) -> None:
-    proc = spool_env.start_worker()
-    client = spool_env.client()
-    slow = [client.submit("sleep", {"seconds": 1.0, "tag": f"s{i}"}) for i in range(4)]
-    wait_for(lambda: len([p for p in spool_env.spool.active.iterdir()
-                          if p.name.endswith(".run")]) == 4, what="4 running")
-    queued = [client.submit("echo", {"n": n}) for n in range(20)]
-    assert spool_env.stop_worker(proc) == 0
-    # what ran has its reply; nothing is stuck in active/
-    assert set(_all_replies(spool_env)) >= set(slow)
-    assert list(spool_env.spool.active.iterdir()) == []
-    # everything else is still queued or answered: nothing lost
-    answered = set(_all_replies(spool_env))
-    still_queued = {p.name[: -len(".json")] for p in spool_env.spool.new.iterdir()}
-    assert set(queued) <= answered | still_queued
-    spool_env.start_worker()
-    for rid in slow + queued:
-        assert client.wait(rid, timeout=60).ok
-    _spool_quiet(spool_env)
-
-
-def test_second_worker_refuses(running: SpoolEnv) -> None:
-    result = running.spoolops("worker", timeout=30)
-    assert result.returncode == 2
-    assert "another worker" in result.stderr and str(running.workers[0].pid) in result.stderr
 
 
 def test_worker_memory_flat(running: SpoolEnv) -> None:

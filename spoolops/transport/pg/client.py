@@ -52,6 +52,11 @@ class PgClientSide(PgQueue):
         wanted = request.get("reply", True)
         if not isinstance(wanted, bool):
             raise BadRequest("request field 'reply' must be true or false")
+        for field in ("deadline", "submitted"):
+            # (the columns' types would refuse another type less clearly)
+            if request.get(field) is not None and not isinstance(request.get(field), str):
+                raise BadRequest(f"request field {field!r} must be a time as text"
+                                 " (ISO 8601)")
         deadline = _wall_deadline(request.get("deadline"))
         left = None if deadline is None else deadline - time.time()
         wait_ms = int(1000 * max(0.1, min(LOCK_WAIT_MAX_S, (left or LOCK_WAIT_MAX_S) / 2)))

@@ -25,7 +25,7 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from ...files import UnsafeEntry, read_untrusted
-from ...formats import parse_iso, utc_iso
+from ...formats import parse_iso, utc_iso, valid_id
 from ...users import user_name
 from ..base import Entry, StateCount
 from .names import (
@@ -34,6 +34,7 @@ from .names import (
     RUN_SUFFIX,
     STAGED_REPLY_SUFFIX,
     STATE_FOLDERS,
+    WITHDRAWN_SUFFIX,
     id_from_name,
     reason_file_name,
 )
@@ -51,6 +52,14 @@ _WATCHED = {"new": flags.MOVED_TO | flags.CLOSE_WRITE | flags.DELETE,
 # suffixes of the files that belong to a request: run record, reason, staged reply
 _SUFFIXES = (RUN_SUFFIX, REASON_SUFFIX, STAGED_REPLY_SUFFIX, REQUEST_SUFFIX)
 _name_id = id_from_name
+
+
+def _withdrawn_id(name: str) -> str | None:
+    """The id of a cancelled request's ``tmp/ID.<random>.withdrawn``."""
+    if not name.endswith(WITHDRAWN_SUFFIX):
+        return None
+    rid, _, token = name[: -len(WITHDRAWN_SUFFIX)].rpartition(".")
+    return rid if valid_id(rid) and len(token) == 16 else None
 
 
 def _read(path: Path | str) -> tuple[bytes | None, str | None]:
@@ -287,9 +296,18 @@ class SpoolView:
             if folder == "new":
                 return dict(event, event="removed", id=_name_id(name) or name, where="new/",
                             note="withdrawn (cancelled)")
+            withdrawn = _withdrawn_id(name) if folder == "tmp" else None
+            if withdrawn is not None:
+                # a cancel moves new/ID.json aside (tmp/ID.<random>.withdrawn),
+                # then removes it: the request left new/ withdrawn
+                return dict(event, event="removed", id=withdrawn, where="new/",
+                            note="withdrawn (cancelled)")
             return dict(event, event="removed", id=name, where=f"{folder}/", note="janitor")
         if folder == "new" and not name.startswith("."):
             request = _load(path)
+            if request is None:
+                # claimed before tail could read it: it is running now
+                request = _load(self.root / "active" / name)
             request = request if isinstance(request, dict) else {}
             return dict(event, event="queued", id=_name_id(name) or name,
                         op=request.get("op"), priority=request.get("priority", 0))
