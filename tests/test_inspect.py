@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 from support.env import SpoolEnv
-from support.waiting import Lines, wait_for
+from support.tail import events_for, start_tail, tail_ready
+from support.waiting import wait_for
 
 
 def test_running_request_run_file_names_pid_op_and_progress(running: SpoolEnv,
@@ -53,51 +52,27 @@ def test_show_failed_entry_with_reason(running: SpoolEnv) -> None:
     assert rows[0]["id"] == "not-a-request.txt" and "no reply" in rows[0]["reason"]
 
 
-def _tail(env: SpoolEnv) -> subprocess.Popen:
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
-                            env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    tail.lines = Lines(tail.stdout)  # type: ignore[attr-defined]
-    return tail
 
 
-def _next_event(tail: subprocess.Popen, until: float) -> dict | None:
-    """The next event tail prints, or None if it prints none before ``until``."""
-    line = tail.lines.next(until)  # type: ignore[attr-defined]
-    return json.loads(line) if line else None
 
 
-def _tail_ready(env: SpoolEnv, tail: subprocess.Popen, deadline: float) -> None:
-    """tail has set its watches once it reports something: probe until it does."""
-    client = env.client()
-    while _next_event(tail, time.monotonic() + 1.0) is None:
-        assert time.monotonic() < deadline, "tail never reported an event"
-        client.wait(client.submit("echo", {"probe": 1}), timeout=30)
 
 
-def _events_for(tail: subprocess.Popen, key: str, last: str, deadline: float) -> list[dict]:
-    seen: list[dict] = []
-    while not seen or seen[-1]["event"] != last:
-        event = _next_event(tail, deadline)
-        assert event is not None, f"tail printed no more events: {seen}"
-        if event.get("id") == key:
-            seen.append(event)
-    return seen
 
 
 def test_tail_sees_a_full_lifecycle(running: SpoolEnv) -> None:
-    tail = _tail(running)
+    tail = start_tail(running)
     try:
         deadline = time.monotonic() + 60
-        _tail_ready(running, tail, deadline)
+        tail_ready(running, tail, deadline)
         client = running.client()
         rid = client.submit("sleep", {"seconds": 0.3, "tag": "t"})
-        events = _events_for(tail, rid, "finished", deadline)
+        events = events_for(tail, rid, "finished", deadline)
         client.wait(rid, timeout=30)   # collected only once tail has seen it published
-        events += _events_for(tail, rid, "removed", deadline)
+        events += events_for(tail, rid, "removed", deadline)
         # a junk file: tail reports its quarantine ("failed", with the reason)
         (running.spool.new / "junk.txt").write_text("not a request")
-        failed = _events_for(tail, "junk.txt", "failed", deadline)
+        failed = events_for(tail, "junk.txt", "failed", deadline)
         tail.send_signal(signal.SIGTERM)
         assert tail.wait(30) == 0
     finally:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.waiting import Lines, wait_for
+from support.tail import events_for, start_tail, tail_ready
+from support.waiting import wait_for
 
 from spoolops import UnknownOp
 
@@ -101,37 +100,12 @@ def test_ls_oldest_first_with_fields(queue) -> None:
     assert rows[0]["age_s"] >= 59 and rows[0]["state"] == "queued"
 
 
-def _tail(env) -> subprocess.Popen:
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
-                            env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    tail.lines = Lines(tail.stdout)  # type: ignore[attr-defined]
-    return tail
 
 
-def _next_event(tail: subprocess.Popen, until: float) -> dict | None:
-    """The next event tail prints, or None if it prints none before ``until``."""
-    line = tail.lines.next(until)  # type: ignore[attr-defined]
-    return json.loads(line) if line else None
 
 
-def _tail_ready(env, tail: subprocess.Popen, deadline: float) -> None:
-    """tail follows once it reports something: probe (a request queued and
-    withdrawn) until it does."""
-    client = env.client()
-    while _next_event(tail, time.monotonic() + 1.0) is None:
-        assert time.monotonic() < deadline, "tail never reported an event"
-        client.cancel(client.submit("echo", {"probe": 1}))
 
 
-def _events_for(tail: subprocess.Popen, key: str, last: str, deadline: float) -> list[dict]:
-    seen: list[dict] = []
-    while not seen or seen[-1]["event"] != last:
-        event = _next_event(tail, deadline)
-        assert event is not None, f"tail printed no more events: {seen}"
-        if event.get("id") == key:
-            seen.append(event)
-    return seen
 
 
 def test_tail_follows_a_request_and_a_withdrawal(queue) -> None:
@@ -140,17 +114,17 @@ def test_tail_follows_a_request_and_a_withdrawal(queue) -> None:
     duration).  (That a collected reply is an event too is the spool's
     alone: PostgreSQL says nothing of a collect -- every NOTIFY wakes every
     listening session.)"""
-    tail = _tail(queue)
+    tail = start_tail(queue)
     try:
         deadline = time.monotonic() + 20          # events come within milliseconds
-        _tail_ready(queue, tail, deadline)
+        tail_ready(queue, tail, deadline)
         client = queue.client()
         withdrawn = client.submit("echo", {"withdrawn": 1})
         assert client.cancel(withdrawn) is True
-        gone = _events_for(tail, withdrawn, "removed", deadline)
+        gone = events_for(tail, withdrawn, "removed", deadline)
         worker = queue.start_worker()
         rid = client.submit("sleep", {"seconds": 0.3, "tag": "t"})
-        events = _events_for(tail, rid, "finished", deadline)
+        events = events_for(tail, rid, "finished", deadline)
         tail.send_signal(signal.SIGTERM)
         assert tail.wait(30) == 0
     finally:
