@@ -74,6 +74,8 @@ class Worker:
         self.config = config
         self.transport = transport if transport is not None else open_transport(config)
         self.registry = registry if registry is not None else default_registry()
+        self.notifier = Notifier()
+        self.keepalive = Keepalive(self.notifier, self.transport)
         # (a kept hook call is news for the retries, made just below)
         self.dispatcher = Dispatcher(self.registry, config, self.transport.work_dir,
                                      hook_kept=lambda: self.hooks.changed())
@@ -103,8 +105,6 @@ class Worker:
         # put back in line even if their run record was stored after all
         self._unstarted: set[str] = set()
         self._reconcile_wanted = False
-        self.notifier = Notifier()
-        self.keepalive = Keepalive(self.notifier, self.transport)
 
     # -- signals: flags only ------------------------------------------------------
 
