@@ -436,3 +436,39 @@ def test_interrupting_an_orphan_survives_a_kill_at_each_step(tmp_path: Path):
             assert client.wait(rid, timeout=5).error["type"] == "Interrupted"
         finally:
             env.close()
+
+
+def test_recovery_leaves_an_orphan_whose_worker_was_not_taken_over(tmp_path: Path):
+    """An orphan that is not ``settled`` (its worker's grace ran out after
+    ``settle`` looked: not fenced, it might still answer) is left as it is --
+    neither re-queued nor answered -- and taken after the next settle."""
+    from dataclasses import replace as replaced
+
+    from spoolops.dispatch import Dispatcher
+    from spoolops.ops import default_registry
+    from spoolops.recovery import recover
+    from spoolops.transport.spool.worker import SpoolTransport
+
+    class NotTakenOver(SpoolTransport):
+        def orphans(self):
+            return [replaced(o, settled=False) for o in super().orphans()]
+
+    env = make_spool_env(tmp_path / "t", durable=True)
+    try:
+        client = env.client()
+        rid = client.submit("nonidem", {"seconds": 0})
+        sp = env.spool
+        assert sp.claim(rid + ".json") is not None
+        sp.start(rid, {"id": rid}, durable=True)         # a worker died running it
+        held = NotTakenOver(env.config.root, env.config.durable,
+                            env.config.max_request_bytes, env.config.worker_user)
+        registry = default_registry()
+        done = recover(held, registry, Dispatcher(registry, env.config, held.work))
+        assert done.counts["interrupted"] == 0 and done.counts["requeued"] == 0, done
+        assert sorted(os.listdir(sp.active)) == [rid + ".json", rid + ".json.run"]
+        assert os.listdir(sp.replies) == [] and os.listdir(sp.failed) == []
+        done = recover(sp, registry, Dispatcher(registry, env.config, sp.work))
+        assert done.counts["interrupted"] == 1, done
+        assert client.wait(rid, timeout=5).error["type"] == "Interrupted"
+    finally:
+        env.close()
