@@ -102,11 +102,7 @@ def recover(transport: Transport, registry: Registry, dispatcher: Dispatcher) ->
         log.error("event=temp_not_removed path=%s error=%r", path, error)
         done.failed("remove", path, "temporary file of an operation cut off by a crash",
                     error)
-    interrupted = lost_reply(dispatcher)
-    done.settled(transport.settle(interrupted))
-    for orphan in transport.orphans():
-        _recover_orphan(transport, registry, dispatcher, orphan, done)
-    return done
+    return recover_orphans(transport, registry, dispatcher, done)
 
 
 def lost_reply(dispatcher: Dispatcher) -> Callable[[str], dict[str, Any]]:
@@ -123,9 +119,10 @@ def lost_reply(dispatcher: Dispatcher) -> Callable[[str], dict[str, Any]]:
 def recover_orphans(transport: Transport, registry: Registry, dispatcher: Dispatcher,
                     done: Recovery | None = None, quiet: set[str] | None = None
                     ) -> Recovery:
-    """Step 4 alone: what a worker of a shared transport does now and then
-    for the requests of workers that died elsewhere.  ``quiet``: orphans
-    already reported as left to their own host (not logged again)."""
+    """Steps 3 and 4 (settle, then the orphans): also what a worker of a
+    shared transport does now and then for the requests of workers that
+    died elsewhere.  ``quiet``: orphans already reported as left to their
+    own host (not logged again)."""
     done = done if done is not None else Recovery()
     interrupted = lost_reply(dispatcher)
     done.settled(transport.settle(interrupted))

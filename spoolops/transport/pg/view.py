@@ -253,23 +253,18 @@ class PgView(PgQueue):
                 removals.extend(Step("remove", f"{table} id={rid}", why,
                                         round(now - finished.timestamp(), 3), done=not dry_run)
                                 for rid, finished in rows)
-            for rid, submitted in conn.execute(
-                    f"SELECT id, submitted FROM {self.s}.requests WHERE state = 'queued' AND"
-                    " submitted < %s ORDER BY submitted LIMIT 1000",
-                    (_at(now - ages.stuck_after),)).fetchall():
-                findings.append(Finding("stuck", f"{table} id={rid}",
-                                        f"queued longer than stuck_after"
-                                        f" ({ages.stuck_after:g} s)",
-                                        round(now - submitted.timestamp(), 3)))
-            for rid, since in conn.execute(
-                    f"SELECT id, coalesce((run->'progress'->>'updated_at')::timestamptz,"
-                    f" claimed_at) FROM {self.s}.requests WHERE state = 'running' AND"
-                    " coalesce((run->'progress'->>'updated_at')::timestamptz, claimed_at) < %s",
-                    (_at(now - ages.stuck_after),)).fetchall():
-                findings.append(Finding("running_long", f"{table} id={rid}",
-                                        f"running with no progress for longer than"
-                                        f" stuck_after ({ages.stuck_after:g} s)",
-                                        round(now - since.timestamp(), 3)))
+            progressed = "coalesce((run->'progress'->>'updated_at')::timestamptz, claimed_at)"
+            for kind, query, what in (
+                    ("stuck", (f"SELECT id, submitted FROM {self.s}.requests WHERE state ="
+                               " 'queued' AND submitted < %s ORDER BY submitted LIMIT 1000"),
+                     "queued longer than stuck_after"),
+                    ("running_long", (f"SELECT id, {progressed} FROM {self.s}.requests WHERE"
+                                      f" state = 'running' AND {progressed} < %s"),
+                     "running with no progress for longer than stuck_after")):
+                for rid, since in conn.execute(query, (_at(now - ages.stuck_after),)):
+                    findings.append(Finding(kind, f"{table} id={rid}",
+                                            f"{what} ({ages.stuck_after:g} s)",
+                                            round(now - since.timestamp(), 3)))
             # a held batch stays until the worker releases it (its kept hook
             # calls succeeded or were dropped): never removed here, said when old
             # (only the worker role may read the holds)
