@@ -104,9 +104,12 @@ def _chardev(path: Path) -> None:
 
 def _future_mtime(data: bytes):
     def plant(path: Path) -> None:
-        _bytes(data)(path)
+        # dated before it is renamed in: a running worker may claim it at once
+        staging = path.parent.parent / "tmp" / f"planting-{next(_PLANTED)}"
+        staging.write_bytes(data)
         future = time.time() + 10 * 365 * 86400
-        os.utime(path, (future, future))
+        os.utime(staging, (future, future))
+        os.rename(staging, path)
     return plant
 
 
