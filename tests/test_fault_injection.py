@@ -12,7 +12,7 @@ could produce and passes astropy's verify, every ingested file is whole, and
 ``new/``, ``active/`` and ``work/`` hold nothing stale.  A third test runs the
 janitor in a tight loop beside a busy worker: nothing is lost.
 
-CI sizes: 50 kills (restart; 30 over PostgreSQL), 30 (standby).  ``SPOOLOPS_SOAK=1`` runs 500;
+CI sizes: 30 kills (restart; 20 over PostgreSQL), 20 (standby).  ``SPOOLOPS_SOAK=1`` runs 500;
 ``SPOOLOPS_SOAK_KILLS=N`` runs N.
 """
 
@@ -260,7 +260,7 @@ def _final_drain(env: Env, load: Load) -> list[dict]:
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_kill_and_restart(request, tmp_path: Path, kind: str):
     env = queue_for(request, tmp_path, kind, durable=True)
-    kills = kill_count(50 if kind == "spool" else 30)
+    kills = kill_count(30 if kind == "spool" else 20)
     originals = make_fits(env)
     rng = random.Random(1234)
     load = Load(env)
@@ -279,7 +279,7 @@ def test_kill_and_restart(request, tmp_path: Path, kind: str):
 
 def test_kill_with_standby_takeover(fault_env: SpoolEnv):
     env = fault_env
-    kills = kill_count(30)
+    kills = kill_count(20)
     originals = make_fits(env)
     rng = random.Random(4321)
     env.start_worker()
@@ -311,7 +311,7 @@ def test_kill_with_standby_takeover(fault_env: SpoolEnv):
           f" ms, {counts}")
 
 
-JANITOR_LOOP_S = "60" if os.environ.get("SPOOLOPS_SOAK") else "10"
+JANITOR_LOOP_S = "60" if os.environ.get("SPOOLOPS_SOAK") else "6"
 JANITOR_LOOP = r"""
 import sys, time
 from spoolops.config import load_config

@@ -8,8 +8,6 @@ its (new) header plus the stored DATASUM, without reading the data unit.
 
 from __future__ import annotations
 
-import numpy as np
-
 ZERO_CHECKSUM = "0000000000000000"
 _MASK32 = 0xFFFFFFFF
 _EXCLUDE = frozenset((0x3A, 0x3B, 0x3C, 0x3D, 0x3E, 0x3F, 0x40,
@@ -30,6 +28,10 @@ def add(a: int, b: int) -> int:
 
 def sum32(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     """Ones-complement sum of ``data`` (length a multiple of 4) added to ``start``."""
+    # numpy is imported here, not with the module: it costs a tenth of a
+    # second, and every worker, client and CLI start imports the FITS ops
+    import numpy as np
+
     view = memoryview(data)
     if len(view) % 4:
         raise ValueError("checksummed regions are multiples of 4 bytes")
