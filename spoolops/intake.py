@@ -33,9 +33,10 @@ from .counters import Stats
 from .dispatch import Dispatcher, Job, Request
 from .errors import BadRequest, OpError, OpFailed
 from .ops import Registry
+from .runner import batch_of, instant
 from .schedule import Backlog, TargetGate, request_key
 from .transport import Transport
-from .transport.base import Claimed, Quarantined, Refused, SharedQueue
+from .transport.base import AnswersInPlace, Claimed, Quarantined, Refused, SharedQueue
 
 log = logging.getLogger("spoolops.worker")
 
@@ -51,6 +52,9 @@ class Admission:
     # requests that will not run, with the error reply to deliver
     rejected: list[tuple[Request, dict[str, Any]]] = field(default_factory=list)
     alone: bool = False     # one job, nothing else queued: no batch to share a commit
+    # of the jobs, those read and not claimed, by entry: their answer claims
+    # them (an ``AnswersInPlace`` transport), with the read it must match
+    in_place: dict[str, Claimed] = field(default_factory=dict)
 
 
 class Intake:
@@ -73,6 +77,7 @@ class Intake:
         # of those, ones whose start failed (the queue away): never run, so
         # put back in line even if their run record was stored after all
         self._unstarted: set[str] = set()
+        self._in_place: set[str] = set()    # entries of jobs admitted in place
 
     # -- what is queued --------------------------------------------------------------
 
@@ -126,11 +131,16 @@ class Intake:
             return admission
         if len(self.backlog) > free or self.gate.busy or self.gate.elsewhere:
             self._prekey()
-        batch = [job for job in self._claim_all(self.backlog.take(free, self.gate), admission)
-                 if job is not None]
+        names = self.backlog.take(free, self.gate)
+        batch = self._read_in_place(names, admission)
+        batch += [job for job in self._claim_all([n for n in names
+                                                   if n not in admission.in_place], admission)
+                  if job is not None]
         batch.sort(key=_job_key)
         for job in batch:
-            if self.gate.is_free(job.targets) and self._lease(job):
+            if job.entry in admission.in_place:
+                admission.jobs.append(job)         # no targets: nothing to hold
+            elif self.gate.is_free(job.targets) and self._lease(job):
                 self.gate.acquire(job.targets)
                 admission.jobs.append(job)
             else:
@@ -138,14 +148,51 @@ class Intake:
         admission.alone = len(batch) == 1 and not self.backlog
         return admission
 
-    def finished(self, rid: str, targets: Iterable[str] = (), requeue: bool = False) -> None:
-        """A claimed request is done with (answered, or to be put back by the
-        reconcile because it never started)."""
+    def rejected(self, rid: str) -> None:
+        """A claimed request that did not run is answered."""
         self._held.discard(rid)
-        if requeue:
-            self._unstarted.add(rid)
+
+    def done(self, job: Job) -> None:
+        """A job is over: answered, or (``requeue``) never started -- put back
+        by the reconcile -- or, admitted in place, not answered there:
+        claimed the usual way, which finds out what became of it."""
+        self._held.discard(job.request.id)
+        if job.entry in self._in_place:
+            self._in_place.discard(job.entry)
+            if job.requeue:
+                self.backlog.add(job.entry)
+        elif job.requeue:
+            self._unstarted.add(job.request.id)
             self.reconcile_wanted = True
-        self.gate.release(targets)
+        self.gate.release(job.targets)
+
+    def _read_in_place(self, names: list[str], admission: Admission) -> list[Job]:
+        """Jobs that need no claim of their own (see ``AnswersInPlace``):
+        read already, valid, instant and idempotent, without targets or a
+        batch, a reply wanted.  Anything else is claimed, and what is wrong
+        with it answered then."""
+        if not isinstance(self.transport, AnswersInPlace):
+            return []
+        jobs = []
+        for name in names:
+            seen = self.transport.read_ahead(name)
+            if seen is None:
+                continue
+            try:
+                request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
+                                                seen.queued_ns / 1e9)
+                job = self.dispatcher.prepare(request)
+            except Exception:  # the claim answers it (and logs a crash)
+                log.debug("event=not_in_place id=%s", seen.rid, exc_info=True)
+                continue
+            if (not instant(job) or job.targets or not request.wants_reply
+                    or batch_of(request) is not None):
+                continue
+            job.queued_ns, job.entry = seen.queued_ns, name
+            admission.in_place[name] = seen
+            self._in_place.add(name)
+            jobs.append(job)
+        return jobs
 
     def _prekey(self) -> None:
         """Read queued requests early to learn their priority and targets."""

@@ -28,7 +28,7 @@ from .dispatch import Dispatcher, Job, Request
 from .errors import OpFailed
 from .formats import batch_name, utc_iso
 from .transport import Transport
-from .transport.base import Batch, SharedQueue
+from .transport.base import AnswersInPlace, Batch, Claimed, SharedQueue
 
 log = logging.getLogger("spoolops.worker")
 
@@ -54,8 +54,11 @@ class Runner:
         self.unpublished: dict[str, Answer] = {}
         self._retries: dict[str, int] = {}           # failed publish retries, for the log
 
-    def run(self, job: Job) -> None:
-        """Run ``job`` and answer it; never raises (a crash is logged)."""
+    def run(self, job: Job, in_place: Claimed | None = None) -> None:
+        """Run ``job`` and answer it; never raises (a crash is logged).
+        ``in_place``: the job was read, not claimed, and its answer claims it
+        (``AnswersInPlace``); one that is no longer queued as read is not
+        answered here (``job.requeue``: it is claimed the usual way)."""
         request = job.request
         # a non-idempotent op must be known to have started, even after a power
         # cut; an instant one needs no run record (recovery re-runs what has
@@ -102,7 +105,12 @@ class Runner:
             duration = time.time() - started
             job.reply = reply
             job.duration = duration
-            if self.deliver(request, reply, started=not inline):
+            if in_place is not None:
+                if not self._answer_in_place(in_place, reply):
+                    job.reply, job.requeue = None, True
+                    return
+                self.dispatcher.answered(job)
+            elif self.deliver(request, reply, started=not inline):
                 self.dispatcher.answered(job)
             error = reply["error"]
             log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
@@ -126,6 +134,19 @@ class Runner:
                       errno.errorcode.get(exc.errno or 0, str(exc)))
             self.unpublished[request.id] = answer
             return False
+
+    def _answer_in_place(self, seen: Claimed, reply: dict[str, Any]) -> bool:
+        assert isinstance(self.transport, AnswersInPlace)
+        try:
+            if self.transport.answer_queued(seen, reply):
+                return True
+            log.info("event=answer_in_place_missed id=%s action=claim note=%r", seen.rid,
+                     "no longer queued as read")
+        except OSError as exc:
+            # answered or not, the claim finds out (and answers it if not)
+            log.error("event=answer_in_place_failed id=%s error=%r action=claim", seen.rid,
+                      str(exc))
+        return False
 
     def _send(self, rid: str, answer: Answer) -> None:
         self.transport.reply(rid, answer.reply, answer.started, deliver=answer.deliver,

@@ -46,7 +46,7 @@ from .ops import Registry, default_registry
 from .runner import Runner, instant
 from .sdnotify import Notifier
 from .transport import Transport, open_transport
-from .transport.base import SharedQueue
+from .transport.base import Claimed, SharedQueue
 
 log = logging.getLogger("spoolops.worker")
 
@@ -261,7 +261,7 @@ class Worker:
                 assert self._pool is not None
                 self._pool.submit(self._publish_only, request, reply)
             for job in admission.jobs:
-                self._start(job, alone=admission.alone)
+                self._start(job, admission.alone, admission.in_place.get(job.entry or ""))
             if not admission.jobs:
                 return
             self._finish_done()  # inline jobs are over already: their slots are free
@@ -275,21 +275,21 @@ class Worker:
 
     # -- running ------------------------------------------------------------------
 
-    def _start(self, job: Job, alone: bool) -> None:
+    def _start(self, job: Job, alone: bool, in_place: Claimed | None = None) -> None:
         self.running += 1
         self.running_since[job.request.id] = time.monotonic()
         if instant(job) and (not self.config.durable or alone):
             # declared instant (echo): a thread hand-off would cost more than
             # the job.  Durable replies of several waiting requests go to the
             # pool instead, where their fsyncs share one journal commit.
-            self._run_job(job)
+            self._run_job(job, in_place)
             return
         assert self._pool is not None
-        self._pool.submit(self._run_job, job)
+        self._pool.submit(self._run_job, job, in_place)
 
-    def _run_job(self, job: Job) -> None:
+    def _run_job(self, job: Job, in_place: Claimed | None = None) -> None:
         try:
-            self.runner.run(job)
+            self.runner.run(job, in_place)
         finally:
             self._done.append(job)
             if threading.current_thread() is not self._loop_thread:
@@ -301,14 +301,14 @@ class Worker:
             self.running -= 1
             if isinstance(item, tuple):
                 rid, reply = item
-                self.intake.finished(rid)
+                self.intake.rejected(rid)
                 # a rejected request names whatever op it likes: counted under
                 # its name only if that op exists, so requesters cannot mint labels
                 op = reply["op"] if reply["op"] in self.registry else "-"
                 self.stats.count(op, reply["error"]["type"], 0.0)
                 continue
             job = item
-            self.intake.finished(job.request.id, job.targets, requeue=job.requeue)
+            self.intake.done(job)
             self.running_since.pop(job.request.id, None)
             reply = job.reply
             if reply is not None:

@@ -403,6 +403,29 @@ class SharedQueue(ABC):
         reader may not look."""
 
 
+class AnswersInPlace(ABC):
+    """A transport that can claim and answer a queued request in one step,
+    where a claim costs a round trip of its own (PostgreSQL: one UPDATE
+    instead of a claim's and an answer's).  Only for an op declared instant
+    and idempotent (``echo``) with no targets, no batch and a reply wanted:
+    running it changes nothing, so it may run before its claim -- the one
+    step answers it only if it is still queued exactly as read, and
+    otherwise changes nothing.  The spool, whose claim is one rename, is not
+    one of these."""
+
+    @abstractmethod
+    def read_ahead(self, entry: str) -> Claimed | None:
+        """The queued request as this process already read it (its arrival's
+        notice, the last scan), without I/O; None when it holds no read."""
+
+    @abstractmethod
+    def answer_queued(self, seen: Claimed, reply: dict[str, Any]) -> bool:
+        """Claim and answer ``seen`` (from ``read_ahead``) in one durable
+        step.  False, nothing changed: it is no longer queued as read
+        (withdrawn, claimed elsewhere, its read forgotten) -- the caller
+        claims it the usual way, which finds out what became of it."""
+
+
 class OperatorSide(ABC):
     """What operators' tools need (``spoolops init``, ``doctor``, ``status``,
     ``ls``, ``show``, ``tail``, ``requeue``, ``cancel``, the janitor): how

@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -37,6 +38,8 @@ class LossyProxy:
         self.upstream = upstream
         self.seen: set[bytes] = set()
         self.cut = {"submit": 0, "collect": 0, "claim": 0}
+        # statements sent through it, by the function they call
+        self.statements: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = False
         self._down_until = 0.0
@@ -98,6 +101,8 @@ class LossyProxy:
                         state["drop"] = True
                 if b"claim_batch" in data:
                     state["claim"] = True
+                    with self._lock:
+                        self.statements["claim_batch"] += data.count(b"claim_batch(")
                 server.sendall(data)
         except OSError:
             pass

@@ -22,6 +22,7 @@ from .schema import (
     VIEW_COLUMNS,
     WEB_FUNCTIONS,
     Names,
+    hint_sql,
     sql_literal,
     sql_name,
 )
@@ -41,7 +42,10 @@ def definitions(n: Names) -> list[str]:
     any role may LISTEN on any channel, so a channel's name is what keeps it
     private, and a role can name only its own.  Payloads are ids (and on
     the events channel a few bounded words: the event, ok, the error type),
-    never an op, a path or a message -- ``tail`` reads those from the table.
+    never an op, a path or a message -- ``tail`` reads those from the table
+    -- but on ``<channel>_new``, whose listeners are the workers: a queued
+    row's notice carries the row when it is small (``schema.hint_sql``), so
+    that a worker need not read it again.
 
     Web roles hold no privilege on any table: they act through the definer
     functions below (owned by the owner, ``search_path`` pinned, the caller
@@ -366,7 +370,7 @@ def definitions(n: Names) -> list[str]:
             LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
             BEGIN
                 IF TG_OP = 'INSERT' THEN
-                    PERFORM pg_notify({new}, NEW.id);
+                    PERFORM pg_notify({new}, {hint_sql('NEW')});
                     PERFORM pg_notify({events}, json_build_object('event', 'queued',
                         'id', NEW.id)::text);
                     RETURN NULL;
@@ -390,7 +394,7 @@ def definitions(n: Names) -> list[str]:
                     DELETE FROM {s}.leases WHERE request_id = OLD.id;  -- its targets are free
                 END IF;
                 IF NEW.state = 'queued' AND OLD.state <> 'queued' THEN
-                    PERFORM pg_notify({new}, NEW.id);
+                    PERFORM pg_notify({new}, {hint_sql('NEW')});
                     PERFORM pg_notify({events}, json_build_object('event', 'queued',
                         'id', NEW.id, 'note', 'back in line from ' || OLD.state)::text);
                 ELSIF NEW.state = 'running' AND NEW.run IS NOT NULL AND OLD.run IS NULL THEN

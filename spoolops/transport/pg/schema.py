@@ -36,7 +36,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # the request columns a submitter may write (column privilege and the trigger)
 CLIENT_COLUMNS = ("id", "version", "op", "args", "priority", "deadline", "client_submitted",
@@ -169,6 +169,53 @@ def scan_sql(s: str) -> str:
             f" (ORDER BY {order}) <= %s AS whole FROM {s}.requests r WHERE r.state ="
             f" 'queued' ORDER BY {order} LIMIT %s) q JOIN {s}.requests r ON r.id = q.id"
             " ORDER BY q.priority DESC, q.submitted, q.id")
+
+
+# a queued row's notice to the workers carries the row itself up to this
+# many bytes (NOTIFY's payload holds 8000), its id alone beyond
+HINT_BYTES = 7900
+
+
+def hint_sql(row: str) -> str:
+    """The payload of the notice that ``row`` (``NEW``, in a trigger) is
+    queued: a JSON array of ``REQUEST_COLUMNS`` -- ``args`` and ``client``
+    as the text the client wrote, times as microseconds since the epoch --
+    when it fits in ``HINT_BYTES``, else its id.  The channel's name is a
+    secret of the worker role's: the row is for the workers' eyes only."""
+    def micros(column: str) -> str:
+        return f"(extract(epoch FROM {row}.{column}) * 1000000)::bigint"
+    whole = (f"json_build_array({row}.id, {row}.submitter, {row}.version, {row}.op,"
+             f" {row}.args::text, {row}.priority, {micros('deadline')},"
+             f" {row}.client_submitted, {row}.client::text, {micros('submitted')},"
+             f" {row}.answer_wanted)::text")
+    # sized before it is built (a large request is never encoded here) and
+    # after (escapes may grow it)
+    size = (f"octet_length({row}.op) + coalesce(octet_length({row}.args::text), 0)"
+            f" + coalesce(octet_length({row}.client::text), 0)"
+            f" + coalesce(octet_length({row}.client_submitted), 0)")
+    return (f"(SELECT CASE WHEN octet_length(h.payload) <= {HINT_BYTES} THEN h.payload"
+            f" ELSE {row}.id END FROM (SELECT CASE WHEN {size} <= {HINT_BYTES} THEN {whole}"
+            " END AS payload) h)")
+
+
+def row_of_hint(payload: str) -> tuple | None:
+    """The row of ``REQUEST_COLUMNS`` a notice carries (see ``hint_sql``),
+    or None for a notice that names an id only (or that does not parse: a
+    notice is a hint, the table the truth)."""
+    if not payload.startswith("["):
+        return None
+    try:
+        (rid, submitter, version, op, args, priority, deadline, client_submitted, client,
+         submitted, answer_wanted) = json.loads(payload)
+    except (ValueError, TypeError):
+        return None
+    if not (isinstance(rid, str) and isinstance(submitter, str) and isinstance(op, str)
+            and isinstance(submitted, int) and isinstance(answer_wanted, bool)):
+        return None
+    return (rid, submitter, version, op, args, priority,
+            None if deadline is None else EPOCH + timedelta(microseconds=deadline),
+            client_submitted, client, EPOCH + timedelta(microseconds=submitted),
+            answer_wanted)
 
 
 def time_ns(moment: datetime) -> int:
@@ -389,6 +436,15 @@ def _version_6_reply_to(n: Names) -> list[str]:
     ]
 
 
+def _version_7_hints(n: Names) -> list[str]:
+    """Issue 22: a queued row's notice to the workers carries the row
+    (``hint_sql``), so that a worker can answer an instant idempotent
+    request with one statement that also claims it.  No table changes:
+    the trigger is re-made by every install; the version keeps a worker of
+    an older spoolops, which takes every payload for an id, off this one."""
+    return []
+
+
 # version -> the statements that reach it
 MIGRATIONS = {1: _version_1, 2: _version_2, 3: _version_3, 4: _version_4_security,
-              5: _version_5_review, 6: _version_6_reply_to}
+              5: _version_5_review, 6: _version_6_reply_to, 7: _version_7_hints}

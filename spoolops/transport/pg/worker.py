@@ -53,6 +53,7 @@ from ...files import ensure_tree
 from ...users import worker_uid_of
 from ...workhome import lock_path
 from ..base import (
+    AnswersInPlace,
     Batch,
     Claimed,
     Quarantined,
@@ -66,13 +67,16 @@ from . import install, schema
 from .client import PgClientSide, message_of
 from .conn import IntakeListener, WorkerFenced, connect
 from .queue import PgQueue
-from .schema import REQUEST_COLUMNS, envelope, time_ns
+from .schema import REQUEST_COLUMNS, envelope, row_of_hint, time_ns
 from .takeover import PgTakeover
 from .view import ROW_STATES, PgView
 
 log = logging.getLogger("spoolops.transport")
 
 SCAN_LIMIT = 2000
+# the rows notices carried that are kept at once (each under 8000 bytes): a
+# flood of arrivals is read again from the table, one at a time
+HINTS_KEPT = 256
 WORK_MODE = 0o700
 # SQL: request e comes before request r in the queue's order (the claim's)
 _EARLIER = ("(e.priority > r.priority OR (e.priority = r.priority AND (e.submitted, e.id) <"
@@ -100,7 +104,8 @@ class _PgWorkerLock(WorkerLock):
             self.host_lock.release()
 
 
-class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQueue):
+class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQueue,
+                  AnswersInPlace):
     """One queue in one PostgreSQL schema."""
 
     scan_limit = SCAN_LIMIT
@@ -109,7 +114,9 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
         PgQueue.__init__(self, config)
         self.listener: IntakeListener | None = None
         self._claims: dict[str, tuple[int, int]] = {}   # rid -> (worker, attempt) held
-        self._seen: dict[str, Claimed] = {}   # queued rows read by the last scan
+        # queued rows (of REQUEST_COLUMNS) as last read: by the scan, or
+        # carried by their notices (at most HINTS_KEPT of those)
+        self._seen: dict[str, tuple] = {}
 
     create_options = frozenset({"admin_dsn", "web_logins", "worker_logins", "database_only"})
     place_heading = "row state"
@@ -273,14 +280,26 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
 
     def arrivals(self) -> list[str] | None:
         assert self.listener is not None
-        return self.listener.take()
+        notices = self.listener.take()
+        if notices is None:
+            return None
+        names = []
+        for payload in notices:
+            row = row_of_hint(payload)
+            if row is None:
+                names.append(payload)             # an id
+                continue
+            if len(self._seen) < HINTS_KEPT:
+                self._seen[row[0]] = row
+            names.append(row[0])
+        return names
 
     def scan(self) -> list[str]:
         # bodies up to schema.SCAN_BYTES in all: the rest are read by peek,
         # one at a time (a backlog of large requests never sits here at once)
         rows = self.pools.run(lambda c: c.execute(
             schema.scan_sql(self.s), (schema.SCAN_BYTES, SCAN_LIMIT)).fetchall())
-        self._seen = {row[0]: self._claimed(row[2:]) for row in rows if row[1]}
+        self._seen = {row[0]: row[2:] for row in rows if row[1]}
         return [row[0] for row in rows]
 
     def _claimed(self, row: tuple) -> Claimed:
@@ -288,13 +307,44 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
         return Claimed(rid, rid, envelope(row), submitter, min(time_ns(row[9]), time.time_ns()))
 
     def peek(self, entry: str) -> Claimed | None:
-        seen = self._seen.get(entry)
+        seen = self.read_ahead(entry)
         if seen is not None:
             return seen
         row = self.pools.run(lambda c: c.execute(
             f"SELECT {REQUEST_COLUMNS} FROM {self.s}.requests WHERE id = %s AND state ="
             " 'queued'", (entry,)).fetchone())
         return None if row is None else self._claimed(row)
+
+    def read_ahead(self, entry: str) -> Claimed | None:
+        row = self._seen.get(entry)
+        return None if row is None else self._claimed(row)
+
+    def answer_queued(self, seen: Claimed, reply: dict[str, Any]) -> bool:
+        """One UPDATE: answered (and claimed by this worker, its first
+        attempt) only if the row is still queued with every column as read,
+        and this worker is not fenced.  Durable like any reply; its trigger
+        NOTIFYs the client as for any reply."""
+        row = self._seen.pop(seen.entry, None)
+        if row is None or row[1] != seen.user or envelope(row) != seen.data:
+            return False
+        try:
+            count = self.pools.run(lambda c: c.execute(
+                f"UPDATE {self.s}.requests r SET state = 'answered', reply = %s, finished ="
+                " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
+                f" r.attempt + 1 FROM (SELECT id FROM {self.s}.requests WHERE id = %s AND state"
+                f" = 'queued' AND ({REQUEST_COLUMNS}) IS NOT DISTINCT FROM (%s::text, %s::name,"
+                " %s::int, %s::text, %s::text, %s::int, %s::timestamptz, %s::text, %s::text,"
+                # a row some web role holds locked (its own cancel, in a
+                # transaction left open) is skipped, as by the claim: the main
+                # loop never waits on a lock a web role holds
+                " %s::timestamptz, %s::boolean) FOR UPDATE SKIP LOCKED) q WHERE r.id = q.id AND"
+                f" EXISTS (SELECT 1 FROM {self.s}.workers w WHERE w.id = %s AND w.fenced_at IS"
+                " NULL)", (Json(reply), self.me, row[0], *row, self.me)).rowcount, retry=False)
+        except (psycopg.DataError, ValueError) as exc:
+            # a reply the database cannot hold: the usual path answers it so
+            log.info("event=answer_in_place_refused id=%s error=%r", seen.rid, message_of(exc))
+            return False
+        return count == 1
 
     def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
         return self.claim_all([entry])[0]
