@@ -16,7 +16,10 @@ server's, so that tests can age the queue.
 from __future__ import annotations
 
 import json
+import os
 import select
+import signal
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -25,7 +28,11 @@ import psycopg
 
 from ...errors import SpoolSetupError, TransportUnavailable
 from ...formats import parse_iso, utc_iso
+from ...users import worker_uid_of
+from ...workhome import lock_path
 from ..base import Ages, Entry, Finding, StateCount, Step
+from ..worklock import signal_worker
+from ..worklock import worker_alive as lock_holder
 from .conn import connect, listen
 from .queue import PgQueue
 from .schema import REQUEST_COLUMNS, envelope
@@ -304,8 +311,10 @@ class PgView(PgQueue):
         return removals, findings
 
     def _live_workers(self) -> list[tuple]:
+        """(id, pid, host, stats, work_dir) of each live worker, the latest
+        counters first."""
         return self.pools.run(lambda c: c.execute(
-            f"SELECT w.id, w.pid, w.host, w.stats FROM {self.s}.workers w WHERE"
+            f"SELECT w.id, w.pid, w.host, w.stats, w.work_dir FROM {self.s}.workers w WHERE"
             f" {self.names.lock_held('w.id')} ORDER BY w.stats_at DESC NULLS LAST").fetchall())
 
     def worker_alive(self) -> tuple[bool | None, int | None]:
@@ -316,11 +325,40 @@ class PgView(PgQueue):
         return (True, live[0][1]) if live else (False, None)
 
     def load_stats(self, fresh: bool = False) -> dict[str, Any] | None:
+        """The latest counters a live worker saved.  ``fresh``: this host's
+        worker, if it runs, is asked with SIGUSR1 to save them now -- and to
+        look at its kept hook calls again (``spoolops hooks retry``) -- and
+        its save is awaited up to a second."""
         try:
             live = self._live_workers()
+            if fresh and self._nudge_local_worker(live):
+                before = [row[3] for row in live]
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    time.sleep(0.01)   # the save is one UPDATE; nothing to block on
+                    live = self._live_workers()
+                    if [row[3] for row in live] != before:
+                        break
         except (psycopg.errors.InsufficientPrivilege, TransportUnavailable):
             return None
-        for _wid, _pid, _host, stats in live:
+        for _wid, _pid, _host, stats, _work in live:
             if isinstance(stats, dict):
                 return stats
         return None
+
+    def _nudge_local_worker(self, live: list[tuple]) -> bool:
+        """SIGUSR1 to this host's worker: only to the process that holds this
+        host's ``work/worker.lock``, is registered live from this host and
+        folder under that pid, and runs as the worker user (``signal_worker``:
+        root must not signal whatever pid a file or a row names)."""
+        alive, pid = lock_holder(lock_path(self.work_dir))
+        if not alive or pid is None or not any(
+                row[1] == pid and row[2] == self.host and row[4] == str(self.work_dir)
+                for row in live):
+            return False
+        try:
+            uid = worker_uid_of(self.config.worker_user) if self.config.worker_user \
+                else os.getuid()
+        except SpoolSetupError:
+            return False
+        return signal_worker(pid, uid, signal.SIGUSR1)
