@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config, replace_config
-from .errors import Timeout, TransportUnavailable, error_for
-from .formats import PROTOCOL_VERSION, new_request_id, utc_iso
+from .errors import BadRequest, Timeout, TransportUnavailable, error_for
+from .formats import PROTOCOL_VERSION, new_request_id, priority_problem, utc_iso
 from .transport import open_transport
 from .transport.base import ClientSide, Waiter
 
@@ -94,6 +94,11 @@ class Client:
     def _request(self, op: str, args: dict[str, Any] | None, priority: int,
                  deadline: datetime | str | float | None, reply: bool = True
                  ) -> dict[str, Any]:
+        # refused here, nothing queued, as the worker would refuse it (over
+        # PostgreSQL the column would otherwise cast "9" to 9)
+        problem = priority_problem(priority)
+        if problem is not None:
+            raise BadRequest(problem)
         request: dict[str, Any] = {
             "version": PROTOCOL_VERSION, "id": new_request_id(), "op": op,
             "args": {} if args is None else args, "priority": priority,

@@ -46,6 +46,7 @@ from .formats import (
     PROTOCOL_VERSION,
     decode_json_object,
     parse_iso,
+    priority_problem,
     utc_iso,
     valid_id,
 )
@@ -56,7 +57,6 @@ from .workhome.memos import Memo
 
 log = logging.getLogger("spoolops.dispatch")
 
-MAX_PRIORITY = 1_000_000
 TARGET_LOCK_TIMEOUT = 300.0
 _ENVELOPE = {"version", "id", "op", "args", "priority", "deadline", "submitted", "client",
              "reply", "marker"}
@@ -148,12 +148,10 @@ class Dispatcher:
             raise BadRequest("request field 'op' must be a non-empty string")
         args = obj.get("args", {})
         priority = obj.get("priority", 0)
-        if priority is None:
-            priority = 0
-        if isinstance(priority, bool) or not isinstance(priority, int) or \
-                abs(priority) > MAX_PRIORITY:
-            raise BadRequest(f"'priority' must be an integer between -{MAX_PRIORITY}"
-                             f" and {MAX_PRIORITY}")
+        problem = priority_problem(priority)
+        if problem is not None:
+            raise BadRequest(problem)
+        priority = priority or 0
         deadline = obj.get("deadline")
         if deadline is not None:
             if not isinstance(deadline, str):

@@ -25,6 +25,19 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_DEPTH = 32
 
 
+# a request's priority: an integer within this, either way (not a bool, not text)
+MAX_PRIORITY = 1_000_000
+
+
+def priority_problem(priority: object) -> str | None:
+    """Why ``priority`` cannot be a request's priority, or None if it can
+    (None itself means 0).  The client refuses what the worker would."""
+    if priority is None or (not isinstance(priority, bool) and isinstance(priority, int)
+                            and abs(priority) <= MAX_PRIORITY):
+        return None
+    return f"'priority' must be an integer between -{MAX_PRIORITY} and {MAX_PRIORITY}"
+
+
 def valid_id(rid: object) -> bool:
     return isinstance(rid, str) and ID_RE.match(rid) is not None
 

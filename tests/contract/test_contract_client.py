@@ -96,6 +96,20 @@ def test_submit_then_wait(served) -> None:
         client.wait(rids[0], timeout=0.2)
 
 
+@pytest.mark.parametrize("priority", ["9", True, 1.5, 10**7, -10**7])
+def test_a_priority_the_worker_would_refuse_is_refused_at_submit(queue, priority) -> None:
+    """On every transport alike: a priority that is not an integer within
+    the bounds raises BadRequest and queues nothing (PostgreSQL's column
+    would have cast "9" to 9, where the spool's worker refuses it)."""
+    client = queue.client()
+    with pytest.raises(errors.BadRequest, match="priority"):
+        client.submit("echo", {"p": 1}, priority=priority)
+    with pytest.raises(errors.BadRequest, match="priority"):
+        client.call("echo", {"p": 1}, timeout=1, priority=priority)
+    assert client.queue_length() == 0
+    assert client.submit("echo", {"p": 2}, priority=-(10**6))
+
+
 def test_cancel_queued_and_running(single, tmp_path: Path) -> None:
     """A queued request withdrawn (True) never runs and never gets a reply;
     a running one cannot be withdrawn (False) and is answered all the same."""
