@@ -131,7 +131,9 @@ class Intake:
             return admission
         if len(self.backlog) > free or self.gate.busy or self.gate.elsewhere:
             self._prekey()
-        names = self.backlog.take(free, self.gate)
+        # (one being answered in place, seen again by a scan meanwhile, is
+        # that job's: back in line if its answer misses)
+        names = [n for n in self.backlog.take(free, self.gate) if n not in self._in_place]
         batch = self._read_in_place(names, admission)
         batch += [job for job in self._claim_all([n for n in names
                                                    if n not in admission.in_place], admission)

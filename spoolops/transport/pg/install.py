@@ -72,6 +72,18 @@ def install(conn, names: Names, web_logins: tuple[str, ...] = (),
             for statement in MIGRATIONS[step](names):
                 cur.execute(statement)
             changes.append(f"schema {names.schema}: version {step}")
+        if version is not None and version < SCHEMA_VERSION:
+            # a worker of the version before, still running, would serve the
+            # new schema by its old rules (schema 7: it took every notice's
+            # row for an id, and answered only at its rescans): fenced, it
+            # stops at its next heartbeat, and a worker of this version --
+            # the only kind that can start now -- takes its requests over
+            fenced = cur.execute(
+                f"UPDATE {sql_name(names.schema)}.workers SET fenced_at = clock_timestamp()"
+                " WHERE fenced_at IS NULL").rowcount
+            if fenced:
+                changes.append(f"fenced {fenced} worker(s) of an older spoolops (each stops"
+                               " at its next heartbeat; start this version's)")
         if version != SCHEMA_VERSION:
             cur.execute(f"INSERT INTO {sql_name(names.schema)}.meta (key, value) VALUES"
                         " ('schema_version', %s), ('channel', %s) ON CONFLICT (key) DO"

@@ -172,8 +172,11 @@ def scan_sql(s: str) -> str:
 
 
 # a queued row's notice to the workers carries the row itself up to this
-# many bytes (NOTIFY's payload holds 8000), its id alone beyond
-HINT_BYTES = 7900
+# many bytes, its id alone beyond: an instant op's request is small, and
+# NOTIFY's queue is one per cluster (8 GB), which a session left listening
+# in an open transaction keeps from being trimmed -- a notice must cost it
+# little more than an id would
+HINT_BYTES = 1000
 
 
 def hint_sql(row: str) -> str:
@@ -202,20 +205,28 @@ def row_of_hint(payload: str) -> tuple | None:
     """The row of ``REQUEST_COLUMNS`` a notice carries (see ``hint_sql``),
     or None for a notice that names an id only (or that does not parse: a
     notice is a hint, the table the truth)."""
-    if not payload.startswith("["):
+    if not payload.startswith("[") or len(payload) > HINT_BYTES:
         return None
     try:
         (rid, submitter, version, op, args, priority, deadline, client_submitted, client,
          submitted, answer_wanted) = json.loads(payload)
-    except (ValueError, TypeError):
+        if not (isinstance(rid, str) and isinstance(submitter, str) and isinstance(op, str)
+                and _whole(version) and _whole(priority) and _whole(submitted)
+                and (deadline is None or _whole(deadline))
+                and all(v is None or isinstance(v, str) for v in (args, client_submitted,
+                                                                   client))
+                and isinstance(answer_wanted, bool)):
+            return None
+        return (rid, submitter, version, op, args, priority,
+                None if deadline is None else EPOCH + timedelta(microseconds=deadline),
+                client_submitted, client, EPOCH + timedelta(microseconds=submitted),
+                answer_wanted)
+    except Exception:  # noqa: BLE001 - whatever a forged notice holds: not a row
         return None
-    if not (isinstance(rid, str) and isinstance(submitter, str) and isinstance(op, str)
-            and isinstance(submitted, int) and isinstance(answer_wanted, bool)):
-        return None
-    return (rid, submitter, version, op, args, priority,
-            None if deadline is None else EPOCH + timedelta(microseconds=deadline),
-            client_submitted, client, EPOCH + timedelta(microseconds=submitted),
-            answer_wanted)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def time_ns(moment: datetime) -> int:
@@ -440,8 +451,10 @@ def _version_7_hints(n: Names) -> list[str]:
     """Issue 22: a queued row's notice to the workers carries the row
     (``hint_sql``), so that a worker can answer an instant idempotent
     request with one statement that also claims it.  No table changes:
-    the trigger is re-made by every install; the version keeps a worker of
-    an older spoolops, which takes every payload for an id, off this one."""
+    the trigger is re-made by every install.  A worker of an older
+    spoolops, which takes every payload for an id, may not start on this
+    version, and one still running is fenced by the migration (``install``
+    fences the registered workers whenever it migrates)."""
     return []
 
 

@@ -50,6 +50,7 @@ from psycopg.types.json import Json, Jsonb
 from ...config import Config
 from ...errors import SpoolSetupError, TransportUnavailable
 from ...files import ensure_tree
+from ...formats import valid_id
 from ...users import worker_uid_of
 from ...workhome import lock_path
 from ..base import (
@@ -287,7 +288,10 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
         for payload in notices:
             row = row_of_hint(payload)
             if row is None:
-                names.append(payload)             # an id
+                if valid_id(payload):
+                    names.append(payload)         # an id
+                else:                             # no notice the trigger sends
+                    log.debug("event=notice_ignored payload=%r", payload[:64])
                 continue
             if len(self._seen) < HINTS_KEPT:
                 self._seen[row[0]] = row
@@ -317,7 +321,11 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
 
     def read_ahead(self, entry: str) -> Claimed | None:
         row = self._seen.get(entry)
-        return None if row is None else self._claimed(row)
+        if row is None:
+            return None
+        seen = self._claimed(row)
+        # too large for the worker: the claim refuses it (see _took)
+        return None if len(seen.data) > self.max_request_bytes else seen
 
     def answer_queued(self, seen: Claimed, reply: dict[str, Any]) -> bool:
         """One UPDATE: answered (and claimed by this worker, its first
@@ -325,7 +333,7 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
         and this worker is not fenced.  Durable like any reply; its trigger
         NOTIFYs the client as for any reply."""
         row = self._seen.pop(seen.entry, None)
-        if row is None or row[1] != seen.user or envelope(row) != seen.data:
+        if row is None or self._claimed(row) != seen:
             return False
         try:
             count = self.pools.run(lambda c: c.execute(
