@@ -2,10 +2,11 @@
 
 Policy only; the transport does the moving.  The main thread watches for
 arrivals (a hint: the transport's scan is the truth, taken at start, on lost
-hints and every ``rescan_interval``, as Postfix's pickup does), keeps the
-order (``schedule.py``), claims and validates; a pool of ``concurrency``
-threads runs operations and delivers replies, so a slow operation never
-blocks an unrelated fast one.  An op declared ``inline`` and idempotent
+hints and every ``rescan_interval``, as Postfix's pickup does) and asks its
+intake (``intake.py``: order, read-ahead, claim, validation, leases) once
+per round for what may start; a pool of ``concurrency`` threads runs
+operations and delivers replies, so a slow operation never blocks an
+unrelated fast one.  An op declared ``inline`` and idempotent
 (``echo``: no I/O, instant) runs on the main thread when a thread hand-off
 would cost more than the op.
 
