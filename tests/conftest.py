@@ -86,6 +86,13 @@ def fresh_deployment(accounts):
     dep.close()
 
 
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests marked ``slow`` first (a stable sort: the same order in every
+    pytest-xdist worker), so that none of them starts last and leaves one
+    worker running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """One line saying what did not run here and why (CI turns these into failures)."""
     skipped = terminalreporter.stats.get("skipped", [])

@@ -73,6 +73,7 @@ def _client_process(env: dict, proc_no: int, count: int, results) -> None:
     results.put((proc_no, out))
 
 
+@pytest.mark.slow
 def test_eight_client_processes(served) -> None:
     ctx = multiprocessing.get_context("spawn")   # fresh processes, as web workers are
     results = ctx.Queue()

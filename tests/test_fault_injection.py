@@ -257,6 +257,7 @@ def _final_drain(env: Env, load: Load) -> list[dict]:
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", TRANSPORTS)
 def test_kill_and_restart(request, tmp_path: Path, kind: str):
     env = queue_for(request, tmp_path, kind, durable=True)
@@ -277,6 +278,7 @@ def test_kill_and_restart(request, tmp_path: Path, kind: str):
     print(f"\nkill+restart ({kind}): {kills} kills, {time.monotonic() - t0:.1f} s, {counts}")
 
 
+@pytest.mark.slow
 def test_kill_with_standby_takeover(fault_env: SpoolEnv):
     env = fault_env
     kills = kill_count(20)
@@ -327,6 +329,7 @@ print(passes, removed)
 """
 
 
+@pytest.mark.slow
 def test_janitor_in_a_tight_loop_beside_a_busy_worker(fault_env: SpoolEnv):
     """Short tmp_ttl, lock files removed as soon as nobody holds them: still no
     request or reply is lost."""

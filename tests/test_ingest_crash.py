@@ -188,6 +188,7 @@ def test_sigkill_at_every_fault_point(tmp_path, name):
     assert by_fault["bytes:1"] == "nothing"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments(tmp_path):
     """Random SIGKILLs while copying: each leaves a legal state, and some of
     them must have landed mid-copy (else this would test nothing the fault

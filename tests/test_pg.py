@@ -131,6 +131,7 @@ def test_two_workers_share_one_queue_and_never_run_a_target_twice(pg_cluster,
         env.close()
 
 
+@pytest.mark.slow
 def test_worker_lost_on_another_host(pg_cluster, tmp_path: Path) -> None:
     """Worker A is killed mid-operation; worker B (another host) waits
     lock_grace, then re-runs A's idempotent request, answers its
@@ -203,6 +204,7 @@ for k in range(n):
 """
 
 
+@pytest.mark.slow
 def test_postgresql_restarts_mid_stream(pg_cluster, tmp_path: Path) -> None:
     """The server restarts twice under load: the worker and the clients
     reconnect; every request accepted is answered exactly once; a submit

@@ -244,6 +244,7 @@ with open(out_path, "w") as out:
 """
 
 
+@pytest.mark.slow
 def test_server_restarts_under_load_leave_nothing_running_and_run_nothing_twice(
         pg_cluster, tmp_path) -> None:
     """Four web clients make 50 calls each (echo, and every fifth a request

@@ -353,6 +353,7 @@ def _hwm_kb(pid: int) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
 
 
+@pytest.mark.slow
 def test_issue20_7_large_queued_requests_keep_the_worker_small(pg_cluster,
                                                                 tmp_path: Path) -> None:
     env = make_pg_env(pg_cluster, tmp_path / "q", concurrency=1)
@@ -428,6 +429,7 @@ for k in range(first, first + n):
 """
 
 
+@pytest.mark.slow
 def test_issue20_9_every_call_gets_its_one_reply_through_lost_answers_and_restarts(
         pg_cluster, tmp_path: Path) -> None:
     env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="20s")

@@ -74,6 +74,7 @@ def _populate(queue, request, tmp_path: Path) -> tuple[dict[str, set[str]], Path
     return expected, release
 
 
+@pytest.mark.slow
 def test_status_ls_and_show_agree(single, request, tmp_path: Path) -> None:
     """``status --json`` counts, ``ls WORD --json`` ids and ``show ID --json``
     states agree with what was done, state by state, in the transport's
