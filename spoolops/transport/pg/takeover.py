@@ -10,8 +10,8 @@ after ``lock_grace`` of that, this host's at once (its ``work/worker.lock``
 is the taker's).  ``settle`` fences a takeable worker (``fenced_at``; its
 session ended when this role may) and only then do its running rows come
 out of ``orphans`` as ``settled``, for recovery's policy; rows a worker
-holds without knowing it are its ``strays``.  ``workers`` and
-``diagnose``'s worker checks say who serves and holds what.
+holds without knowing it are its ``strays``.  ``workers`` says who
+serves and holds what (``care`` turns it into ``doctor``'s lines).
 
 Part of ``worker.PgTransport``, on the shared value ``queue.PgQueue``; the
 claims this process holds (``_claims``) and its registration (``me``,
@@ -214,40 +214,3 @@ class PgTakeover(PgQueue):
                  "noted_lost": lost, "running": list(running), "leases": list(leases)}
                 for wid, host, pid, backend, role, alive, age, fenced, lost, running, leases
                 in rows]
-
-    def _diagnose_workers(self) -> list[tuple[str, bool, str, str]]:
-        """One line per registered worker: which holds what, and whether it
-        is alive (a web role may not read the registrations: nothing)."""
-        try:
-            found = self.workers()
-        except (TransportUnavailable, psycopg.Error):
-            return []
-        if found is None:
-            return []
-        if not found:
-            return [("workers", True, "no worker registered", "")]
-        stale = self.config.lock_grace / 2
-        out = []
-        for w in found:
-            held = "running nothing"
-            if w["running"]:
-                more = " ..." if len(w["running"]) > 5 else ""
-                held = f"running {len(w['running'])}: {', '.join(w['running'][:5])}{more}"
-            if w["leases"]:
-                held += f"; leases {', '.join(w['leases'])}"
-            where = f"worker {w['id']} on {w['host']} (pid {w['pid']}, role {w['role']})"
-            if w["fenced"]:
-                ok, state = not w["running"], "FENCED (another worker took its requests over)"
-                fix = "it stops when it sees it; restart it"
-            elif not w["alive"]:
-                ok, state = not w["running"], "gone (no session holds its key)"
-                fix = ("its requests are recovered by another worker after lock_grace, or by"
-                       " the next worker on its host")
-            else:
-                ok = w["heartbeat_age_s"] < stale
-                state = (f"alive (backend {w['backend_pid']} holds its key), heartbeat"
-                         f" {w['heartbeat_age_s']:g} s ago")
-                fix = "" if ok else ("its main loop is stuck: another worker fences it after"
-                                     " lock_grace (or restart it)")
-            out.append((f"worker {w['id']}", ok, f"{where}: {state}; {held}", fix))
-        return out

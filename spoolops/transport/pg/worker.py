@@ -41,17 +41,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Json, Jsonb
 
 from ...config import Config
-from ...errors import SpoolSetupError, TransportUnavailable
-from ...files import ensure_tree
+from ...errors import TransportUnavailable
 from ...formats import valid_id
-from ...users import worker_uid_of
 from ...workhome import lock_path
 from ..base import (
     AnswersInPlace,
@@ -64,12 +61,12 @@ from ..base import (
     WorkerLock,
 )
 from ..worklock import FlockWorkerLock
-from . import install, schema
+from . import schema
+from .care import PgCare
 from .client import PgClientSide, message_of
-from .conn import IntakeListener, WorkerFenced, connect
+from .conn import IntakeListener, WorkerFenced
 from .queue import PgQueue
 from .schema import REQUEST_COLUMNS, envelope, row_of_hint, time_ns
-from .takeover import PgTakeover
 from .view import ROW_STATES, PgView
 
 log = logging.getLogger("spoolops.transport")
@@ -78,7 +75,6 @@ SCAN_LIMIT = 2000
 # the rows notices carried that are kept at once (each under 8000 bytes): a
 # flood of arrivals is read again from the table, one at a time
 HINTS_KEPT = 256
-WORK_MODE = 0o700
 # SQL: request e comes before request r in the queue's order (the claim's)
 _EARLIER = ("(e.priority > r.priority OR (e.priority = r.priority AND (e.submitted, e.id) <"
             " (r.submitted, r.id)))")
@@ -105,7 +101,7 @@ class _PgWorkerLock(WorkerLock):
             self.host_lock.release()
 
 
-class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQueue,
+class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
                   AnswersInPlace):
     """One queue in one PostgreSQL schema."""
 
@@ -139,97 +135,6 @@ class PgTransport(PgClientSide, PgView, PgTakeover, PgQueue, Transport, SharedQu
 
     def __repr__(self) -> str:
         return f"PgTransport(schema={self.names.schema!r})"
-
-    # -- set-up -------------------------------------------------------------------
-
-    def check_exists(self) -> None:
-        try:
-            version = self.pools.run(lambda c: install.installed_version(c, self.names))
-        except psycopg.errors.InsufficientPrivilege:
-            raise SpoolSetupError(f"this role may not use schema {self.names.schema}: it"
-                                  f" must be a member of {self.names.submit_role} or"
-                                  f" {self.names.worker_role}") from None
-        if version != schema.SCHEMA_VERSION:
-            raise SpoolSetupError(
-                f"no queue (schema {self.names.schema}, version {schema.SCHEMA_VERSION})"
-                f" in this database (found {version}): run 'spoolops init --transport"
-                " postgresql' as the database administrator")
-
-    def worker_uid(self) -> int:
-        if self.config.worker_user:
-            return worker_uid_of(self.config.worker_user)
-        return os.getuid()
-
-    def submit_gid(self) -> int:
-        return os.getgid()   # the database's submit role decides, not a unix group
-
-    def _role_check(self, conn: psycopg.Connection) -> tuple[str, bool, bool]:
-        row = conn.execute("SELECT session_user, pg_has_role(session_user, %s, 'USAGE'),"
-                           " r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname ="
-                           " session_user", (self.names.worker_role,)).fetchone()
-        return row if row is not None else ("?", False, False)
-
-    def check_worker(self) -> list[str]:
-        role, member, bypass = self.pools.run(self._role_check)
-        if not member:
-            raise SpoolSetupError(f"database role {role!r} is not a member of"
-                                  f" {self.names.worker_role}: it could not claim or answer"
-                                  f" (GRANT {self.names.worker_role} TO {role})")
-        return [(f"connected as {role!r}, a superuser or BYPASSRLS role: give the worker a"
-                " plain login role")] if bypass else []
-
-    def diagnose(self) -> list[tuple[str, bool, str, str]]:
-        try:
-            conn = connect(self.dsn)
-        except TransportUnavailable as exc:
-            return [("database", False, str(exc), ("check [postgresql] dsn, pg_hba.conf and"
-                     " that the server runs"))]
-        try:
-            server = conn.execute("SHOW server_version").fetchone()[0]
-            out = [("database", True, (f"connected (PostgreSQL {server}, database"
-                    f" {conn.info.dbname})"), "")]
-            out += install.check(conn, self.names)
-        finally:
-            conn.close()
-        # (the registrations' columns are this version's)
-        if [ok for check, ok, _m, _f in out if check == "schema version"] == [True]:
-            out += self._diagnose_workers()
-        return out
-
-    def may_answer(self) -> bool:
-        try:
-            return bool(self.pools.run(self._role_check)[1])
-        except TransportUnavailable:
-            return False
-
-    def layout(self) -> list[tuple[str, Path, tuple[int, ...]]]:
-        return [("worker folder", self.work_dir, (WORK_MODE, 0o2700))]
-
-    def create(self, uid: int, gid: int, **options: Any) -> list[str]:
-        """The worker's folder on this host and, unless ``local_only``, the
-        schema (through ``admin_dsn``, an administrator's connection);
-        ``web_logins``/``worker_logins`` join the group roles."""
-        changes: list[str] = []
-        if not options.get("database_only"):
-            # one walk through folder descriptors: work/ is the worker's to swap
-            ensure_tree(self.config.root, 0o755, [("work", WORK_MODE),
-                                                  ("work/locks", WORK_MODE)],
-                        uid, gid, changes)
-        if options.get("local_only"):
-            return changes
-        admin = connect(options.get("admin_dsn") or self.dsn)
-        try:
-            changes += install.install(admin, self.names,
-                                        tuple(options.get("web_logins") or ()),
-                                        tuple(options.get("worker_logins") or ()),
-                                        max_request_bytes=self.max_request_bytes)
-        except psycopg.Error as exc:
-            raise SpoolSetupError(f"cannot set up schema {self.names.schema}: {exc}"
-                                  " (connect as the database administrator, e.g."
-                                  " --admin-dsn 'dbname=... user=postgres')") from None
-        finally:
-            admin.close()
-        return changes
 
     # -- the worker: intake ---------------------------------------------------------
 
