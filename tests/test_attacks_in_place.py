@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from support.contract import Handles, reply
 from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
-from support.proxy import LossyProxy
+from support.proxy import proxy_for_worker
 from support.waiting import wait_for
 
 from spoolops.errors import Timeout
@@ -358,11 +358,8 @@ def test_a_lost_answer_to_the_in_place_update_leaves_one_reply(pg_cluster,
     the worker only).  The worker claims it instead, finds it answered, and
     the request has its one reply; the worker serves on."""
     env = make_pg_env(pg_cluster, tmp_path / "q")
-    proxy = LossyProxy(tmp_path / "proxy", pg_cluster.port,
-                       str(Path(pg_cluster.host) / f".s.PGSQL.{pg_cluster.port}"), 0.3)
+    proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
-        env.config_path.write_text(env.config_path.read_text().replace(
-            f"host={pg_cluster.host}", f"host={proxy.folder}"))
         worker = env.start_worker()
         web = connect_as(env, WEB)
         # the worker's UPDATE carries these args: the proxy cuts after it

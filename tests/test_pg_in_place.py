@@ -18,7 +18,7 @@ from pathlib import Path
 
 from support.contract import Handles, claimed_ids, make_request, reply
 from support.env import WEB, WEB2, connect_as, make_pg_env
-from support.proxy import LossyProxy
+from support.proxy import proxy_for_worker
 from support.waiting import wait_for
 
 from spoolops.transport.base import AnswersInPlace, Claimed
@@ -170,11 +170,8 @@ def test_the_worker_claims_no_instant_request_and_every_other_one(pg_cluster,
     one too large for a notice -- are answered, the small ones without a
     claim; a non-instant op is claimed as before (the count can move)."""
     env = make_pg_env(pg_cluster, tmp_path / "q")
-    proxy = LossyProxy(tmp_path / "proxy", pg_cluster.port,
-                       str(Path(pg_cluster.host) / f".s.PGSQL.{pg_cluster.port}"), 0.3)
+    proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
-        env.config_path.write_text(env.config_path.read_text().replace(
-            f"host={pg_cluster.host}", f"host={proxy.folder}"))
         env.start_worker()
         client = env.client()
         for i in range(20):

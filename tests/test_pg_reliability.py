@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from support.env import WEB, WORKER_ROLE, make_pg_env
-from support.proxy import LossyProxy
+from support.proxy import proxy_for_worker
 from support.waiting import wait_for
 
 from spoolops.errors import BadRequest
@@ -132,11 +132,8 @@ def test_a_claim_whose_answer_is_lost_is_answered_without_a_restart(pg_cluster,
     holds without knowing it and puts it back; the request gets its one
     reply."""
     env = make_pg_env(pg_cluster, tmp_path / "q", lock_grace="60s")
-    proxy = LossyProxy(tmp_path / "proxy", pg_cluster.port,
-                       str(Path(pg_cluster.host) / f".s.PGSQL.{pg_cluster.port}"), 0.3)
+    proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
-        env.config_path.write_text(env.config_path.read_text().replace(
-            f"host={pg_cluster.host}", f"host={proxy.folder}"))
         worker = env.start_worker()
         client = env.client()
         # (not echo: an instant op is claimed by its answer, with no claim of its own)

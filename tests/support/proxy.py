@@ -174,3 +174,14 @@ class LossyProxy:
 
 # a web application's calls: one refused (TransportUnavailable: nothing was
 # queued) is made again, as a new request, a little later
+
+
+def proxy_for_worker(env, cluster, folder: Path, outage_s: float = 0.3) -> LossyProxy:
+    """A ``LossyProxy`` in front of ``cluster`` that ``env``'s worker (its
+    configuration; the clients keep theirs) connects through: start the
+    worker after this."""
+    proxy = LossyProxy(folder, cluster.port,
+                       str(Path(cluster.host) / f".s.PGSQL.{cluster.port}"), outage_s)
+    env.config_path.write_text(env.config_path.read_text().replace(
+        f"host={cluster.host}", f"host={proxy.folder}"))
+    return proxy
