@@ -33,7 +33,7 @@ from .counters import Stats
 from .dispatch import Dispatcher, Job, Request
 from .errors import BadRequest, OpError, OpFailed
 from .ops import Registry
-from .runner import batch_of, instant
+from .runner import batch_of
 from .schedule import Backlog, TargetGate, request_key
 from .transport import Transport
 from .transport.base import AnswersInPlace, Claimed, Quarantined, Refused, SharedQueue
@@ -183,12 +183,17 @@ class Intake:
             try:
                 request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
                                                 seen.queued_ns / 1e9)
+                # the op's declaration first: any other request is validated
+                # once, when claimed (a site's validation may query a database)
+                operation = self.registry.get(request.op)
+                if (operation is None or not operation.instant
+                        or not request.wants_reply or batch_of(request) is not None):
+                    continue
                 job = self.dispatcher.prepare(request)
             except Exception:  # the claim answers it (and logs a crash)
                 log.debug("event=not_in_place id=%s", seen.rid, exc_info=True)
                 continue
-            if (not instant(job) or job.targets or not request.wants_reply
-                    or batch_of(request) is not None):
+            if job.targets:
                 continue
             job.queued_ns, job.entry = seen.queued_ns, name
             admission.in_place[name] = seen

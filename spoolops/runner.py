@@ -177,8 +177,8 @@ def batch_of(request: Request, held: bool = False) -> Batch | None:
 
 
 def instant(job: Job) -> bool:
-    """Declared ``inline`` (no I/O, over in microseconds) and idempotent."""
-    return job.operation.inline and job.operation.idempotent
+    """``job``'s op is ``Operation.instant``."""
+    return job.operation.instant
 
 
 class _ProgressWriter:

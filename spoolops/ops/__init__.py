@@ -119,6 +119,13 @@ class Operation:
     description: str = ""
     schema: Mapping[str, str] = field(default_factory=dict)  # arg -> human type, for docs
 
+    @property
+    def instant(self) -> bool:
+        """Declared ``inline`` (no I/O, over in microseconds) and idempotent:
+        it may run without a run record, on the dispatch thread, and (on an
+        ``AnswersInPlace`` transport) before its claim."""
+        return self.inline and self.idempotent
+
 
 class Registry:
     """Operations by name; the site's follow-up hooks and resolvers."""
