@@ -42,6 +42,9 @@ log = logging.getLogger("spoolops.worker")
 
 # a target another worker holds (shared transports) is tried again this soon
 ELSEWHERE_RETRY_S = 0.05
+# at most this many requests answered in place at once (one statement, one
+# commit): a backlog of echoes drains a batch at a time
+IN_PLACE_BATCH = 64
 
 
 @dataclass
@@ -131,13 +134,19 @@ class Intake:
             return admission
         if len(self.backlog) > free or self.gate.busy or self.gate.elsewhere:
             self._prekey()
-        # (one being answered in place, seen again by a scan meanwhile, is
-        # that job's: back in line if its answer misses)
-        names = [n for n in self.backlog.take(free, self.gate) if n not in self._in_place]
-        batch = self._read_in_place(names, admission)
-        batch += [job for job in self._claim_all([n for n in names
-                                                   if n not in admission.in_place], admission)
-                  if job is not None]
+        batch: list[Job] = []
+        while True:
+            # (one being answered in place, seen again by a scan meanwhile, is
+            # that job's: back in line if its answer misses)
+            names = [n for n in self.backlog.take(free, self.gate) if n not in self._in_place]
+            batch += self._read_in_place(names, admission)
+            to_claim = [n for n in names if n not in admission.in_place]
+            # jobs answered in place take no slot: while all taken so far are,
+            # take the next ones in line too, up to a batch answered at once
+            if (to_claim or not names or not self.backlog
+                    or len(admission.in_place) >= IN_PLACE_BATCH):
+                break
+        batch += [job for job in self._claim_all(to_claim, admission) if job is not None]
         batch.sort(key=_job_key)
         for job in batch:
             if job.entry in admission.in_place:

@@ -54,11 +54,8 @@ class Runner:
         self.unpublished: dict[str, Answer] = {}
         self._retries: dict[str, int] = {}           # failed publish retries, for the log
 
-    def run(self, job: Job, in_place: Claimed | None = None) -> None:
-        """Run ``job`` and answer it; never raises (a crash is logged).
-        ``in_place``: the job was read, not claimed, and its answer claims it
-        (``AnswersInPlace``); one that is no longer queued as read is not
-        answered here (``job.requeue``: it is claimed the usual way)."""
+    def run(self, job: Job) -> None:
+        """Run ``job`` and answer it; never raises (a crash is logged)."""
         request = job.request
         # a non-idempotent op must be known to have started, even after a power
         # cut; an instant one needs no run record (recovery re-runs what has
@@ -105,20 +102,54 @@ class Runner:
             duration = time.time() - started
             job.reply = reply
             job.duration = duration
-            if in_place is not None:
-                if not self._answer_in_place(in_place, reply):
-                    job.reply, job.requeue = None, True
-                    return
+            if self.deliver(request, reply, started=not inline):
                 self.dispatcher.answered(job)
-            elif self.deliver(request, reply, started=not inline):
-                self.dispatcher.answered(job)
-            error = reply["error"]
-            log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
-                     request.id, request.op, request.user, ",".join(job.targets) or "-",
-                     "ok" if reply["ok"] else error["type"], duration,
-                     f" message={error['message']!r}" if error else "")
+            _log_end(job)
         except Exception:
             log.exception("event=job_crashed id=%s", request.id)
+
+    def run_in_place(self, jobs: list[tuple[Job, Claimed]]) -> None:
+        """Run jobs read and not claimed, each with the read its answer must
+        match (``AnswersInPlace``: instant, idempotent, no targets), and
+        answer them all in one step, which claims them.  One no longer queued
+        as read is not answered here (``job.requeue``: it is claimed the usual
+        way, which finds out what became of it).  Never raises."""
+        assert isinstance(self.transport, AnswersInPlace)
+        ran: list[tuple[Job, Claimed]] = []
+        for job, seen in jobs:
+            job.requeue = True      # until its answer is known to be in
+            try:
+                started = time.time()
+                job.reply = self.dispatcher.execute(job)
+                job.duration = time.time() - started
+                ran.append((job, seen))
+            except Exception:
+                log.exception("event=job_crashed id=%s", job.request.id)
+        if not ran:
+            return
+        try:
+            answered = self.transport.answer_queued([(seen, job.reply) for job, seen in ran])
+        except OSError as exc:
+            # answered or not, the claim finds out (and answers what is not)
+            answered, failure = set(), str(exc)
+        else:
+            failure = None
+        for job, seen in ran:
+            if seen.entry not in answered:
+                if failure is None:
+                    log.info("event=answer_in_place_missed id=%s action=claim note=%r",
+                             seen.rid, "no longer queued as read")
+                else:
+                    log.error("event=answer_in_place_failed id=%s error=%r action=claim",
+                              seen.rid, failure)
+                job.reply = None
+                continue
+            job.requeue = False
+            try:
+                self.dispatcher.answered(job)
+                _log_end(job)
+            except Exception:
+                log.exception("event=job_crashed id=%s", job.request.id)
 
     def deliver(self, request: Request, reply: dict[str, Any], started: bool) -> bool:
         """Answer (nobody, for ``"reply": false``), and let the request's
@@ -134,19 +165,6 @@ class Runner:
                       errno.errorcode.get(exc.errno or 0, str(exc)))
             self.unpublished[request.id] = answer
             return False
-
-    def _answer_in_place(self, seen: Claimed, reply: dict[str, Any]) -> bool:
-        assert isinstance(self.transport, AnswersInPlace)
-        try:
-            if self.transport.answer_queued(seen, reply):
-                return True
-            log.info("event=answer_in_place_missed id=%s action=claim note=%r", seen.rid,
-                     "no longer queued as read")
-        except OSError as exc:
-            # answered or not, the claim finds out (and answers it if not)
-            log.error("event=answer_in_place_failed id=%s error=%r action=claim", seen.rid,
-                      str(exc))
-        return False
 
     def _send(self, rid: str, answer: Answer) -> None:
         self.transport.reply(rid, answer.reply, answer.started, deliver=answer.deliver,
@@ -166,6 +184,16 @@ class Runner:
             del self.unpublished[rid]
             log.info("event=reply_published_late id=%s retries=%d", rid,
                      self._retries.pop(rid, 0))
+
+
+def _log_end(job: Job) -> None:
+    request, reply = job.request, job.reply
+    assert reply is not None
+    error = reply["error"]
+    log.info("event=end id=%s op=%s user=%s target=%s outcome=%s duration=%.6f%s",
+             request.id, request.op, request.user, ",".join(job.targets) or "-",
+             "ok" if reply["ok"] else error["type"], job.duration,
+             f" message={error['message']!r}" if error else "")
 
 
 def batch_of(request: Request, held: bool = False) -> Batch | None:

@@ -82,9 +82,13 @@ class Worker:
         self.standby = standby
         self.stats = Stats(self.transport.save_stats)
         self.intake = Intake(self.transport, self.registry, self.dispatcher, self.stats)
-        self.running = 0
+        self.running = 0     # requests running (the metrics)
+        # slots of ``concurrency`` taken: a job, a rejection's delivery, or a
+        # batch of jobs answered in place (one statement, one slot)
+        self.slots = 0
         self.running_since: dict[str, float] = {}    # id -> start, for the metrics
-        self._done: deque[Job | tuple[str, dict[str, Any]]] = deque()
+        # what is over, for the main loop to reap
+        self._done: deque[Job | list[Job] | tuple[str, dict[str, Any]]] = deque()
         self._stop = False
         self._stats_wanted = False
         self._rescan_wanted = False
@@ -192,7 +196,7 @@ class Worker:
                 timeout = 0.0
             idle_since = time.perf_counter()
             readable: list[int] = []
-            if timeout > 0 and back_to_back and self.running == 0:
+            if timeout > 0 and back_to_back and self.slots == 0:
                 end = idle_since + POLL_BEFORE_SLEEP_S
                 while not readable and time.perf_counter() < end:
                     readable, _, _ = select.select(fds, [], [], 0)
@@ -234,7 +238,7 @@ class Worker:
         return gauges(self.intake.backlog, self.running, self.running_since.values())
 
     def _idle(self) -> bool:
-        return not self.intake.backlog and self.running == 0 and not self.runner.unpublished
+        return not self.intake.backlog and self.slots == 0 and not self.runner.unpublished
 
     def _shutdown(self) -> None:
         if self._pool is not None:
@@ -256,13 +260,19 @@ class Worker:
     def _schedule(self) -> None:
         """Start what may start (``intake`` chooses and claims)."""
         while True:
-            admission = self.intake.admit(self.config.concurrency - self.running)
+            admission = self.intake.admit(self.config.concurrency - self.slots)
             for request, reply in admission.rejected:
                 self.running += 1
+                self.slots += 1
                 assert self._pool is not None
                 self._pool.submit(self._publish_only, request, reply)
+            in_place = [(job, admission.in_place[job.entry]) for job in admission.jobs
+                        if job.entry in admission.in_place]
             for job in admission.jobs:
-                self._start(job, admission.alone, admission.in_place.get(job.entry or ""))
+                if job.entry not in admission.in_place:
+                    self._start(job, admission.alone)
+            if in_place:
+                self._start_in_place(in_place, admission.alone)
             if not admission.jobs:
                 return
             self._finish_done()  # inline jobs are over already: their slots are free
@@ -276,21 +286,44 @@ class Worker:
 
     # -- running ------------------------------------------------------------------
 
-    def _start(self, job: Job, alone: bool, in_place: Claimed | None = None) -> None:
+    def _start(self, job: Job, alone: bool) -> None:
         self.running += 1
+        self.slots += 1
         self.running_since[job.request.id] = time.monotonic()
         if instant(job) and (not self.config.durable or alone):
             # declared instant (echo): a thread hand-off would cost more than
             # the job.  Durable replies of several waiting requests go to the
             # pool instead, where their fsyncs share one journal commit.
-            self._run_job(job, in_place)
+            self._run_job(job)
             return
         assert self._pool is not None
-        self._pool.submit(self._run_job, job, in_place)
+        self._pool.submit(self._run_job, job)
 
-    def _run_job(self, job: Job, in_place: Claimed | None = None) -> None:
+    def _start_in_place(self, batch: list[tuple[Job, Claimed]], alone: bool) -> None:
+        """Instant jobs read and not claimed, answered in one step: one
+        statement, one commit, one slot for the batch.  Alone, here; with
+        more in line, on the pool, while this loop reads the next batch."""
+        self.slots += 1
+        for job, _ in batch:
+            self.running += 1
+            self.running_since[job.request.id] = time.monotonic()
+        if not self.config.durable or alone:
+            self._run_in_place(batch)
+            return
+        assert self._pool is not None
+        self._pool.submit(self._run_in_place, batch)
+
+    def _run_in_place(self, batch: list[tuple[Job, Claimed]]) -> None:
         try:
-            self.runner.run(job, in_place)
+            self.runner.run_in_place(batch)
+        finally:
+            self._done.append([job for job, _ in batch])
+            if threading.current_thread() is not self._loop_thread:
+                os.write(self._wake_w, b"d")
+
+    def _run_job(self, job: Job) -> None:
+        try:
+            self.runner.run(job)
         finally:
             self._done.append(job)
             if threading.current_thread() is not self._loop_thread:
@@ -299,8 +332,13 @@ class Worker:
     def _finish_done(self) -> None:
         while self._done:
             item = self._done.popleft()
-            self.running -= 1
+            self.slots -= 1
+            if isinstance(item, list):
+                for job in item:
+                    self._finish(job)
+                continue
             if isinstance(item, tuple):
+                self.running -= 1
                 rid, reply = item
                 self.intake.rejected(rid)
                 # a rejected request names whatever op it likes: counted under
@@ -308,13 +346,16 @@ class Worker:
                 op = reply["op"] if reply["op"] in self.registry else "-"
                 self.stats.count(op, reply["error"]["type"], 0.0)
                 continue
-            job = item
-            self.intake.done(job)
-            self.running_since.pop(job.request.id, None)
-            reply = job.reply
-            if reply is not None:
-                self.stats.count(job.request.op, "ok" if reply["ok"] else
-                                 reply["error"]["type"], job.duration)
+            self._finish(item)
+
+    def _finish(self, job: Job) -> None:
+        self.running -= 1
+        self.intake.done(job)
+        self.running_since.pop(job.request.id, None)
+        reply = job.reply
+        if reply is not None:
+            self.stats.count(job.request.op, "ok" if reply["ok"] else
+                             reply["error"]["type"], job.duration)
 
 
 def run_worker(config: Config, once: bool = False, standby: bool = False,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.contract import Handles, reply
+from support.contract import Handles, answered_in_place, reply
 from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
 from support.proxy import proxy_for_worker
 from support.waiting import wait_for
@@ -145,7 +145,7 @@ def test_a_forged_row_for_anothers_request_answers_nothing_forged(pgq, request) 
     wait_for(lambda: "victim-1" in (worker.arrivals() or []), 5, what="the forged notice")
     seen = worker.read_ahead("victim-1")
     assert isinstance(seen, Claimed) and b"99999" in seen.data
-    assert worker.answer_queued(seen, reply("victim-1", op="echo", mark="forged")) is False
+    assert answered_in_place(worker, seen, reply("victim-1", op="echo", mark="forged")) is False
     assert pgq.sql("SELECT state FROM spoolops.requests WHERE id = 'victim-1'") == [("queued",)]
     victim.close()
 
@@ -412,7 +412,7 @@ def test_a_request_withdrawn_and_resubmitted_after_the_read_is_not_answered_from
     assert seen is not None
     assert web.execute("SELECT spoolops.cancel('again-1')").fetchone()[0] is True
     submit_sql(web, "again-1", '{"v": 2}')
-    assert worker.answer_queued(seen, reply("again-1", op="echo", mark="old")) is False
+    assert answered_in_place(worker, seen, reply("again-1", op="echo", mark="old")) is False
     assert pgq.sql("SELECT state, args::text FROM spoolops.requests WHERE id = 'again-1'") \
         == [("queued", '{"v": 2}')]
     web.close()

@@ -16,7 +16,13 @@ import dataclasses
 import threading
 from pathlib import Path
 
-from support.contract import Handles, claimed_ids, make_request, reply
+from support.contract import (
+    Handles,
+    answered_in_place,
+    claimed_ids,
+    make_request,
+    reply,
+)
 from support.env import WEB, WEB2, connect_as, make_pg_env
 from support.proxy import proxy_for_worker
 from support.waiting import wait_for
@@ -38,13 +44,13 @@ def test_one_statement_answers_a_queued_request_once(pgq, request) -> None:
     worker = h.worker()
     assert isinstance(worker, AnswersInPlace)
     seen = _read(worker, "ip-1")
-    assert worker.answer_queued(seen, reply("ip-1", op="echo", mark="in place")) is True
+    assert answered_in_place(worker, seen, reply("ip-1", op="echo", mark="in place")) is True
     assert pgq.count("queued") == 0 and pgq.count("running") == 0
     row = pgq.sql("SELECT state, attempt, claimed_by IS NOT NULL FROM spoolops.requests"
                   " WHERE id = 'ip-1'")
     assert row == [("answered", 1, True)]
     # the read is spent: a second answer changes nothing
-    assert worker.answer_queued(seen, reply("ip-1", op="echo", mark="again")) is False
+    assert answered_in_place(worker, seen, reply("ip-1", op="echo", mark="again")) is False
     got = h.client().collect("ip-1")
     assert got is not None and got["result"] == {"mark": "in place"}
 
@@ -55,7 +61,7 @@ def test_a_withdrawn_request_is_not_answered_in_place(pgq, request) -> None:
     worker = h.worker()
     seen = _read(worker, "ip-gone")
     assert h.client().withdraw("ip-gone") is True
-    assert worker.answer_queued(seen, reply("ip-gone", op="echo")) is False
+    assert answered_in_place(worker, seen, reply("ip-gone", op="echo")) is False
     assert pgq.sql("SELECT count(*) FROM spoolops.requests") == [(0,)]
 
 
@@ -66,7 +72,7 @@ def test_a_request_another_worker_claimed_is_not_answered_in_place(pgq, request)
     seen = _read(first, "ip-taken")
     second.scan()
     assert claimed_ids(second.claim_all(["ip-taken"])) == ["ip-taken"]
-    assert first.answer_queued(seen, reply("ip-taken", op="echo", mark="first")) is False
+    assert answered_in_place(first, seen, reply("ip-taken", op="echo", mark="first")) is False
     second.reply("ip-taken", reply("ip-taken", op="echo", mark="second"), started=False)
     got = h.client().collect("ip-taken")
     assert got is not None and got["result"] == {"mark": "second"}
@@ -82,18 +88,18 @@ def test_a_read_that_does_not_match_the_row_changes_nothing(pgq, request) -> Non
     forged = dataclasses.replace(seen, data=seen.data.replace(b'"real": true',
                                                               b'"real": false'))
     assert forged.data != seen.data
-    assert worker.answer_queued(forged, reply("ip-real", op="echo")) is False
+    assert answered_in_place(worker, forged, reply("ip-real", op="echo")) is False
     seen = _read(worker, "ip-real")
     other = dataclasses.replace(seen, user=WEB2)
-    assert worker.answer_queued(other, reply("ip-real", op="echo")) is False
+    assert answered_in_place(worker, other, reply("ip-real", op="echo")) is False
     never_read = dataclasses.replace(seen, entry="ip-never", rid="ip-never")
-    assert worker.answer_queued(never_read, reply("ip-never", op="echo")) is False
+    assert answered_in_place(worker, never_read, reply("ip-never", op="echo")) is False
     assert pgq.count("queued") == 1
     # the row changed under the read (an operator's UPDATE as the owner): not
     # answered with what the worker read
     seen = _read(worker, "ip-real")
     pgq.sql("UPDATE spoolops.requests SET args = '{\"real\": 0}' WHERE id = 'ip-real'")
-    assert worker.answer_queued(seen, reply("ip-real", op="echo")) is False
+    assert answered_in_place(worker, seen, reply("ip-real", op="echo")) is False
     assert pgq.count("queued") == 1
 
 
@@ -103,7 +109,7 @@ def test_a_fenced_worker_answers_nothing_in_place(pgq, request) -> None:
     worker = h.worker()
     seen = _read(worker, "ip-fenced")
     pgq.sql("UPDATE spoolops.workers SET fenced_at = clock_timestamp()")
-    assert worker.answer_queued(seen, reply("ip-fenced", op="echo")) is False
+    assert answered_in_place(worker, seen, reply("ip-fenced", op="echo")) is False
     assert pgq.count("queued") == 1
 
 
@@ -120,7 +126,7 @@ def test_a_row_a_web_role_holds_locked_is_skipped_not_waited_for(pgq, request) -
         assert holder.execute("SELECT spoolops.cancel('ip-held')").fetchone()[0] is True
         done: list[bool] = []
         answering = threading.Thread(target=lambda: done.append(
-            worker.answer_queued(seen, reply("ip-held", op="echo"))))
+            answered_in_place(worker, seen, reply("ip-held", op="echo"))))
         answering.start()
         answering.join(5)
         assert done == [False], "the answer waited on the web role's lock"
@@ -143,7 +149,7 @@ def test_two_workers_racing_answers_in_place_answer_each_request_once(pgq, reque
     def answer(i: int, order: list[str]) -> None:
         barrier.wait(10)
         for rid in order:
-            if workers[i].answer_queued(reads[i][rid], reply(rid, op="echo", mark=i)):
+            if answered_in_place(workers[i], reads[i][rid], reply(rid, op="echo", mark=i)):
                 won[i].append(rid)
     threads = [threading.Thread(target=answer, args=(0, ids)),
                threading.Thread(target=answer, args=(1, ids[::-1]))]
@@ -155,6 +161,98 @@ def test_two_workers_racing_answers_in_place_answer_each_request_once(pgq, reque
     assert sorted(won[0] + won[1]) == ids
     assert pgq.sql("SELECT count(*) FROM spoolops.requests WHERE state = 'answered'"
                    " AND attempt = 1") == [(40,)]
+
+
+def test_one_statement_answers_the_reads_that_match_and_nothing_else(pgq, request) -> None:
+    """A batch: the reads still queued as read are answered, in one
+    transaction; one withdrawn, one another worker claimed, one forged and
+    one never read change nothing and come back unanswered."""
+    h = Handles(pgq, request)
+    ids = ["ipb-ok-1", "ipb-gone", "ipb-taken", "ipb-forged", "ipb-ok-2"]
+    h.publish(*(make_request(rid, op="echo") for rid in ids))
+    worker, other = h.worker(), h.worker()
+    reads = _read_all(worker)
+    assert h.client().withdraw("ipb-gone") is True
+    other.scan()
+    assert claimed_ids(other.claim_all(["ipb-taken"])) == ["ipb-taken"]
+    forged = dataclasses.replace(reads["ipb-forged"], user=WEB2)
+    never = dataclasses.replace(reads["ipb-ok-1"], entry="ipb-never", rid="ipb-never")
+    batch = [(reads["ipb-ok-1"], reply("ipb-ok-1", op="echo", mark=1)),
+             (reads["ipb-gone"], reply("ipb-gone", op="echo")),
+             (reads["ipb-taken"], reply("ipb-taken", op="echo")),
+             (forged, reply("ipb-forged", op="echo")),
+             (never, reply("ipb-never", op="echo")),
+             (reads["ipb-ok-2"], reply("ipb-ok-2", op="echo", mark=2))]
+    assert worker.answer_queued(batch) == {"ipb-ok-1", "ipb-ok-2"}
+    rows = pgq.sql("SELECT id, state, attempt, xmin::text FROM spoolops.requests ORDER BY id")
+    states = {rid: (state, attempt) for rid, state, attempt, _ in rows}
+    assert states == {"ipb-forged": ("queued", 0), "ipb-ok-1": ("answered", 1),
+                      "ipb-ok-2": ("answered", 1), "ipb-taken": ("running", 1)}
+    assert len({xmin for rid, _, _, xmin in rows if rid.startswith("ipb-ok")}) == 1, rows
+    client = h.client()
+    assert [client.collect(rid)["result"] for rid in ("ipb-ok-1", "ipb-ok-2")] == [
+        {"mark": 1}, {"mark": 2}]
+
+
+def test_a_reply_the_database_refuses_sends_its_whole_batch_to_the_claim(pgq,
+                                                                          request) -> None:
+    """One reply PostgreSQL cannot store (a lone surrogate in JSON text)
+    fails the statement: nothing of the batch is answered, and each is
+    claimed the usual way, where that reply becomes an error reply."""
+    h = Handles(pgq, request)
+    h.publish(make_request("ipr-ok", op="echo"), make_request("ipr-bad", op="echo"))
+    worker = h.worker()
+    reads = _read_all(worker)
+    assert worker.answer_queued([(reads["ipr-ok"], reply("ipr-ok", op="echo")),
+                                 (reads["ipr-bad"], reply("ipr-bad", op="echo",
+                                                          mark="\ud800"))]) == set()
+    assert pgq.count("queued") == 2
+
+
+def test_two_workers_racing_batches_answer_each_request_once(pgq, request) -> None:
+    h = Handles(pgq, request)
+    ids = [f"ipb-race-{i:02d}" for i in range(48)]
+    h.publish(*(make_request(rid, op="echo", args={"i": i}) for i, rid in enumerate(ids)))
+    workers = [h.worker(), h.worker()]
+    reads = [_read_all(w) for w in workers]
+    barrier = threading.Barrier(2)
+    won: list[set[str]] = [set(), set()]
+
+    def answer(i: int, order: list[str]) -> None:
+        barrier.wait(10)
+        for first in range(0, len(order), 8):
+            chunk = order[first:first + 8]
+            won[i] |= workers[i].answer_queued(
+                [(reads[i][rid], reply(rid, op="echo", mark=i)) for rid in chunk])
+    threads = [threading.Thread(target=answer, args=(0, ids)),
+               threading.Thread(target=answer, args=(1, ids[::-1]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not won[0] & won[1], sorted(won[0] & won[1])
+    assert sorted(won[0] | won[1]) == ids
+    assert pgq.sql("SELECT count(*) FROM spoolops.requests WHERE state = 'answered'"
+                   " AND attempt = 1") == [(48,)]
+
+
+def test_a_backlog_of_echoes_is_answered_a_batch_at_a_time(pg_cluster, tmp_path: Path) -> None:
+    """Queued while no worker runs, then drained: every request answered
+    once, by far fewer transactions than requests (rows one statement
+    answers share its transaction id), and none claimed on its own."""
+    env = make_pg_env(pg_cluster, tmp_path / "q")
+    try:
+        client = env.client()
+        ids = [client.submit("echo", {"i": i}) for i in range(200)]
+        env.start_worker()
+        wait_for(env.quiet, timeout=60, what="the backlog drained")
+        rows = env.sql("SELECT state, attempt, xmin::text FROM spoolops.requests")
+        assert len(rows) == 200 and {(s, a) for s, a, _ in rows} == {("answered", 1)}
+        transactions = len({xmin for _, _, xmin in rows})
+        assert transactions <= 20, f"{transactions} transactions answered 200 requests"
+        assert [client.wait(rid, timeout=10).result["i"] for rid in ids] == list(range(200))
+    finally:
+        env.close()
 
 
 def _read_all(worker) -> dict[str, Claimed]:

@@ -21,7 +21,7 @@ names, paths and formats at rest, and decide what they trust.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -419,11 +419,13 @@ class AnswersInPlace(ABC):
         notice, the last scan), without I/O; None when it holds no read."""
 
     @abstractmethod
-    def answer_queued(self, seen: Claimed, reply: dict[str, Any]) -> bool:
-        """Claim and answer ``seen`` (from ``read_ahead``) in one durable
-        step.  False, nothing changed: it is no longer queued as read
-        (withdrawn, claimed elsewhere, its read forgotten) -- the caller
-        claims it the usual way, which finds out what became of it."""
+    def answer_queued(self, answers: Sequence[tuple[Claimed, dict[str, Any]]]) -> set[str]:
+        """Claim and answer each read (from ``read_ahead``) with its reply,
+        all in one durable step (one commit for the lot: a backlog is
+        answered a batch at a time).  Returns the entries answered; for any
+        other, nothing changed: it is no longer queued as read (withdrawn,
+        claimed elsewhere, its read forgotten) -- the caller claims it the
+        usual way, which finds out what became of it."""
 
 
 class OperatorSide(ABC):

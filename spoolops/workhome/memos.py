@@ -31,10 +31,17 @@ class Memo:
     """The notes of one request."""
 
     def __init__(self, work_dir: Path, rid: str, durable: bool, key: str = "") -> None:
-        self.path = Path(work_dir) / MEMO_DIR / (f"{rid}~{key}.json" if key else f"{rid}.json")
+        # (its path is made when first needed: every request validated gets
+        # a Memo, and most never note anything)
+        self._where = (work_dir, rid, key)
         self.durable = durable
         self._notes: dict[str, Any] | None = None
         self.kept = False          # a file holds notes: forget it once answered
+
+    @property
+    def path(self) -> Path:
+        work_dir, rid, key = self._where
+        return Path(work_dir) / MEMO_DIR / (f"{rid}~{key}.json" if key else f"{rid}.json")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._load().get(key, default)

@@ -104,3 +104,8 @@ def entry_of(worker: Transport, rid: str) -> str:
 def claimed_ids(results: list) -> list[str]:
     """The ids a ``claim_all`` took (``Claimed``)."""
     return [c.rid for c in results if isinstance(c, Claimed)]
+
+
+def answered_in_place(worker: Any, seen: Claimed, answer: dict[str, Any]) -> bool:
+    """``worker.answer_queued`` for one read (``AnswersInPlace``): answered?"""
+    return worker.answer_queued([(seen, answer)]) == {seen.entry}

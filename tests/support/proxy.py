@@ -27,7 +27,9 @@ class LossyProxy:
     ``"lose_claim": N`` (each N once) -- and then refuses connections for
     ``outage_s``, as a server restarting would."""
 
-    SUBMIT = re.compile(rb'"lose_submit": (\d+)')
+    # (the quotes escaped too: inside an array parameter, as the worker's
+    # answer in place sends the rows it read)
+    SUBMIT = re.compile(rb'\\?"lose_submit\\?": (\d+)')
     COLLECT = re.compile(rb'"lose_collect": (\d+)')
     CLAIM = re.compile(rb'"lose_claim": (\d+)')
 

@@ -37,10 +37,12 @@ worker role) to report their own liveness honestly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -113,7 +115,7 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
         self._claims: dict[str, tuple[int, int]] = {}   # rid -> (worker, attempt) held
         # queued rows (of REQUEST_COLUMNS) as last read: by the scan, or
         # carried by their notices (at most HINTS_KEPT of those)
-        self._seen: dict[str, tuple] = {}
+        self._seen: dict[str, _Read] = {}
 
     create_options = frozenset({"admin_dsn", "web_logins", "worker_logins", "database_only"})
     place_heading = "row state"
@@ -199,7 +201,7 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
                     log.debug("event=notice_ignored payload=%r", payload[:64])
                 continue
             if len(self._seen) < HINTS_KEPT:
-                self._seen[row[0]] = row
+                self._seen[row[0]] = _Read(row)
             names.append(row[0])
         return names
 
@@ -208,7 +210,7 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
         # one at a time (a backlog of large requests never sits here at once)
         rows = self.pools.run(lambda c: c.execute(
             schema.scan_sql(self.s), (schema.SCAN_BYTES, SCAN_LIMIT)).fetchall())
-        self._seen = {row[0]: row[2:] for row in rows if row[1]}
+        self._seen = {row[0]: _Read(row[2:]) for row in rows if row[1]}
         return [row[0] for row in rows]
 
     def _claimed(self, row: tuple) -> Claimed:
@@ -225,39 +227,40 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
         return None if row is None else self._claimed(row)
 
     def read_ahead(self, entry: str) -> Claimed | None:
-        row = self._seen.get(entry)
-        if row is None:
+        read = self._seen.get(entry)
+        if read is None:
             return None
-        seen = self._claimed(row)
+        if read.claimed is None:        # made once: the intake reads ahead more than once
+            read.claimed = self._claimed(read.row)
+        seen = read.claimed
         # too large for the worker: the claim refuses it (see _took)
         return None if len(seen.data) > self.max_request_bytes else seen
 
-    def answer_queued(self, seen: Claimed, reply: dict[str, Any]) -> bool:
-        """One UPDATE: answered (and claimed by this worker, its first
-        attempt) only if the row is still queued with every column as read,
-        and this worker is not fenced.  Durable like any reply; its trigger
-        NOTIFYs the client as for any reply."""
-        row = self._seen.pop(seen.entry, None)
-        if row is None or self._claimed(row) != seen:
-            return False
+    def answer_queued(self, answers: Sequence[tuple[Claimed, dict[str, Any]]]) -> set[str]:
+        """One UPDATE: each row answered (and claimed by this worker, its
+        first attempt) only if it is still queued with every column as read,
+        and this worker is not fenced.  Durable like any reply, one commit
+        for the lot; the trigger NOTIFYs each client as for any reply."""
+        reads = []
+        for seen, reply in answers:
+            held = self._seen.pop(seen.entry, None)
+            if held is not None and (held.claimed is seen or self._claimed(held.row) == seen):
+                read = {name: value.isoformat() if isinstance(value, datetime) else value
+                        for (name, _), value in zip(schema.REQUEST_FIELDS, held.row)}
+                reads.append({**read, "reply": reply})
+        if not reads:
+            return set()
         try:
-            count = self.pools.run(lambda c: c.execute(
-                f"UPDATE {self.s}.requests r SET state = 'answered', reply = %s, finished ="
-                " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
-                f" r.attempt + 1 FROM (SELECT id FROM {self.s}.requests WHERE id = %s AND state"
-                f" = 'queued' AND ({REQUEST_COLUMNS}) IS NOT DISTINCT FROM (%s::text, %s::name,"
-                " %s::int, %s::text, %s::text, %s::int, %s::timestamptz, %s::text, %s::text,"
-                # a row some web role holds locked (its own cancel, in a
-                # transaction left open) is skipped, as by the claim: the main
-                # loop never waits on a lock a web role holds
-                " %s::timestamptz, %s::boolean) FOR UPDATE SKIP LOCKED) q WHERE r.id = q.id AND"
-                f" EXISTS (SELECT 1 FROM {self.s}.workers w WHERE w.id = %s AND w.fenced_at IS"
-                " NULL)", (Json(reply), self.me, row[0], *row, self.me)).rowcount, retry=False)
-        except (psycopg.DataError, ValueError) as exc:
-            # a reply the database cannot hold: the usual path answers it so
-            log.info("event=answer_in_place_refused id=%s error=%r", seen.rid, message_of(exc))
-            return False
-        return count == 1
+            answered = self.pools.run(lambda c: c.execute(
+                schema.answer_queued_sql(self.s), (self.me, json.dumps(reads), self.me)
+            ).fetchall(), retry=False)
+        except (psycopg.DataError, ValueError, TypeError) as exc:
+            # a reply the database cannot hold: the usual path answers each
+            for read in reads:
+                log.info("event=answer_in_place_refused id=%s error=%r", read["id"],
+                         message_of(exc))
+            return set()
+        return {rid for (rid,) in answered}
 
     def claim(self, entry: str) -> Claimed | Refused | Quarantined | None:
         return self.claim_all([entry])[0]
@@ -485,6 +488,17 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
         except TransportUnavailable:
             return False
         return True
+
+
+class _Read:
+    """A queued row (of ``REQUEST_COLUMNS``) as last read, and its request
+    document once made."""
+
+    __slots__ = ("claimed", "row")
+
+    def __init__(self, row: tuple) -> None:
+        self.row = row
+        self.claimed: Claimed | None = None
 
 
 def _outcome(reply: dict[str, Any]) -> dict[str, Any]:
