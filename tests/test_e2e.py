@@ -267,8 +267,9 @@ def test_fire_and_forget_and_a_batch_pending_until_its_hook_ran(queue, tmp_path:
 
 def test_fitsstorage_compat_api_gives_their_values(served) -> None:
     """Their queue API on each transport: poll_for_response returns what their
-    worker returned (test_fileopser.py's echo), a no-response add leaves
-    nothing, and the reducer's gate and statistics calls answer."""
+    worker returned (test_fileopser.py's echo, update_headers and
+    ingest_upload), a no-response add leaves nothing, and the reducer's gate
+    and statistics calls answer."""
     from spoolops.compat import fitsstorage as compat
     compat._client = served.client()
     try:
@@ -278,6 +279,22 @@ def test_fitsstorage_compat_api_gives_their_values(served) -> None:
         response = fq.poll_for_response(entry.id, timeout=30)
         assert response.dict() == {"ok": True, "error": "", "value": "Hello, world"}
         assert response.result == {"echo": "Hello, world"}
+        # their update_headers (flat shape, a name without .bz2) answers None,
+        # their ingest_upload True -- as their test_fileopser.py asserts
+        simple_image(served.config.storage_root / "compat.fits")
+        entry = fq.add(compat.FileOpsRequest("update_headers", {
+            "filename": "compat.fits", "qa_state": "Pass",
+            "generic": [["OBJECT", "M31"]]}), response_required=True)
+        response = fq.poll_for_response(entry.id, timeout=60)
+        assert response.dict() == {"ok": True, "error": "", "value": None}
+        assert response.result["modified"] is True
+        simple_image(served.config.upload_staging_dir / "compat-up.fits", seed=5)
+        entry = fq.add(compat.FileOpsRequest("ingest_upload", {
+            "filename": "compat-up.fits", "path": "", "fileuploadlog_id": None,
+            "processed_cal": False}), response_required=True)
+        response = fq.poll_for_response(entry.id, timeout=60)
+        assert response.dict() == {"ok": True, "error": "", "value": True}
+        assert (served.config.storage_root / "compat-up.fits").exists()
         fq.add(compat.FileOpsRequest("echo", {"echo": "fire"}), batch="b-compat")
         wait_for(lambda: compat.queue_length() == 0 and compat.pending_batches() == set(),
                  what="the no-response request to be done")

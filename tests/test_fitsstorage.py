@@ -4,9 +4,9 @@ ingest, retries that are safe, and its queue API (``spoolops.compat``).
 Operation-level checks run the operations in-process on real files (as
 ``test_update_headers.py`` does); everything about hooks, resolvers,
 crashes and the compat API runs a real worker.  The site package of
-``docs/examples/fitsstorage_site`` is exercised against a fake archive
-database (sqlite) made here; ``test_deployment.py`` runs the emulation of
-their web handlers as real accounts.
+``docs/examples/fitsstorage_site`` is exercised against their tables in a
+real PostgreSQL in ``test_fitsstorage_pg.py``, which also runs their web
+handlers as real accounts.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from spoolops import BadRequest, Conflict, NotFound
 from spoolops.ops import OpContext
 from spoolops.ops.headers import UPDATE_HEADERS
 from spoolops.ops.ingest import INGEST_UPLOAD
+from spoolops.transport.spool.names import HELD_SUFFIX
 
 PROJECT = Path(__file__).resolve().parent.parent
 SITE = PROJECT / "docs" / "examples" / "fitsstorage_site"
@@ -490,7 +491,7 @@ print(json.dumps([ok.id, bad.id]))
 def test_pending_batches_and_queue_length_with_no_worker(site: SpoolEnv) -> None:
     """What their reducer's after_batch gate reads: true while no worker runs,
     and until a request's hooks are done; any member may ask (real accounts:
-    test_member_threats and README's gate)."""
+    ``test_fitsstorage_threats``' flood of marks, read by another member)."""
     from spoolops.compat import fitsstorage as compat
     _fits_in_storage(site, "p.fits")
     client = site.client()
@@ -520,6 +521,11 @@ def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
     reply = client.call_reply("update_headers", {"filename": "h2.fits", "qa_state": "Pass",
                                                  "batch": "b-hook"}, timeout=60)
     assert reply.raw["hooks"] == {"record": "retrying"}
+    # the worker settles the request's mark after the answer is published:
+    # held (its batch pending), not released
+    pending = site.config.root / "pending"
+    wait_for(lambda: any(name.endswith(HELD_SUFFIX) for name in os.listdir(pending)),
+             timeout=30, what="the request's mark held while its hook waits")
     assert client.pending_batches() == {"b-hook"}            # the re-ingest is not queued yet
     down.unlink()
     assert site.spoolops("hooks", "retry", "--all").returncode == 0

@@ -650,3 +650,26 @@ def test_found_already_is_an_oracle_for_a_file_in_an_unsearchable_folder(deploym
     (dep.staging / name).unlink(missing_ok=True)
     assert [a["ok"] for a in answers] == [False, False], answers
     assert len({a["error"]["message"] for a in answers}) == 1, answers
+
+
+def test_found_a_member_removes_an_uncollected_reply_and_reuses_its_id(deployment) -> None:
+    """Audit of the fixes: ``replies/`` is group-writable, so a member may
+    remove a reply its client has not collected yet; the id is then no
+    longer in use, and the member's own request under it runs and is
+    answered by the worker.  The victim's client must not take that answer
+    for its own (it answers the member's request: ``submitted_by``).  Only
+    the client's own check stands here; without it the victim's
+    ``wait`` returned the member's result."""
+    dep = deployment
+    rid = submit(dep, WEB, "echo", {"who": "victim"})
+    published = dep.root / "replies" / f"{rid}.json"
+    wait_for(published.exists, timeout=60, what="the genuine reply")
+    done = dep.py(MEMBER, "import os, sys\nos.unlink(sys.argv[1])", str(published))
+    assert done.returncode == 0, done.stderr
+    plant(dep, rid, "echo", {"who": "member"})
+    wait_for(lambda: published.exists() and os.lstat(published).st_uid == uid(WORKER),
+             timeout=60, what="the worker's answer to the member's request")
+    assert json.loads(published.read_text())["submitted_by"] == MEMBER
+    got = wait_reply(dep, WEB, rid, timeout=3)
+    assert (got.get("result") or {}).get("who") != "member", got
+    assert "timeout" in got, got           # the victim's answer is gone: not replaced

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -244,6 +245,7 @@ def plant_entries(dep: Deployment, folder: str, secret: Path, tag: str) -> dict[
     where = dep.root / folder
     as_account(dep, WEB, f"""
 import os
+import re
 where = {str(where)!r}
 os.symlink({str(secret)!r}, os.path.join(where, {ids['secret'] + '.json'!r}))
 os.mkfifo(os.path.join(where, {ids['fifo'] + '.json'!r}))
@@ -329,6 +331,7 @@ def test_a_link_named_like_a_reason_moved_to_failed_by_the_worker(
     dep.start_worker()
     as_account(dep, WEB, f"""
 import os
+import re
 os.symlink({str(secret)!r}, {str(dep.root / 'tmp' / 'Z.reason')!r})
 os.rename({str(dep.root / 'tmp' / 'Z.reason')!r}, {str(dep.root / 'new' / 'Z.reason')!r})
 """)
@@ -367,6 +370,7 @@ def test_init_refuses_a_link_in_place_of_a_folder(fresh_deployment: Deployment,
     replies = dep.root / "replies"
     as_account(dep, WORKER, f"""
 import os
+import re
 os.rename({str(replies)!r}, {str(replies) + '.moved'!r})
 os.symlink({str(target)!r}, {str(replies)!r})
 """)
@@ -461,3 +465,84 @@ def test_lock_pid_must_be_a_positive_integer_above_one(tmp_path: Path) -> None:
         assert read_lock_pid(lock) is None, repr(text)
     lock.write_text("4242\n")
     assert read_lock_pid(lock) == 4242
+
+
+# -- found by the audit of the fixes ----------------------------------------------------
+
+def test_status_with_no_worker_user_never_takes_a_link_for_active(
+        fresh_deployment: Deployment) -> None:
+    """With ``[spool] worker_user`` empty (the default), the worker user is
+    the owner of ``active/``.  The worker account owns the spool's root: it
+    puts a link to a root-owned folder in place of ``active/``.  Root's
+    ``status`` must neither take root for the worker user (and so signal a
+    root pid the lock names) nor follow the link: it refuses, naming the
+    setting.  (Root's status killed the root process before.)"""
+    dep = fresh_deployment
+    text = dep.config_path.read_text()
+    dep.config_path.write_text(re.sub(r"(?m)^worker_user\s*=.*$", "worker_user =", text))
+    rootdir = dep.base / "rootowned"
+    rootdir.mkdir(mode=0o700)
+    active = dep.root / "active"
+    as_account(dep, WORKER, "import os, sys\nos.rename(sys.argv[1], sys.argv[1] + '.x')\n"
+                            "os.symlink(sys.argv[2], sys.argv[1])", str(active), str(rootdir))
+    victim = sleeper()
+    holder = hold_lock(dep, str(victim.pid), victim.pid)
+    try:
+        for extra in ((), ("--prometheus",), ("--json",)):
+            done = as_root(dep, "status", *extra)
+            assert victim.poll() is None, f"root's status signalled root's pid {victim.pid}"
+            assert "Traceback" not in done.stdout + done.stderr, done.stderr
+        assert done.returncode != 0 and "worker_user" in done.stderr, done.stderr
+    finally:
+        release(holder)
+        stop(victim)
+
+
+PLANT_RUN_FIFO = """
+import os, sys, time
+new, active = sys.argv[1], sys.argv[2]
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    names = [n for n in os.listdir(new) if n.endswith('.json')]
+    if names:
+        os.rename(os.path.join(new, names[0]), os.path.join(active, names[0]))
+        os.mkfifo(os.path.join(active, names[0] + '.run'))
+        print('planted', flush=True)
+        break
+    time.sleep(0.01)
+"""
+
+
+def test_roots_call_never_opens_a_run_record_the_worker_account_planted(
+        fresh_deployment: Deployment) -> None:
+    """Root's ``spoolops call`` (a client) reads its request's progress from
+    ``active/ID.json.run``.  The worker account plays the worker: it claims
+    the request and puts a FIFO there.  The call must end at its timeout
+    (it hung for good before: a FIFO opened by name, read to its end)."""
+    dep = fresh_deployment
+    planter = subprocess.Popen(["runuser", "-u", WORKER, "--", dep.accounts.python, "-c",
+                                PLANT_RUN_FIFO, str(dep.root / "new"), str(dep.root / "active")],
+                               env=dep.env(WORKER), cwd="/", stdout=subprocess.PIPE, text=True)
+    try:
+        start = time.monotonic()
+        done = as_root(dep, "call", "echo", "--timeout", "3")
+        assert time.monotonic() - start < 3 + 10
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert planter.stdout.read().strip() == "planted"
+    finally:
+        stop(planter)
+
+
+def test_roots_views_read_as_the_worker_user(fresh_deployment: Deployment) -> None:
+    """Root's ``ls`` and ``show`` read the spool as the worker user, not as
+    root: a file in ``replies/`` that root alone may read (the test puts it
+    there as root; it stands for any way such a file could come to be in a
+    folder others write) is not shown to root."""
+    dep = fresh_deployment
+    secret = dep.root / "replies" / "rootonly-1.json"
+    secret.write_bytes(root_secret(dep).read_bytes())
+    os.chmod(secret, 0o600)
+    for args in (("show", "rootonly-1"), ("show", "rootonly-1", "--json"),
+                 ("ls", "replies", "--json")):
+        done = as_root(dep, *args)
+        assert_clean(done, 0, 1)

@@ -5,8 +5,11 @@ and FitsStorage's, whose web code copies the ``values`` keys into the
 arguments themselves (``{"filename": ..., "qa_state": "Pass", ...}``);
 never both in one request.  The file is named by ``filename`` (relative to
 ``storage_root``; a name without ``.bz2``/``.gz`` finds the one stored file
-it names, compressed or not) or by ``data_label``, which the site's resolver
-(entry-point group ``spoolops.resolvers``) maps to a filename.  ``batch`` is
+it names, compressed or not -- or, where the site installs a ``filename``
+resolver (entry-point group ``spoolops.resolvers``), whatever path under
+``storage_root`` it maps the name to, as FitsStorage finds a file through
+its database) or by ``data_label``, which the site's ``data_label``
+resolver maps to a path.  ``batch`` is
 passed on, untouched, to the follow-up hooks.
 
 Trusts: the configuration (``storage_root``), the worker's ``work/`` and

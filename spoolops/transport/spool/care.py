@@ -5,8 +5,8 @@ stale, and the worker's counters.
 (setgid everywhere, so that files take the submit group) through folder
 descriptors (``files.ensure_tree``): a folder the worker account swapped
 for a symbolic link is refused, and nothing is ever changed through one.
-``requeue`` moves a failed (or, with no worker, an orphaned) request back
-into ``new/``.  ``reap`` is the janitor's share: every removal is decided by
+``requeue`` puts a failed (or, with no worker, an orphaned) request back
+in line, never through ``new/``.  ``reap`` is the janitor's share: every removal is decided by
 age or by a lock nobody holds, never by "looks unused", so it is safe beside
 a busy worker and busy clients; names found in the group-writable folders
 are only ever unlinked, and ages come from ``lstat``.  ``load_stats`` reads
@@ -156,7 +156,8 @@ class SpoolCare:
             return "failed/"
         if not os.path.lexists(self.active / name):
             raise SpoolSetupError(f"{rid} is neither in failed/ nor in active/")
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -33,6 +33,7 @@ from ..base import Waiter
 from .names import (
     HELD_SUFFIX,
     MAX_REPLY_BYTES,
+    MAX_RUN_RECORD_BYTES,
     REQUEST_SUFFIX,
     RUN_SUFFIX,
     WITHDRAWN_SUFFIX,
@@ -311,10 +312,13 @@ class SpoolClientSide:
         return user_name(os.geteuid())
 
     def progress_of(self, rid: str) -> dict[str, Any] | None:
+        # read as any file of the spool (root's 'spoolops call' reads it too):
+        # never through a link, never a FIFO, never more than a run record is
         try:
-            with open(f"{self._active}/{rid}{RUN_SUFFIX}", "rb") as f:
-                progress = json.loads(f.read()).get("progress")
-        except (OSError, ValueError, AttributeError):
+            record = read_untrusted(f"{self._active}/{rid}{RUN_SUFFIX}", MAX_RUN_RECORD_BYTES,
+                                    limit_name="a run record's size")
+            progress = json.loads(record.data).get("progress")
+        except (OSError, UnsafeEntry, ValueError, AttributeError):
             return None
         return progress if isinstance(progress, dict) else None
 

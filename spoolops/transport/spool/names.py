@@ -40,6 +40,9 @@ STAGED_REPLY_SUFFIX = ".reply"
 FAILING_SUFFIX = ".failing"      # work/ID.failing: the reason of a fail under way
 WITHDRAWN_SUFFIX = ".withdrawn"   # tmp/ID.withdrawn: a cancelled request on its way out
 MAX_REPLY_BYTES = 16 * 1024 * 1024   # the largest reply anyone reads
+# the largest run record a client reads for its progress (the record's
+# targets come from a request of at most max_request_bytes)
+MAX_RUN_RECORD_BYTES = 16 * 1024 * 1024
 # (work/'s own names -- the lock, the counters, target locks -- are the
 # worker's home's: ``spoolops.workhome``)
 

@@ -164,16 +164,25 @@ class SpoolTransport(SpoolClientSide, SpoolAnswers, SpoolCare, SpoolView, Transp
                     f" (root = {self.root})")
 
     def worker_uid(self) -> int:
-        """``[spool] worker_user``, else the owner of ``active/``."""
+        """``[spool] worker_user``, else the owner of ``active/`` -- the folder
+        itself, never what a link in its place points at: the worker account
+        owns the spool's root and could put one there, and root's commands
+        take this uid to drop to, and to check a pid against before they
+        signal it."""
         if self._worker_uid is None:
             if self.worker_user:
                 self._worker_uid = worker_uid_of(self.worker_user)
             else:
                 try:
-                    self._worker_uid = os.stat(self.active).st_uid
+                    st = os.lstat(self.active)
                 except FileNotFoundError:
                     raise SpoolSetupError(f"no spool at {self.root}: run 'spoolops init'"
                                           ) from None
+                if not stat.S_ISDIR(st.st_mode):
+                    raise SpoolSetupError(
+                        f"{self.active} is not a folder (a link or a file in its place): the"
+                        " worker user cannot be told from it; set [spool] worker_user")
+                self._worker_uid = st.st_uid
         return self._worker_uid
 
     def submit_gid(self) -> int:
