@@ -532,3 +532,31 @@ def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
     wait_for(lambda: client.pending_batches() == set(), timeout=60,
              what="the batch to be done once its hook ran")
 
+
+
+def test_an_operator_gives_up_a_kept_hook_call(site: SpoolEnv, tmp_path: Path) -> None:
+    """doctor counts a kept call; 'hooks drop ID' gives it up: listed no
+    more, not retried, and its request's batch no longer pending."""
+    _fits_in_storage(site, "d.fits")
+    down = tmp_path / "database-down"
+    down.write_text("")
+    _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
+    client = site.client()
+    reply = client.call_reply("update_headers", {"filename": "d.fits", "qa_state": "Pass",
+                                                 "batch": "b-drop"}, timeout=60)
+    assert reply.raw["hooks"] == {"record": "retrying"}
+    doctor = site.spoolops("doctor", "--all")
+    assert "1 follow-up hook call(s) wait for a retry" in doctor.stdout, doctor.stdout
+    wait_for(lambda: client.pending_batches() == {"b-drop"}, timeout=30,
+             what="the batch pending while its hook waits")
+    assert site.spoolops("hooks", "drop", "no-such-id").returncode != 0
+    dropped = site.spoolops("hooks", "drop", reply.id)
+    assert dropped.returncode == 0 and "drop: 1 hook call(s)" in dropped.stdout, dropped.stderr
+    assert json.loads(site.spoolops("hooks", "--json").stdout) == []
+    wait_for(lambda: client.pending_batches() == set(), timeout=30,
+             what="the batch released once its hook call was given up")
+    assert "no follow-up hook call waits for a retry" in site.spoolops("doctor",
+                                                                        "--all").stdout
+    down.unlink()
+    assert site.spoolops("hooks", "retry", "--all").returncode != 0   # nothing to retry
+    assert len([c for c in _hook_calls(site) if c["id"] == reply.id]) == 1   # its first try
