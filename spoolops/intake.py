@@ -81,6 +81,10 @@ class Intake:
         # put back in line even if their run record was stored after all
         self._unstarted: set[str] = set()
         self._in_place: set[str] = set()    # entries of jobs admitted in place
+        # requests read ahead and validated by ``_prekey`` that may be answered
+        # in place, by entry, with the read they came from (until a rescan)
+        self._prepared: dict[str, tuple[Claimed, Job]] = {}
+        self._claim_next: set[str] = set()   # not answered in place: claimed next
 
     # -- what is queued --------------------------------------------------------------
 
@@ -95,6 +99,7 @@ class Intake:
         return arrivals
 
     def rescan(self) -> None:
+        self._prepared.clear()       # the transport's reads are made anew
         try:
             names = self.transport.scan()
         except OSError as exc:   # a database that is away: the next round tries again
@@ -136,13 +141,18 @@ class Intake:
             self._prekey()
         batch: list[Job] = []
         while True:
+            # jobs answered in place take one slot together (their batch): while
+            # all taken so far are, take the next ones in line too, up to a
+            # batch answered at once -- and claim no more than the slots left
+            take = free - 1 if admission.in_place else free
+            if take <= 0:
+                to_claim = []
+                break
             # (one being answered in place, seen again by a scan meanwhile, is
             # that job's: back in line if its answer misses)
-            names = [n for n in self.backlog.take(free, self.gate) if n not in self._in_place]
+            names = [n for n in self.backlog.take(take, self.gate) if n not in self._in_place]
             batch += self._read_in_place(names, admission)
             to_claim = [n for n in names if n not in admission.in_place]
-            # jobs answered in place take no slot: while all taken so far are,
-            # take the next ones in line too, up to a batch answered at once
             if (to_claim or not names or not self.backlog
                     or len(admission.in_place) >= IN_PLACE_BATCH):
                 break
@@ -171,6 +181,9 @@ class Intake:
         if job.entry in self._in_place:
             self._in_place.discard(job.entry)
             if job.requeue:
+                # not answered in place (missed, failed or crashed): claimed
+                # the usual way next, never tried in place again
+                self._claim_next.add(job.entry)
                 self.backlog.add(job.entry)
         elif job.requeue:
             self._unstarted.add(job.request.id)
@@ -186,22 +199,27 @@ class Intake:
             return []
         jobs = []
         for name in names:
+            if name in self._claim_next:
+                self._claim_next.discard(name)
+                continue
             seen = self.transport.read_ahead(name)
             if seen is None:
                 continue
-            try:
-                request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
-                                                seen.queued_ns / 1e9)
-                # the op's declaration first: any other request is validated
-                # once, when claimed (a site's validation may query a database)
-                operation = self.registry.get(request.op)
-                if (operation is None or not operation.instant
-                        or not request.wants_reply or batch_of(request) is not None):
+            kept = self._prepared.pop(name, None)
+            if kept is not None and kept[0] is seen:
+                job = kept[1]               # validated from these very bytes
+            else:
+                try:
+                    request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
+                                                    seen.queued_ns / 1e9)
+                    # the op's declaration first: any other request is validated
+                    # once, when claimed (a site's validation may query a database)
+                    if not self._answerable(request):
+                        continue
+                    job = self.dispatcher.prepare(request)
+                except Exception:  # the claim answers it (and logs a crash)
+                    log.debug("event=not_in_place id=%s", seen.rid, exc_info=True)
                     continue
-                job = self.dispatcher.prepare(request)
-            except Exception:  # the claim answers it (and logs a crash)
-                log.debug("event=not_in_place id=%s", seen.rid, exc_info=True)
-                continue
             if job.targets:
                 continue
             job.queued_ns, job.entry = seen.queued_ns, name
@@ -209,6 +227,13 @@ class Intake:
             self._in_place.add(name)
             jobs.append(job)
         return jobs
+
+    def _answerable(self, request: Request) -> bool:
+        """Whether ``request`` may be answered in place, by its op's
+        declaration and its own fields (its targets are known once valid)."""
+        operation = self.registry.get(request.op)
+        return (operation is not None and operation.instant and request.wants_reply
+                and batch_of(request) is None)
 
     def _prekey(self) -> None:
         """Read queued requests early to learn their priority and targets."""
@@ -228,7 +253,12 @@ class Intake:
                 request = self.dispatcher.parse(seen.data, seen.rid, seen.user,
                                                 seen.queued_ns / 1e9)
                 priority = request.priority
-                targets = self.dispatcher.prepare(request).targets
+                job = self.dispatcher.prepare(request)
+                targets = job.targets
+                if self._answerable(request) and isinstance(self.transport, AnswersInPlace) \
+                        and seen is self.transport.read_ahead(name):
+                    # answered in place from this read: validated once
+                    self._prepared[name] = (seen, job)
             except OpError:
                 pass                      # answered when claimed (NotFound, BadRequest, ...)
             except Exception:

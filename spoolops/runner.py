@@ -129,8 +129,11 @@ class Runner:
             return
         try:
             answered = self.transport.answer_queued([(seen, job.reply) for job, seen in ran])
-        except OSError as exc:
+        except Exception as exc:
             # answered or not, the claim finds out (and answers what is not)
+            if not isinstance(exc, OSError):
+                log.exception("event=answer_in_place_crashed ids=%s",
+                              ",".join(seen.rid for _, seen in ran))
             answered, failure = set(), str(exc)
         else:
             failure = None

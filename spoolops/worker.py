@@ -268,11 +268,11 @@ class Worker:
                 self._pool.submit(self._publish_only, request, reply)
             in_place = [(job, admission.in_place[job.entry]) for job in admission.jobs
                         if job.entry in admission.in_place]
+            if in_place:      # first in line: first to a pool thread
+                self._start_in_place(in_place, admission.alone)
             for job in admission.jobs:
                 if job.entry not in admission.in_place:
                     self._start(job, admission.alone)
-            if in_place:
-                self._start_in_place(in_place, admission.alone)
             if not admission.jobs:
                 return
             self._finish_done()  # inline jobs are over already: their slots are free

@@ -355,8 +355,9 @@ def test_a_lost_answer_to_the_in_place_update_leaves_one_reply(pg_cluster,
                                                                 tmp_path: Path) -> None:
     """Defence: the connection is cut right after the in-place UPDATE
     committed, before its answer reaches the worker (a proxy in front of
-    the worker only).  The worker claims it instead, finds it answered, and
-    the request has its one reply; the worker serves on."""
+    the worker only).  The worker asks, once the server answers again, which
+    rows its statement answered: this one, logged and counted once; the
+    request has its one reply; the worker serves on."""
     env = make_pg_env(pg_cluster, tmp_path / "q")
     proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
@@ -366,8 +367,11 @@ def test_a_lost_answer_to_the_in_place_update_leaves_one_reply(pg_cluster,
         submit_sql(web, "lost-1", '{"lose_submit": 1}')
         got = wait_reply(web, "lost-1")
         assert got["result"] == {"lose_submit": 1}
-        env.wait_log(worker, "event=answer_in_place_failed id=lost-1")
+        # the worker learns, once the server answers again, that its answer
+        # went in: counted and logged as served, once
+        log = env.wait_log(worker, "event=end id=lost-1")
         assert proxy.cut["submit"] == 1
+        assert log.count("event=end id=lost-1 ") == 1 and "answer_in_place_failed" not in log
         assert env.client(WEB).call("echo", {"after": 1}, timeout=10) == {"after": 1}
         wait_for(env.quiet, what="nothing queued or running")
         assert env.sql("SELECT state, attempt FROM spoolops.requests WHERE id = 'lost-1'") \

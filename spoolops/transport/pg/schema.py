@@ -36,6 +36,8 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from ...formats import valid_id
+
 SCHEMA_VERSION = 7
 
 # the request columns a submitter may write (column privilege and the trigger)
@@ -244,7 +246,7 @@ def row_of_hint(payload: str) -> tuple | None:
     try:
         (rid, submitter, version, op, args, priority, deadline, client_submitted, client,
          submitted, answer_wanted) = json.loads(payload)
-        if not (isinstance(rid, str) and isinstance(submitter, str) and isinstance(op, str)
+        if not (valid_id(rid) and isinstance(submitter, str) and isinstance(op, str)
                 and _whole(version) and _whole(priority) and _whole(submitted)
                 and (deadline is None or _whole(deadline))
                 and all(v is None or isinstance(v, str) for v in (args, client_submitted,

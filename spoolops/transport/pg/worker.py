@@ -74,6 +74,9 @@ from .view import ROW_STATES, PgView
 log = logging.getLogger("spoolops.transport")
 
 SCAN_LIMIT = 2000
+# how long an in-place answer whose reply was lost waits for the server, to
+# learn which rows it answered (counted and logged as served)
+LOST_ANSWER_WAIT_S = 2.0
 # the rows notices carried that are kept at once (each under 8000 bytes): a
 # flood of arrivals is read again from the table, one at a time
 HINTS_KEPT = 256
@@ -254,6 +257,20 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
             answered = self.pools.run(lambda c: c.execute(
                 schema.answer_queued_sql(self.s), (self.me, json.dumps(reads), self.me)
             ).fetchall(), retry=False)
+        except TransportUnavailable:
+            # the answer is lost, committed or not: which rows did it answer?
+            # Asked if the server answers again soon (a connection cut, a
+            # backend ended); else this raises, and each is claimed the usual
+            # way, which finds out -- without counting or logging them
+            end = time.monotonic() + LOST_ANSWER_WAIT_S
+            while not self.pools.reachable():
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+            answered = self.pools.run(lambda c: c.execute(
+                f"SELECT id FROM {self.s}.requests WHERE id = ANY(%s) AND state = 'answered'"
+                " AND claimed_by = %s AND attempt = 1",
+                ([read["id"] for read in reads], self.me)).fetchall())
         except (psycopg.DataError, ValueError, TypeError) as exc:
             # a reply the database cannot hold: the usual path answers each
             for read in reads:
