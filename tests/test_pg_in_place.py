@@ -104,13 +104,17 @@ def test_a_read_that_does_not_match_the_row_changes_nothing(pgq, request) -> Non
 
 
 def test_a_fenced_worker_answers_nothing_in_place(pgq, request) -> None:
+    """Alone (one read: its own statement) or a batch."""
     h = Handles(pgq, request)
-    h.publish(make_request("ip-fenced", op="echo"))
+    h.publish(*(make_request(rid, op="echo") for rid in ("ip-fenced", "ipf-1", "ipf-2")))
     worker = h.worker()
-    seen = _read(worker, "ip-fenced")
+    reads = _read_all(worker)
     pgq.sql("UPDATE spoolops.workers SET fenced_at = clock_timestamp()")
-    assert answered_in_place(worker, seen, reply("ip-fenced", op="echo")) is False
-    assert pgq.count("queued") == 1
+    assert answered_in_place(worker, reads["ip-fenced"], reply("ip-fenced", op="echo")) \
+        is False
+    assert worker.answer_queued([(reads[rid], reply(rid, op="echo"))
+                                 for rid in ("ipf-1", "ipf-2")]) == set()
+    assert pgq.count("queued") == 3
 
 
 def test_a_row_a_web_role_holds_locked_is_skipped_not_waited_for(pgq, request) -> None:
@@ -206,6 +210,10 @@ def test_a_reply_the_database_refuses_sends_its_whole_batch_to_the_claim(pgq,
     assert worker.answer_queued([(reads["ipr-ok"], reply("ipr-ok", op="echo")),
                                  (reads["ipr-bad"], reply("ipr-bad", op="echo",
                                                           mark="\ud800"))]) == set()
+    assert pgq.count("queued") == 2
+    reads = _read_all(worker)             # alone, the same
+    assert answered_in_place(worker, reads["ipr-bad"], reply("ipr-bad", op="echo",
+                                                             mark="\ud800")) is False
     assert pgq.count("queued") == 2
 
 

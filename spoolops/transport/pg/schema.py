@@ -168,13 +168,30 @@ def answer_queued_sql(s: str) -> str:
     fields = ", ".join(f"{name} {kind}" for name, kind in REQUEST_FIELDS)
     now = ", ".join("q." + column.strip() for column in REQUEST_COLUMNS.split(","))
     was = ", ".join(f"v.{name}" for name, _ in REQUEST_FIELDS)
+    # each read finds its row by key (LATERAL, which its lock keeps from
+    # being flattened): joined by hashing, the planner scanned every queued
+    # row for one read
     return (f"UPDATE {s}.requests r SET state = 'answered', reply = a.reply, finished ="
             " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
             f" r.attempt + 1 FROM (SELECT q.id, v.reply FROM json_to_recordset(%s::json) AS"
-            f" v({fields}, reply json) JOIN {s}.requests q ON q.id = v.id WHERE"
-            f" q.state = 'queued' AND ({now}) IS NOT DISTINCT FROM ({was})"
-            " FOR UPDATE OF q SKIP LOCKED) a WHERE r.id = a.id AND EXISTS (SELECT 1 FROM"
-            f" {s}.workers w WHERE w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
+            f" v({fields}, reply json) CROSS JOIN LATERAL (SELECT q.id FROM {s}.requests q"
+            f" WHERE q.id = v.id AND q.state = 'queued' AND ({now}) IS NOT DISTINCT FROM"
+            f" ({was}) FOR UPDATE SKIP LOCKED) q) a WHERE r.id = a.id AND EXISTS (SELECT 1"
+            f" FROM {s}.workers w WHERE w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
+
+
+def answer_one_sql(s: str) -> str:
+    """``answer_queued_sql`` for one read, as plain parameters: the reply,
+    the worker's id, the id, the row as read (``REQUEST_COLUMNS``), the
+    worker's id again; the id if answered.  (One read in a JSON array costs
+    more than the statement: a generic plan takes the array for 100 rows.)"""
+    was = ", ".join(f"%s::{kind}" for _, kind in REQUEST_FIELDS)
+    return (f"UPDATE {s}.requests r SET state = 'answered', reply = %s, finished ="
+            " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
+            f" r.attempt + 1 FROM (SELECT id FROM {s}.requests WHERE id = %s AND state ="
+            f" 'queued' AND ({REQUEST_COLUMNS}) IS NOT DISTINCT FROM ({was}) FOR UPDATE SKIP"
+            f" LOCKED) q WHERE r.id = q.id AND EXISTS (SELECT 1 FROM {s}.workers w WHERE"
+            " w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
 
 
 # what the worker's scan reads of queued requests' bodies, in all: the rows

@@ -244,19 +244,26 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
         first attempt) only if it is still queued with every column as read,
         and this worker is not fenced.  Durable like any reply, one commit
         for the lot; the trigger NOTIFYs each client as for any reply."""
-        reads = []
+        rows, replies = [], []
         for seen, reply in answers:
             held = self._seen.pop(seen.entry, None)
             if held is not None and (held.claimed is seen or self._claimed(held.row) == seen):
-                read = {name: value.isoformat() if isinstance(value, datetime) else value
-                        for (name, _), value in zip(schema.REQUEST_FIELDS, held.row)}
-                reads.append({**read, "reply": reply})
-        if not reads:
+                rows.append(held.row)
+                replies.append(reply)
+        if not rows:
             return set()
+        if len(rows) == 1:
+            query = schema.answer_one_sql(self.s)
+            params: tuple = (Json(replies[0]), self.me, rows[0][0], *rows[0], self.me)
+        else:
+            reads = [{**{name: value.isoformat() if isinstance(value, datetime) else value
+                         for (name, _), value in zip(schema.REQUEST_FIELDS, row)},
+                      "reply": reply} for row, reply in zip(rows, replies)]
+            query, params = schema.answer_queued_sql(self.s), (self.me, json.dumps(reads),
+                                                                self.me)
         try:
-            answered = self.pools.run(lambda c: c.execute(
-                schema.answer_queued_sql(self.s), (self.me, json.dumps(reads), self.me)
-            ).fetchall(), retry=False)
+            answered = self.pools.run(lambda c: c.execute(query, params).fetchall(),
+                                      retry=False)
         except TransportUnavailable:
             # the answer is lost, committed or not: which rows did it answer?
             # Asked if the server answers again soon (a connection cut, a
@@ -270,11 +277,11 @@ class PgTransport(PgClientSide, PgView, PgCare, PgQueue, Transport, SharedQueue,
             answered = self.pools.run(lambda c: c.execute(
                 f"SELECT id FROM {self.s}.requests WHERE id = ANY(%s) AND state = 'answered'"
                 " AND claimed_by = %s AND attempt = 1",
-                ([read["id"] for read in reads], self.me)).fetchall())
+                ([row[0] for row in rows], self.me)).fetchall())
         except (psycopg.DataError, ValueError, TypeError) as exc:
             # a reply the database cannot hold: the usual path answers each
-            for read in reads:
-                log.info("event=answer_in_place_refused id=%s error=%r", read["id"],
+            for row in rows:
+                log.info("event=answer_in_place_refused id=%s error=%r", row[0],
                          message_of(exc))
             return set()
         return {rid for (rid,) in answered}
