@@ -108,6 +108,8 @@ class Intake:
         limit = self.transport.scan_limit
         self._scan_partial = limit is not None and len(names) >= limit
         self.backlog.sync(names)
+        # (only what is still queued keeps its mark: the set stays bounded)
+        self._claim_next.intersection_update(names)
 
     def arrived(self) -> None:
         """The transport's arrivals fd is readable: take its hints."""
