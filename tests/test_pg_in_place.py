@@ -16,6 +16,7 @@ import dataclasses
 import threading
 from pathlib import Path
 
+import pytest
 from support.contract import (
     Handles,
     answered_in_place,
@@ -140,31 +141,36 @@ def test_a_row_a_web_role_holds_locked_is_skipped_not_waited_for(pgq, request) -
     assert pgq.count("queued") == 1
 
 
-def test_two_workers_racing_answers_in_place_answer_each_request_once(pgq, request) -> None:
+@pytest.mark.parametrize("chunk", [1, 8], ids=["alone", "batches"])
+def test_two_workers_racing_answers_in_place_answer_each_request_once(pgq, request,
+                                                                      chunk: int) -> None:
+    """Reads answered one at a time (each its own statement) or in batches,
+    two workers in opposite orders: each request answered once."""
     h = Handles(pgq, request)
-    ids = [f"ip-race-{i:02d}" for i in range(40)]
+    ids = [f"ip-race-{i:02d}" for i in range(48)]
     h.publish(*(make_request(rid, op="echo", args={"i": i}) for i, rid in enumerate(ids)))
     workers = [h.worker(), h.worker()]
     reads = [_read_all(w) for w in workers]
     assert all(sorted(r) == ids for r in reads)
     barrier = threading.Barrier(2)
-    won: list[list[str]] = [[], []]
+    won: list[set[str]] = [set(), set()]
 
     def answer(i: int, order: list[str]) -> None:
         barrier.wait(10)
-        for rid in order:
-            if answered_in_place(workers[i], reads[i][rid], reply(rid, op="echo", mark=i)):
-                won[i].append(rid)
+        for first in range(0, len(order), chunk):
+            won[i] |= workers[i].answer_queued(
+                [(reads[i][rid], reply(rid, op="echo", mark=i))
+                 for rid in order[first:first + chunk]])
     threads = [threading.Thread(target=answer, args=(0, ids)),
                threading.Thread(target=answer, args=(1, ids[::-1]))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert not set(won[0]) & set(won[1]), sorted(set(won[0]) & set(won[1]))
-    assert sorted(won[0] + won[1]) == ids
+    assert not won[0] & won[1], sorted(won[0] & won[1])
+    assert sorted(won[0] | won[1]) == ids
     assert pgq.sql("SELECT count(*) FROM spoolops.requests WHERE state = 'answered'"
-                   " AND attempt = 1") == [(40,)]
+                   " AND attempt = 1") == [(48,)]
 
 
 def test_one_statement_answers_the_reads_that_match_and_nothing_else(pgq, request) -> None:
@@ -215,33 +221,6 @@ def test_a_reply_the_database_refuses_sends_its_whole_batch_to_the_claim(pgq,
     assert answered_in_place(worker, reads["ipr-bad"], reply("ipr-bad", op="echo",
                                                              mark="\ud800")) is False
     assert pgq.count("queued") == 2
-
-
-def test_two_workers_racing_batches_answer_each_request_once(pgq, request) -> None:
-    h = Handles(pgq, request)
-    ids = [f"ipb-race-{i:02d}" for i in range(48)]
-    h.publish(*(make_request(rid, op="echo", args={"i": i}) for i, rid in enumerate(ids)))
-    workers = [h.worker(), h.worker()]
-    reads = [_read_all(w) for w in workers]
-    barrier = threading.Barrier(2)
-    won: list[set[str]] = [set(), set()]
-
-    def answer(i: int, order: list[str]) -> None:
-        barrier.wait(10)
-        for first in range(0, len(order), 8):
-            chunk = order[first:first + 8]
-            won[i] |= workers[i].answer_queued(
-                [(reads[i][rid], reply(rid, op="echo", mark=i)) for rid in chunk])
-    threads = [threading.Thread(target=answer, args=(0, ids)),
-               threading.Thread(target=answer, args=(1, ids[::-1]))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not won[0] & won[1], sorted(won[0] & won[1])
-    assert sorted(won[0] | won[1]) == ids
-    assert pgq.sql("SELECT count(*) FROM spoolops.requests WHERE state = 'answered'"
-                   " AND attempt = 1") == [(48,)]
 
 
 def test_a_backlog_of_echoes_is_answered_a_batch_at_a_time(pg_cluster, tmp_path: Path) -> None:

@@ -171,13 +171,10 @@ def answer_queued_sql(s: str) -> str:
     # each read finds its row by key (LATERAL, which its lock keeps from
     # being flattened): joined by hashing, the planner scanned every queued
     # row for one read
-    return (f"UPDATE {s}.requests r SET state = 'answered', reply = a.reply, finished ="
-            " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
-            f" r.attempt + 1 FROM (SELECT q.id, v.reply FROM json_to_recordset(%s::json) AS"
-            f" v({fields}, reply json) CROSS JOIN LATERAL (SELECT q.id FROM {s}.requests q"
-            f" WHERE q.id = v.id AND q.state = 'queued' AND ({now}) IS NOT DISTINCT FROM"
-            f" ({was}) FOR UPDATE SKIP LOCKED) q) a WHERE r.id = a.id AND EXISTS (SELECT 1"
-            f" FROM {s}.workers w WHERE w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
+    return _answer_sql(s, "a.reply", f"SELECT q.id, v.reply FROM json_to_recordset(%s::json)"
+                       f" AS v({fields}, reply json) CROSS JOIN LATERAL (SELECT q.id FROM"
+                       f" {s}.requests q WHERE q.id = v.id AND q.state = 'queued' AND ({now})"
+                       f" IS NOT DISTINCT FROM ({was}) FOR UPDATE SKIP LOCKED) q")
 
 
 def answer_one_sql(s: str) -> str:
@@ -186,12 +183,18 @@ def answer_one_sql(s: str) -> str:
     worker's id again; the id if answered.  (One read in a JSON array costs
     more than the statement: a generic plan takes the array for 100 rows.)"""
     was = ", ".join(f"%s::{kind}" for _, kind in REQUEST_FIELDS)
-    return (f"UPDATE {s}.requests r SET state = 'answered', reply = %s, finished ="
+    return _answer_sql(s, "%s", f"SELECT id FROM {s}.requests WHERE id = %s AND state ="
+                       f" 'queued' AND ({REQUEST_COLUMNS}) IS NOT DISTINCT FROM ({was}) FOR"
+                       " UPDATE SKIP LOCKED")
+
+
+def _answer_sql(s: str, reply: str, reads: str) -> str:
+    """Answer (and claim for this worker, its first attempt) the rows
+    ``reads`` selects, with ``reply``, unless this worker is fenced."""
+    return (f"UPDATE {s}.requests r SET state = 'answered', reply = {reply}, finished ="
             " clock_timestamp(), claimed_by = %s, claimed_at = clock_timestamp(), attempt ="
-            f" r.attempt + 1 FROM (SELECT id FROM {s}.requests WHERE id = %s AND state ="
-            f" 'queued' AND ({REQUEST_COLUMNS}) IS NOT DISTINCT FROM ({was}) FOR UPDATE SKIP"
-            f" LOCKED) q WHERE r.id = q.id AND EXISTS (SELECT 1 FROM {s}.workers w WHERE"
-            " w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
+            f" r.attempt + 1 FROM ({reads}) a WHERE r.id = a.id AND EXISTS (SELECT 1 FROM"
+            f" {s}.workers w WHERE w.id = %s AND w.fenced_at IS NULL) RETURNING r.id")
 
 
 # what the worker's scan reads of queued requests' bodies, in all: the rows
