@@ -94,8 +94,12 @@ def _socket(path: Path) -> None:
 
 
 def _directory(path: Path) -> None:
-    path.mkdir()
-    (path / "inner.json").write_bytes(b"{}")
+    # made whole elsewhere, then renamed in: a running worker may move it
+    # aside the moment it appears (a test race on a busy host)
+    staging = path.parent.parent / "tmp" / f"planting-{next(_PLANTED)}"
+    staging.mkdir()
+    (staging / "inner.json").write_bytes(b"{}")
+    os.rename(staging, path)
 
 
 def _chardev(path: Path) -> None:

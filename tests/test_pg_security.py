@@ -47,7 +47,8 @@ from pathlib import Path
 import pytest
 from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
 from support.proxy import LossyProxy
-from support.waiting import wait_for
+from support.tail import next_event
+from support.waiting import Lines, wait_for
 
 from spoolops import BadRequest
 from spoolops.config import load_config
@@ -209,16 +210,35 @@ def test_issue20_3_another_role_hears_nothing_of_a_request(pgq, tmp_path: Path) 
 
 
 def test_issue20_3_a_web_roles_tail_follows_its_own_replies(pgq) -> None:
+    """A web role's tail prints the events of its own requests and nothing
+    of another role's.  (It follows once it prints its first event: probed
+    with its own echoes, not a sleep -- a second was too short on a busy
+    host.)"""
     pgq.start_worker()
-    env = pgq.client_env(WEB)
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json", "--count",
-                             "1"], env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    pgq.client(WEB2).call("echo", {"not": "mine"}, timeout=30)
-    rid = pgq.client(WEB).submit("echo", {"x": 1})
-    out, _ = tail.communicate(timeout=30)
-    [event] = [json.loads(line) for line in out.splitlines()]
-    assert event["event"] == "finished" and event["id"] == rid and event["op"] == "echo"
+    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
+                            env=pgq.client_env(WEB), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    tail.lines = Lines(tail.stdout)
+    try:
+        web, deadline = pgq.client(WEB), time.monotonic() + 60
+        mine = set()
+        while next_event(tail, time.monotonic() + 1.0) is None:
+            assert time.monotonic() < deadline, "tail never reported an event"
+            mine.add(web.submit("echo", {"probe": 1}))
+        other = pgq.client(WEB2)
+        other.wait(other.submit("echo", {"not": "mine"}), timeout=30)
+        rid = web.submit("echo", {"x": 1})
+        mine.add(rid)
+        seen: list[dict] = []
+        while not (seen and seen[-1]["id"] == rid and seen[-1]["event"] == "finished"):
+            event = next_event(tail, deadline)
+            assert event is not None, f"tail printed no more events: {seen}"
+            seen.append(event)
+        assert {event["id"] for event in seen} <= mine, seen
+        assert seen[-1]["op"] == "echo"
+    finally:
+        tail.kill()
+        tail.wait(30)
 
 
 # -- 5: locks, timeouts, ids ------------------------------------------------------
