@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
+from support.tail import events_for, start_tail, tail_ready
 from support.waiting import Lines, wait_for
 
 from spoolops import BadRequest, Client
@@ -283,18 +284,25 @@ def test_doctor_status_and_tail(pgq) -> None:
         f"user={WORKER_ROLE}", "user=postgres"))
     bad = pgq.spoolops("--config", str(as_superuser), "doctor")
     assert bad.returncode == 1 and "superuser" in bad.stdout
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--count", "4"],
-                            env=pgq.env(), stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)   # tail LISTENs once started; nothing to wait on but its start
-    pgq.start_worker()
-    client = pgq.client()
-    assert client.call("echo", {"t": 1}, timeout=30) == {"t": 1}
-    pgq.stop_worker(pgq.workers[0])
-    client.cancel(client.submit("echo", {"t": 2}))
-    out, _ = tail.communicate(timeout=30)
-    kinds = [line.split()[1] for line in out.splitlines()]
-    # (a collected reply is not an event over PostgreSQL: see design.rst)
-    assert kinds == ["queued", "finished", "queued", "removed"], out
+    tail = start_tail(pgq)
+    try:
+        deadline = time.monotonic() + 60
+        tail_ready(pgq, tail, deadline)   # it follows once it has reported something
+        pgq.start_worker()
+        client = pgq.client()
+        served = client.submit("echo", {"t": 1})
+        assert client.wait(served, timeout=30).result == {"t": 1}
+        pgq.stop_worker(pgq.workers[0])
+        withdrawn = client.submit("echo", {"t": 2})
+        client.cancel(withdrawn)
+        # (a collected reply is not an event over PostgreSQL: see design.rst)
+        assert [e["event"] for e in events_for(tail, served, "finished", deadline)] == [
+            "queued", "finished"]
+        assert [e["event"] for e in events_for(tail, withdrawn, "removed", deadline)] == [
+            "queued", "removed"]
+    finally:
+        tail.kill()
+        tail.wait(30)
     pgq.start_worker()
     status = json.loads(pgq.spoolops("status", "--json").stdout)
     assert status["worker"]["alive"] is True and status["queued"]["count"] == 0

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 from support.env import WEB, WEB2, WORKER_ROLE, connect_as, make_pg_env
 from support.proxy import LossyProxy
-from support.tail import next_event
+from support.tail import next_event, start_tail, tail_ready
 from support.waiting import Lines, wait_for
 
 from spoolops import BadRequest
@@ -164,9 +164,9 @@ def test_issue20_3_another_role_hears_nothing_of_a_request(pgq, tmp_path: Path) 
             refused.append(kind)
         except psycopg.errors.UndefinedFunction:
             pass          # (no such function: at 1be5468 the names were all public)
-    tail = subprocess.Popen([sys.executable, "-m", "spoolops", "tail", "--json"],
-                            env=pgq.env(), stdout=subprocess.PIPE, text=True)
-    time.sleep(1.0)       # tail LISTENs once started; nothing to wait on but its start
+    tail = start_tail(pgq)
+    deadline = time.monotonic() + 120
+    tail_ready(pgq, tail, deadline)       # it follows once it has reported something
     pgq.start_worker()
     victim = pgq.client(WEB)
     secret_path = "/archive/secret-program/N20200101S0001.fits"
@@ -190,9 +190,14 @@ def test_issue20_3_another_role_hears_nothing_of_a_request(pgq, tmp_path: Path) 
     assert leaks == [], leaks
     assert refused == ["new", "events"]
     # the operator (the worker role) still follows everything, details from the table
-    tail.terminate()
-    out, _ = tail.communicate(timeout=60)
-    events = [json.loads(line) for line in out.splitlines()]
+    events: list[dict] = []
+    while not {ok, unknown} <= {e["id"] for e in events if e["event"] == "finished"} or \
+            bad not in {e["id"] for e in events if e["event"] == "started"}:
+        event = next_event(tail, deadline)
+        assert event is not None, f"tail printed no more events: {events}"
+        events.append(event)
+    tail.kill()
+    tail.wait(30)
     queued = [e for e in events if e["event"] == "queued" and e["id"] == ok]
     assert queued and queued[0]["op"] == "echo" and queued[0]["user"] == WEB, events
     started = [e for e in events if e["event"] == "started" and e["id"] == bad]
