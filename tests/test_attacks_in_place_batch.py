@@ -55,6 +55,17 @@ def submit_sql(conn, rid: str, args: str = "{}", *, op: str = "echo", priority: 
                                  answer_wanted)).fetchone()[0]
 
 
+def queue_one_to_lose(conn, prefix: str, count: int, lost: int, mark: int) -> list[str]:
+    """``count`` echoes queued; the one at ``lost`` carries ``"lose_submit":
+    mark``, so that the proxy cuts the worker's connection right after the
+    statement that answers it (its batch) committed.  Their ids."""
+    ids = [f"{prefix}-{i:02d}" for i in range(count)]
+    for i, rid in enumerate(ids):
+        submit_sql(conn, rid, json.dumps({"i": i, "lose_submit": mark} if i == lost else
+                                         {"i": i}))
+    return ids
+
+
 def ends_of(env, rid: str) -> int:
     """How many times the workers' logs say ``rid`` was answered."""
     return len(re.findall(rf"event=end id={re.escape(rid)} ", env.worker_logs()))
@@ -457,10 +468,7 @@ def test_a_lost_answer_to_a_whole_batch_leaves_each_request_its_one_reply(
     proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
         web = connect_as(env, WEB)
-        ids = [f"lostb-{i:02d}" for i in range(40)]
-        for i, rid in enumerate(ids):
-            submit_sql(web, rid, json.dumps({"i": i, "lose_submit": 7} if i == 17 else
-                                            {"i": i}))
+        ids = queue_one_to_lose(web, "lostb", 40, lost=17, mark=7)
         worker = env.start_worker()
         wait_for(lambda: count(env, "state = 'answered'") == 40, 30, what="all answered")
         wait_for(lambda: all(ends_of(env, rid) == 1 for rid in ids), 30,
@@ -522,10 +530,7 @@ def test_a_batch_whose_answer_was_lost_is_still_counted_served(pg_cluster,
     proxy = proxy_for_worker(env, pg_cluster, tmp_path / "proxy")
     try:
         web = connect_as(env, WEB)
-        ids = [f"lostc-{i:02d}" for i in range(20)]
-        for i, rid in enumerate(ids):
-            submit_sql(web, rid, json.dumps({"i": i, "lose_submit": 9} if i == 5 else
-                                            {"i": i}))
+        ids = queue_one_to_lose(web, "lostc", 20, lost=5, mark=9)
         worker = env.start_worker()
         wait_for(lambda: count(env, "state = 'answered'") == 20, 30, what="all answered")
         env.wait_log(worker, "event=end id=lostc-05")

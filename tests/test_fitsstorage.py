@@ -511,16 +511,25 @@ def test_pending_batches_and_queue_length_with_no_worker(site: SpoolEnv) -> None
     assert client.pending_batches() == set() and client.queue_length() == 0
 
 
-def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
-                                                         tmp_path: Path) -> None:
-    _fits_in_storage(site, "h2.fits")
+def _edit_while_the_database_is_down(site: SpoolEnv, tmp_path: Path, name: str,
+                                     batch: str):
+    """A worker whose hook fails while the file ``down`` exists, and an edit
+    of ``name`` in ``batch`` answered with its hook kept for a retry: the
+    client, the reply and ``down``."""
+    _fits_in_storage(site, name)
     down = tmp_path / "database-down"
     down.write_text("")
     _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
     client = site.client()
-    reply = client.call_reply("update_headers", {"filename": "h2.fits", "qa_state": "Pass",
-                                                 "batch": "b-hook"}, timeout=60)
+    reply = client.call_reply("update_headers", {"filename": name, "qa_state": "Pass",
+                                                 "batch": batch}, timeout=60)
     assert reply.raw["hooks"] == {"record": "retrying"}
+    return client, reply, down
+
+
+def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
+                                                         tmp_path: Path) -> None:
+    client, _, down = _edit_while_the_database_is_down(site, tmp_path, "h2.fits", "b-hook")
     # the worker settles the request's mark after the answer is published:
     # held (its batch pending), not released
     pending = site.config.root / "pending"
@@ -533,18 +542,10 @@ def test_a_batch_stays_pending_while_its_hook_is_retried(site: SpoolEnv,
              what="the batch to be done once its hook ran")
 
 
-
 def test_an_operator_gives_up_a_kept_hook_call(site: SpoolEnv, tmp_path: Path) -> None:
     """doctor counts a kept call; 'hooks drop ID' gives it up: listed no
     more, not retried, and its request's batch no longer pending."""
-    _fits_in_storage(site, "d.fits")
-    down = tmp_path / "database-down"
-    down.write_text("")
-    _worker(site, SPOOLOPS_TEST_HOOK_FAIL=str(down))
-    client = site.client()
-    reply = client.call_reply("update_headers", {"filename": "d.fits", "qa_state": "Pass",
-                                                 "batch": "b-drop"}, timeout=60)
-    assert reply.raw["hooks"] == {"record": "retrying"}
+    client, reply, down = _edit_while_the_database_is_down(site, tmp_path, "d.fits", "b-drop")
     doctor = site.spoolops("doctor", "--all")
     assert "1 follow-up hook call(s) wait for a retry" in doctor.stdout, doctor.stdout
     wait_for(lambda: client.pending_batches() == {"b-drop"}, timeout=30,
